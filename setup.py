@@ -1,0 +1,31 @@
+"""Geneformer-PEFT: parameter-efficient fine-tuning of Geneformer for cell classification."""
+from setuptools import find_packages, setup
+
+setup(
+    name="geneformer-peft",
+    version="0.1.0",
+    description="Parameter-efficient fine-tuning (LoRA, prompts, adapters) of Geneformer for cell classification",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["transformerslocal", "transformerslocal.*", "geneformer_peft", "geneformer_peft.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "loralib>=0.1.2",
+        "datasets>=2.14",
+        "scikit-learn>=1.2",
+        "numpy>=1.23",
+        "pandas>=1.5",
+        "tokenizers>=0.13",
+        "safetensors>=0.3",
+        "tqdm>=4.60",
+        "anndata>=0.9",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.30", "peft>=0.6", "hypothesis>=6", "anndata>=0.9", "matplotlib>=3.5"],
+        "plot": ["matplotlib>=3.5"],
+        "loom": ["loompy>=3.0"],
+        "bench": ["transformers>=4.30", "peft>=0.6", "psutil>=5"],
+    },
+    entry_points={"console_scripts": ["geneformer-peft=geneformer_peft.cli:main"]},
+)

@@ -1,0 +1,289 @@
+"""BERT configuration: HuggingFace's keys plus the flat PEFT keys of scPEFT.
+
+Every key found in a ``config.json`` round-trips through :class:`BertConfig`, including
+keys this class does not know (``architectures``, ``transformers_version``, ...), so a
+Geneformer checkpoint's config can be read, edited and written back unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+
+PEFT_METHODS = ("lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt")
+LORA_TARGETS = ("query", "key", "value")
+CLASSIFIER_POOLINGS = ("first", "mean")
+ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
+
+# HuggingFace BertConfig keys and defaults (bert-base values, as in transformers).
+BERT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+    "position_embedding_type": "absolute",
+    "classifier_dropout": None,
+    "problem_type": None,
+    "model_type": "bert",
+}
+
+# PEFT keys (SPEC-peft §2). Layer lists default to None here and are resolved against
+# num_hidden_layers in __init__: prompts at the input layer only, adapters everywhere.
+PEFT_DEFAULTS: dict[str, Any] = {
+    "prompt_type": "",
+    "if_use_prompt": True,
+    "lora_r": 8,
+    "lora_alpha": 1,
+    "lora_dropout": 0.0,
+    "lora_target_modules": ["query", "value"],
+    "lora_merge_weights": False,
+    "num_token": 64,
+    "n_layers_conf": None,
+    "adapter_ratio": 0.25,
+    "mlp_adapter_conf": None,
+    "space_adapter_conf": None,
+    "mlp_adapter_scale": 0.5,
+    "freeze_layers": 0,
+    "classifier_pooling": "first",
+}
+
+
+def _bad(key: str, value: Any, expected: str, source: str | None = None) -> ValueError:
+    where = f" in {source}" if source else ""
+    return ValueError(f"config key '{key}'{where} has value {value!r}; expected {expected}")
+
+
+class BertConfig:
+    """Configuration of a BERT encoder with optional PEFT modules.
+
+    Parameters
+    ----------
+    **kwargs
+        Any HuggingFace ``BertConfig`` key, any PEFT key (see ``PEFT_DEFAULTS``), and any
+        other key, which is kept and written back verbatim.
+
+    Raises
+    ------
+    ValueError
+        If a PEFT key holds a value outside what is allowed; the message names the key,
+        the value and what was expected.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._source = kwargs.pop("_source", None)
+        id2label = kwargs.pop("id2label", None)
+        label2id = kwargs.pop("label2id", None)
+        num_labels = kwargs.pop("num_labels", None)
+        for key, default in {**BERT_DEFAULTS, **PEFT_DEFAULTS}.items():
+            setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
+        self._extra_keys = list(kwargs)
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        self._set_labels(id2label, label2id, num_labels)
+        self.validate()
+
+    # ------------------------------------------------------------------ labels
+    def _set_labels(self, id2label, label2id, num_labels) -> None:
+        if id2label is not None:
+            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            if num_labels is not None and int(num_labels) != len(id2label):
+                raise _bad("num_labels", num_labels, f"{len(id2label)} (the size of id2label)", self._source)
+        else:
+            n = 2 if num_labels is None else int(num_labels)
+            if n < 1:
+                raise _bad("num_labels", num_labels, "an integer >= 1", self._source)
+            id2label = {i: f"LABEL_{i}" for i in range(n)}
+        self.id2label = id2label
+        self.label2id = {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {
+            v: k for k, v in id2label.items()}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        self._set_labels(None, None, n)
+
+    # ------------------------------------------------------------------ PEFT
+    @property
+    def peft_methods(self) -> tuple[str, ...]:
+        """Active PEFT methods in the order listed; empty for full fine-tuning."""
+        if not self.if_use_prompt:
+            return ()
+        return parse_prompt_type(self.prompt_type, source=self._source)
+
+    def uses(self, method: str) -> bool:
+        """Whether ``method`` (one of :data:`PEFT_METHODS`) is switched on."""
+        return method in self.peft_methods
+
+    def validate(self) -> None:
+        """Resolve layer lists and check every PEFT key; raise ``ValueError`` when off."""
+        src = self._source
+        n_layers = self.num_hidden_layers
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise _bad("num_hidden_layers", n_layers, "an integer >= 1", src)
+        if self.hidden_size % self.num_attention_heads:
+            raise _bad("hidden_size", self.hidden_size,
+                       f"a multiple of num_attention_heads ({self.num_attention_heads})", src)
+        if self.hidden_act not in ACTIVATIONS:
+            raise _bad("hidden_act", self.hidden_act, f"one of {list(ACTIVATIONS)}", src)
+        if self.position_embedding_type != "absolute":
+            raise _bad("position_embedding_type", self.position_embedding_type, "'absolute'", src)
+        if not isinstance(self.if_use_prompt, bool):
+            raise _bad("if_use_prompt", self.if_use_prompt, "true or false", src)
+        methods = parse_prompt_type(self.prompt_type, source=src)
+        self.prompt_type = ",".join(methods)
+
+        if self.n_layers_conf is None:
+            self.n_layers_conf = [1] + [0] * (n_layers - 1)
+        if self.mlp_adapter_conf is None:
+            self.mlp_adapter_conf = [1] * n_layers
+        if self.space_adapter_conf is None:
+            self.space_adapter_conf = [1] * n_layers
+        for key in ("n_layers_conf", "mlp_adapter_conf", "space_adapter_conf"):
+            conf = getattr(self, key)
+            if (not isinstance(conf, (list, tuple)) or len(conf) != n_layers
+                    or any(v not in (0, 1) or isinstance(v, float) for v in conf)):
+                raise _bad(key, conf, f"a list of {n_layers} zeros and ones (one per layer, "
+                                      f"num_hidden_layers={n_layers})", src)
+            setattr(self, key, [int(v) for v in conf])
+
+        active = methods if self.if_use_prompt else ()
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool):
+            raise _bad("lora_r", self.lora_r, "an integer", src)
+        if "lora" in active:
+            if self.lora_r <= 0:
+                raise _bad("lora_r", self.lora_r, "an integer >= 1 when prompt_type includes 'lora'", src)
+            targets = self.lora_target_modules
+            if (isinstance(targets, str) or not targets
+                    or any(t not in LORA_TARGETS for t in targets)):
+                raise _bad("lora_target_modules", targets, f"a non-empty list from {list(LORA_TARGETS)}", src)
+            if not (0.0 <= float(self.lora_dropout) < 1.0):
+                raise _bad("lora_dropout", self.lora_dropout, "a number in [0, 1)", src)
+            if float(self.lora_alpha) <= 0:
+                raise _bad("lora_alpha", self.lora_alpha, "a positive number", src)
+        if "prefix_prompt" in active:
+            if not isinstance(self.num_token, int) or self.num_token < 1:
+                raise _bad("num_token", self.num_token, "an integer >= 1 when prompt_type includes 'prefix_prompt'", src)
+            if not any(self.n_layers_conf):
+                raise _bad("n_layers_conf", self.n_layers_conf, "at least one 1 when prompt_type includes 'prefix_prompt'", src)
+        if {"Gene_token_prompt", "encoder_prompt"} & set(active):
+            width = int(self.adapter_ratio * self.hidden_size) if isinstance(self.adapter_ratio, (int, float)) else 0
+            if width < 1:
+                raise _bad("adapter_ratio", self.adapter_ratio,
+                           f"a positive number with adapter_ratio * hidden_size ({self.hidden_size}) >= 1", src)
+        if not isinstance(self.mlp_adapter_scale, (int, float)):
+            raise _bad("mlp_adapter_scale", self.mlp_adapter_scale, "a number", src)
+        if (not isinstance(self.freeze_layers, int) or isinstance(self.freeze_layers, bool)
+                or not 0 <= self.freeze_layers <= n_layers):
+            raise _bad("freeze_layers", self.freeze_layers, f"an integer in [0, {n_layers}]", src)
+        if self.classifier_pooling not in CLASSIFIER_POOLINGS:
+            raise _bad("classifier_pooling", self.classifier_pooling, f"one of {list(CLASSIFIER_POOLINGS)}", src)
+
+    @property
+    def adapter_width(self) -> int:
+        return int(self.adapter_ratio * self.hidden_size)
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in list(BERT_DEFAULTS) + list(PEFT_DEFAULTS) + self._extra_keys:
+            out[key] = copy.deepcopy(getattr(self, key))
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["label2id"] = dict(self.label2id)
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> "BertConfig":
+        """Build from a dict (as read from ``config.json``); ``overrides`` win."""
+        return cls(**_merge_overrides(config_dict, overrides))
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a {type(data).__name__}; expected a JSON object of config keys")
+        return cls(**_merge_overrides(data, overrides), _source=str(path))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
+        """Read ``config.json`` from a checkpoint folder, or a JSON file given directly."""
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no config found: looked for {file}")
+        return cls.from_json_file(file, **overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        file = directory / CONFIG_NAME
+        tmp = file.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json_string(), encoding="utf-8")
+        os.replace(tmp, file)
+        return file
+
+    def copy(self, **overrides: Any) -> "BertConfig":
+        return BertConfig.from_dict(self.to_dict(), **overrides)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BertConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"BertConfig {self.to_json_string()}"
+
+
+def _merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``overrides`` applied; ``num_labels`` alone replaces the label maps (as HF)."""
+    merged = {**data, **overrides}
+    if "num_labels" in overrides and "id2label" not in overrides:
+        merged.pop("id2label", None)
+        merged.pop("label2id", None)
+    return merged
+
+
+def parse_prompt_type(prompt_type: Any, *, source: str | None = None) -> tuple[str, ...]:
+    """Split a comma-separated ``prompt_type`` into method names, checking each one."""
+    if prompt_type is None:
+        return ()
+    if isinstance(prompt_type, (list, tuple)):
+        parts = [str(p).strip() for p in prompt_type]
+    elif isinstance(prompt_type, str):
+        parts = [p.strip() for p in prompt_type.split(",")]
+    else:
+        raise _bad("prompt_type", prompt_type, "a comma-separated string of methods", source)
+    methods: list[str] = []
+    for part in parts:
+        if not part:
+            continue
+        if part not in PEFT_METHODS:
+            raise _bad("prompt_type", prompt_type,
+                       f"comma-separated names from {list(PEFT_METHODS)} (unknown method {part!r}); "
+                       "'' means full fine-tuning", source)
+        if part not in methods:
+            methods.append(part)
+    return tuple(methods)

@@ -1,0 +1,407 @@
+"""BERT for Geneformer, with the scPEFT hooks.
+
+One model, one file, in reading order: embeddings -> attention -> layer -> encoder ->
+pooler -> heads. Module attribute paths are the checkpoint contract of HuggingFace BERT
+(``bert.encoder.layer.N.attention.self.query`` ...), so Geneformer checkpoints load as
+they are. PEFT modules are built only for the methods in ``config.prompt_type``:
+
+- ``lora``: ``attention.self.{query,key,value}`` become :class:`~.peft.lora.LoRALinear`;
+- ``prefix_prompt``: ``encoder.layer.N.prompt_embeddings`` for layers in ``n_layers_conf``;
+- ``Gene_token_prompt``: ``bert.adapter`` on the embedding output;
+- ``encoder_prompt``: ``attention.Space_Adapter`` and ``MLP_Adapter`` per layer.
+
+Shapes: B batch, L gene tokens, T prompt tokens, d hidden, h heads, hs head size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .configuration_bert import BertConfig
+from .modeling_outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from .modeling_utils import BertPreTrainedModel
+from .peft.adapter import maybe_adapter
+from .peft.lora import lora_linear
+from .peft.prefix import PromptEmbeddings, remove_prompts
+
+ACT2FN = {
+    "gelu": nn.GELU(),
+    "relu": nn.ReLU(),
+    "gelu_new": nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU(),
+    "swish": nn.SiLU(),
+    "tanh": nn.Tanh(),
+}
+
+
+# ----------------------------------------------------------------------------- embeddings
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
+                             persistent=False)
+
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
+        seq_len = input_ids.shape[1]
+        if seq_len > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"input_ids has {seq_len} tokens; the model takes at most max_position_embeddings="
+                f"{self.position_embeddings.num_embeddings} (truncate the cells, e.g. --max_length)")
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_len]
+        emb = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (B, L, d)
+        if token_type_ids is None:
+            emb = emb + self.token_type_embeddings.weight[0]
+        else:
+            emb = emb + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(emb))
+
+
+# ----------------------------------------------------------------------------- attention
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        d = config.hidden_size
+        lora_targets = config.lora_target_modules if config.uses("lora") else ()
+        for name in ("query", "key", "value"):
+            base = nn.Linear(d, d)
+            setattr(self, name, lora_linear(base, config) if name in lora_targets else base)
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_size).transpose(1, 2)  # (B, h, L, hs)
+
+    def forward(self, hidden, attn_mask=None, output_attentions=False):
+        q = self._heads(self.query(hidden))
+        k = self._heads(self.key(hidden))
+        v = self._heads(self.value(hidden))
+        if output_attentions:
+            # eager path: the probabilities are wanted, so compute them explicitly
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_size)  # (B, h, L, L)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(dim=-1)
+            ctx = self.dropout(probs) @ v
+        else:
+            probs = None
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_prob if self.training else 0.0)
+        b, _, n, _ = ctx.shape
+        return ctx.transpose(1, 2).reshape(b, n, self.num_heads * self.head_size), probs  # (B, L, d)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig, layer_index: int) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+        self.Space_Adapter = maybe_adapter(
+            config.uses("encoder_prompt") and bool(config.space_adapter_conf[layer_index]),
+            config.hidden_size, config.adapter_width)
+
+    def forward(self, hidden, attn_mask=None, output_attentions=False):
+        ctx, probs = self.self(hidden, attn_mask, output_attentions)
+        a = self.output.dropout(self.output.dense(ctx))
+        if self.Space_Adapter is not None:
+            a = a + self.Space_Adapter(a)  # LN(a + adapter(a) + x)
+        return self.output.LayerNorm(a + hidden), probs
+
+
+# ----------------------------------------------------------------------------- layer
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden):
+        return self.intermediate_act_fn(self.dense(hidden))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attention = BertAttention(config, layer_index)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+        self.MLP_Adapter = maybe_adapter(
+            config.uses("encoder_prompt") and bool(config.mlp_adapter_conf[layer_index]),
+            config.hidden_size, config.adapter_width)
+        self.mlp_adapter_scale = float(config.mlp_adapter_scale)
+        use_prompt = config.uses("prefix_prompt") and bool(config.n_layers_conf[layer_index])
+        self.prompt_embeddings = (
+            PromptEmbeddings(config.num_token, config.hidden_size, config.initializer_range)
+            if use_prompt else None)
+
+    def forward(self, hidden, attn_mask=None, output_attentions=False):
+        h, probs = self.attention(hidden, attn_mask, output_attentions)
+        f = self.output.dropout(self.output.dense(self.intermediate(h)))
+        if self.MLP_Adapter is not None:
+            f = f + self.mlp_adapter_scale * self.MLP_Adapter(h)  # LN(f + s*adapter(h) + h)
+        return self.output.LayerNorm(f + h), probs
+
+
+# ----------------------------------------------------------------------------- encoder
+def sdpa_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) 0/1 padding mask -> (B, 1, 1, L) boolean keys mask, or None if nothing is padded
+    (so SDPA may pick its fused kernels)."""
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.bool()[:, None, None, :]
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden, attention_mask=None, *, output_hidden_states=False,
+                output_attentions=False, start_layer=0):
+        """Run layers ``start_layer..`` on ``hidden`` (B, L, d); ``attention_mask`` is (B, L).
+
+        ``start_layer`` > 0 resumes from cached outputs of the frozen first layers.
+        """
+        num_prompts = 0
+        attn_mask = sdpa_mask(attention_mask)
+        all_hidden, all_attn = [], []
+        for layer in self.layer[start_layer:]:
+            prompts = layer.prompt_embeddings
+            if prompts is not None:
+                if num_prompts == 0:
+                    hidden, attention_mask = prompts.insert(hidden, attention_mask)
+                    attn_mask = sdpa_mask(attention_mask)
+                    num_prompts = prompts.num_token
+                else:
+                    hidden = prompts.overwrite(hidden)
+            if output_hidden_states:
+                all_hidden.append(remove_prompts(hidden, num_prompts) if num_prompts else hidden)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, probs = checkpoint(layer, hidden, attn_mask, output_attentions, use_reentrant=False)
+            else:
+                hidden, probs = layer(hidden, attn_mask, output_attentions)
+            if output_attentions:
+                all_attn.append(probs)
+        if num_prompts:
+            hidden = remove_prompts(hidden, num_prompts)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        return hidden, (tuple(all_hidden) if output_hidden_states else None), (
+            tuple(all_attn) if output_attentions else None)
+
+
+# ----------------------------------------------------------------------------- pooler
+class BertPooler(nn.Module):
+    """tanh(dense(.)) of token 0 (``classifier_pooling="first"``, HF's pooler) or of the
+    mean over real gene tokens (``"mean"``: no prompts, they are already removed; no padding)."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+        self.mode = config.classifier_pooling
+
+    def forward(self, hidden, attention_mask=None):
+        if self.mode == "mean":
+            if attention_mask is None:
+                pooled = hidden.mean(dim=1)
+            else:
+                m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        else:
+            pooled = hidden[:, 0]
+        return self.activation(self.dense(pooled))
+
+
+# ----------------------------------------------------------------------------- BertModel
+class BertModel(BertPreTrainedModel):
+    """The encoder: embeddings, optional gene-token adapter, layers, optional pooler."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.adapter = maybe_adapter(config.uses("Gene_token_prompt"), config.hidden_size, config.adapter_width)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def embed(self, input_ids, token_type_ids=None, position_ids=None):
+        """Embedding output, after the gene-token adapter (E' = E + adapter(E))."""
+        emb = self.embeddings(input_ids, token_type_ids, position_ids)
+        if self.adapter is not None:
+            emb = emb + self.adapter(emb)
+        return emb
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+                output_hidden_states=False, output_attentions=False, return_dict=True,
+                inputs_hidden=None, start_layer=0):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.embed(input_ids, token_type_ids, position_ids) if inputs_hidden is None else inputs_hidden
+        seq, hiddens, attns = self.encoder(
+            hidden, attention_mask, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, start_layer=start_layer)
+        pooled = self.pooler(seq, attention_mask) if self.pooler is not None else None
+        return BaseModelOutput(last_hidden_state=seq, pooler_output=pooled,
+                               hidden_states=hiddens, attentions=attns)
+
+
+# ----------------------------------------------------------------------------- heads
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden):
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # tied to embeddings
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden):
+        return self.decoder(self.transform(hidden)) + self.bias
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, hidden):
+        return self.predictions(hidden)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    """Geneformer's pretraining model: predict masked gene tokens."""
+
+    head_prefixes = ("cls.",)
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, *, output_hidden_states=False, output_attentions=False, return_dict=True):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        seq = out.last_hidden_state
+        loss = None
+        if labels is not None:
+            # the decoder (vocab-sized) runs on every token for .logits, as HF does
+            logits = self.cls(seq)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.view(-1), ignore_index=-100)
+        else:
+            logits = self.cls(seq)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+    def masked_lm_loss(self, input_ids, attention_mask, labels):
+        """MLM loss computing the vocab-sized decoder only at the masked positions (pretraining)."""
+        seq = self.bert(input_ids, attention_mask).last_hidden_state
+        picked = labels != -100
+        logits = self.cls(seq[picked])  # (n_masked, vocab)
+        return F.cross_entropy(logits.float(), labels[picked])
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Cell classification: pooled token 0 (or mean of genes) -> dropout -> classifier."""
+
+    head_prefixes = ("bert.pooler.", "classifier.")
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=True)
+        drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(drop)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, *, output_hidden_states=False, output_attentions=False, return_dict=True,
+                inputs_hidden=None, start_layer=0):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        inputs_hidden=inputs_hidden, start_layer=start_layer)
+        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """Gene classification: one prediction per gene token (prompts never get one)."""
+
+    head_prefixes = ("classifier.",)
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(drop)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None, *, output_hidden_states=False, output_attentions=False, return_dict=True):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, L, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1), ignore_index=-100)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                     attentions=out.attentions)

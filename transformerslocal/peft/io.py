@@ -1,0 +1,86 @@
+"""PEFT weights on disk: the trainable part alone, applied on top of a base checkpoint,
+and LoRA merged into the base weights for stock ``transformers``."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..configuration_bert import BertConfig
+from .lora import merged_state_dict
+from .trainable import trainable_parameter_names
+
+logger = logging.getLogger(__name__)
+
+PEFT_WEIGHTS_NAME = "peft_model.safetensors"
+
+
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train under the model's config (methods + head), detached."""
+    names = set(trainable_parameter_names(model))
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+def save_peft_weights(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``peft_model.safetensors`` (the trainable part) and ``config.json``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    file = directory / PEFT_WEIGHTS_NAME
+    tmp = directory / (PEFT_WEIGHTS_NAME + ".tmp")
+    save_file(peft_state_dict(model), str(tmp), metadata={"format": "pt", "prompt_type": model.config.prompt_type})
+    os.replace(tmp, file)
+    model.config.copy(architectures=[type(model).__name__]).save_pretrained(directory)
+    return file
+
+
+def load_peft_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply ``peft_model.safetensors`` (a file or the folder holding it) onto ``model``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / PEFT_WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no PEFT weights: looked for {file}")
+    state = load_file(str(file))
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise ValueError(f"{file} holds keys the model has no place for: {unknown[:10]}"
+                         f"{' ...' if len(unknown) > 10 else ''}; was it saved with another prompt_type "
+                         f"(model has {model.config.prompt_type!r})?")
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{file}: tensors of another shape than the model's: {wrong}")
+    model.load_state_dict(state, strict=False)
+    logger.info("applied %d PEFT tensors from %s", len(state), file)
+    return model
+
+
+def load_peft_model(base_path: str | os.PathLike, peft_path: str | os.PathLike, model_class=None, **overrides):
+    """The base checkpoint with the PEFT modules built from ``peft_path/config.json`` and
+    their weights (and the head's) applied from ``peft_path/peft_model.safetensors``."""
+    from ..modeling_bert import BertForSequenceClassification
+
+    model_class = model_class or BertForSequenceClassification
+    config = BertConfig.from_pretrained(peft_path, **overrides)
+    model = model_class.from_pretrained(base_path, config=config)
+    return load_peft_weights(model, peft_path)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A new model of the same class whose weights hold ``W + (alpha/r) B A`` and that has no
+    LoRA modules. With LoRA alone the result is a plain BERT that stock ``transformers`` loads."""
+    config = model.config
+    if not config.uses("lora"):
+        raise ValueError(f"merge_lora: the model's prompt_type {config.prompt_type!r} does not include 'lora'")
+    remaining = ",".join(m for m in config.peft_methods if m != "lora")
+    merged = type(model)(config.copy(prompt_type=remaining))
+    merged.load_checkpoint_state(merged_state_dict(model), source="merged LoRA model", report_missing=False)
+    if merged.loading_info["missing_keys"]:
+        raise AssertionError(f"merge_lora left keys unset: {merged.loading_info['missing_keys']}")
+    return merged.train(model.training)

@@ -1,0 +1,56 @@
+"""Prefix prompts (``prefix_prompt``): trainable tokens inserted after token 0.
+
+The first layer enabled in ``n_layers_conf`` inserts ``num_token`` prompt vectors at
+positions ``1..T`` of its input (no position embedding: prompts take no position id, so a
+2048-gene input plus prompts stays legal). Each later enabled layer overwrites positions
+``1..T`` with its own prompts (deep prompt tuning). After the last layer the prompt
+positions are removed, so heads see gene tokens only. The attention mask is extended
+inside the model.
+
+Prompts start at N(0, initializer_range): with zeros (the reference) all T prompts are
+exchangeable without positions, receive identical gradients and stay identical forever.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PREFIX_KEYS = ("prompt_embeddings",)
+
+
+class PromptEmbeddings(nn.Module):
+    """``num_token x hidden`` prompt vectors of one encoder layer."""
+
+    def __init__(self, num_token: int, hidden_size: int, initializer_range: float) -> None:
+        super().__init__()
+        self.initializer_range = initializer_range
+        self.weight = nn.Parameter(torch.empty(num_token, hidden_size))
+        self.reset_peft_parameters()
+
+    def reset_peft_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.initializer_range)
+
+    @property
+    def num_token(self) -> int:
+        return self.weight.shape[0]
+
+    def insert(self, hidden: torch.Tensor, mask: torch.Tensor | None):
+        """(B, L, d) -> (B, 1+T+L-1, d): prompts after token 0; mask grows with ones."""
+        batch = hidden.shape[0]
+        prompts = self.weight.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, T, d)
+        hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1:]], dim=1)
+        if mask is not None:
+            ones = mask.new_ones(batch, self.num_token)
+            mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+        return hidden, mask
+
+    def overwrite(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Replace positions 1..T (the prompts already inserted) by this layer's prompts."""
+        batch = hidden.shape[0]
+        prompts = self.weight.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)
+        return torch.cat([hidden[:, :1], prompts, hidden[:, 1 + self.num_token:]], dim=1)
+
+
+def remove_prompts(hidden: torch.Tensor, num_token: int) -> torch.Tensor:
+    """Drop positions 1..T: (B, 1+T+L-1, d) -> (B, L, d)."""
+    return torch.cat([hidden[:, :1], hidden[:, 1 + num_token:]], dim=1)
