@@ -1,0 +1,1 @@
+"""Geneformer-PEFT application package: tokenization, folds, training, metrics and outputs."""

@@ -1,0 +1,232 @@
+"""Chunked reading of a cells x genes raw-count matrix from ``.h5ad``, ``.loom`` or an AnnData.
+
+One job: give the tokenizer and the vocabulary builder the same view of an input file —
+its cell annotations (``obs``), its gene ids, and blocks of rows as float64 CSR matrices —
+while holding at most one block of the matrix in memory (``.h5ad`` files are opened in
+backed mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from geneformer_peft.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellSource", "open_cell_source", "check_raw_counts", "select_cells"]
+
+PathLike = Union[str, Path]
+
+
+class CellSource:
+    """Read-only, chunked access to a cells x genes count matrix.
+
+    Parameters
+    ----------
+    source
+        Path to a ``.h5ad`` file (opened with ``anndata.read_h5ad(path, backed="r")``),
+        a ``.loom`` file (needs the ``loom`` extra: ``pip install geneformer-peft[loom]``)
+        or an in-memory ``anndata.AnnData``.
+    gene_id_column
+        Column of ``var`` (row attribute for loom) holding Ensembl ids. ``None`` uses
+        ``var["ensembl_id"]`` when that column exists, else ``var_names`` (for loom:
+        the ``ensembl_id`` row attribute).
+    """
+
+    def __init__(self, source: Any, *, gene_id_column: Optional[str] = None) -> None:
+        self._adata = None
+        self._loom = None
+        self._owns_file = False
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            self.name = str(path)
+            if not path.exists():
+                raise DataError(f"{self.name}: input file does not exist; expected a .h5ad or .loom file")
+            suffix = path.suffix.lower()
+            if suffix == ".h5ad":
+                import anndata
+
+                self._adata = anndata.read_h5ad(path, backed="r")
+                self._owns_file = True
+            elif suffix == ".loom":
+                self._open_loom(path)
+            else:
+                raise DataError(
+                    f"{self.name}: file extension {suffix!r} is not supported; expected '.h5ad' or '.loom'"
+                )
+        else:
+            import anndata
+
+            if not isinstance(source, anndata.AnnData):
+                raise DataError(
+                    f"input of type {type(source).__name__!r} is not supported; "
+                    "expected a path to a .h5ad/.loom file or an anndata.AnnData"
+                )
+            self.name = "<AnnData in memory>"
+            self._adata = source
+
+        if self._adata is not None:
+            if self._adata.X is None:
+                raise DataError(f"{self.name}: field X is empty (None); expected a cells x genes raw-count matrix")
+            self.obs = self._adata.obs
+            self.gene_ids = self._adata_gene_ids(gene_id_column)
+            self.n_cells = int(self._adata.n_obs)
+            if getattr(self._adata, "isbacked", False) and "csc" in type(self._adata.X).__name__.lower():
+                logger.warning("%s: X is stored column-major (CSC); reading it by rows is slow", self.name)
+        self.gene_ids = np.asarray(self.gene_ids).astype(str)
+        self.n_genes = len(self.gene_ids)
+
+    # -- construction helpers --------------------------------------------------------------
+    def _adata_gene_ids(self, gene_id_column: Optional[str]) -> np.ndarray:
+        var = self._adata.var
+        if gene_id_column is None:
+            if "ensembl_id" in var.columns:
+                logger.info("%s: gene ids from var['ensembl_id']", self.name)
+                return var["ensembl_id"].to_numpy()
+            logger.info("%s: gene ids from var_names", self.name)
+            return np.asarray(self._adata.var_names)
+        if gene_id_column not in var.columns:
+            raise DataError(
+                f"{self.name}: gene id column var[{gene_id_column!r}] does not exist; "
+                f"expected one of {sorted(map(str, var.columns))} (or None to use var_names)"
+            )
+        return var[gene_id_column].to_numpy()
+
+    def _open_loom(self, path: Path) -> None:
+        try:
+            import loompy
+        except ImportError as exc:
+            raise DataError(
+                f"{self.name}: reading .loom files needs loompy; install the 'loom' extra "
+                "(pip install 'geneformer-peft[loom]')"
+            ) from exc
+        self._loom = loompy.connect(str(path), mode="r", validate=False)
+        self._owns_file = True
+        self.obs = pd.DataFrame({key: self._loom.ca[key] for key in self._loom.ca.keys()})
+        self.n_cells = int(self._loom.shape[1])
+
+    # -- public API ---------------------------------------------------------------------------
+    def set_loom_gene_ids(self, gene_id_column: Optional[str]) -> None:
+        """Pick the loom row attribute holding gene ids (internal use)."""
+        column = gene_id_column or "ensembl_id"
+        if column not in self._loom.ra.keys():
+            raise DataError(
+                f"{self.name}: gene id row attribute {column!r} does not exist; "
+                f"expected one of {sorted(self._loom.ra.keys())}"
+            )
+        self.gene_ids = np.asarray(self._loom.ra[column]).astype(str)
+        self.n_genes = len(self.gene_ids)
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Return cells ``start:stop`` as a float64 CSR matrix (cells x all genes)."""
+        if self._loom is not None:
+            block = sp.csr_matrix(np.asarray(self._loom[:, start:stop]).T)
+        else:
+            block = self._adata.X[start:stop]
+            block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+        return block.astype(np.float64)
+
+    def close(self) -> None:
+        """Close the underlying file when this object opened it."""
+        if not self._owns_file:
+            return
+        if self._loom is not None:
+            self._loom.close()
+        elif self._adata is not None and getattr(self._adata, "file", None) is not None:
+            self._adata.file.close()
+        self._owns_file = False
+
+    def __enter__(self) -> "CellSource":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def open_cell_source(source: Any, *, gene_id_column: Optional[str] = None) -> CellSource:
+    """Open ``source`` and resolve its gene ids (handles loom row attributes too)."""
+    cells = CellSource(source, gene_id_column=gene_id_column)
+    if cells._loom is not None:
+        cells.set_loom_gene_ids(gene_id_column)
+    if cells.n_cells == 0:
+        cells.close()
+        raise DataError(f"{cells.name}: the file holds 0 cells; expected at least one cell")
+    return cells
+
+
+def check_raw_counts(
+    block: sp.csr_matrix, *, source_name: str, cell_names: Sequence[Any], gene_ids: np.ndarray
+) -> None:
+    """Raise :class:`DataError` unless every stored value of ``block`` is a non-negative integer.
+
+    Normalised or log-transformed data cannot be rank-value encoded against Geneformer's
+    medians, so it is refused rather than silently mis-tokenized.
+    """
+    data = block.data
+    bad = np.flatnonzero((data < 0) | (data != np.round(data)) | ~np.isfinite(data))
+    if bad.size == 0:
+        return
+    position = int(bad[0])
+    row = int(np.searchsorted(block.indptr, position, side="right") - 1)
+    gene = str(gene_ids[block.indices[position]])
+    raise DataError(
+        f"{source_name}: field X (counts) holds value {float(data[position])!r} for cell {str(cell_names[row])!r}, "
+        f"gene {gene!r} ({bad.size} such values in this block); expected raw counts "
+        "(non-negative integers) — normalised or log-transformed data is not accepted"
+    )
+
+
+def select_cells(
+    obs: pd.DataFrame,
+    *,
+    source_name: str,
+    filter_column: Optional[str] = "filter_pass",
+    obs_filter: Optional[Mapping[str, Any]] = None,
+) -> np.ndarray:
+    """Return a boolean mask of the cells to keep, logging how many each filter removed.
+
+    Parameters
+    ----------
+    obs
+        Cell annotations.
+    source_name
+        File name used in messages.
+    filter_column
+        Geneformer's ``filter_pass`` convention: when this column exists only cells with
+        value 1 are kept; when it does not exist, no cell is removed by it.
+    obs_filter
+        ``{column: value}`` or ``{column: [values]}``; keeps cells whose ``obs[column]``,
+        compared as strings, equals one of the values (e.g. ``{"demuxlet_cls": "SNG"}``).
+    """
+    keep = np.ones(len(obs), dtype=bool)
+    if filter_column is not None and filter_column in obs.columns:
+        passed = pd.to_numeric(obs[filter_column], errors="coerce").to_numpy() == 1
+        logger.info(
+            "%s: obs[%r] == 1 keeps %d of %d cells", source_name, filter_column, int(passed.sum()), len(obs)
+        )
+        keep &= passed
+    for column, wanted in (obs_filter or {}).items():
+        if column not in obs.columns:
+            raise DataError(
+                f"{source_name}: obs filter column obs[{column!r}] does not exist; "
+                f"expected one of {sorted(map(str, obs.columns))}"
+            )
+        values = [wanted] if isinstance(wanted, (str, int, float, bool)) else list(wanted)
+        matched = obs[column].astype(str).isin([str(v) for v in values]).to_numpy()
+        logger.info(
+            "%s: obs[%r] in %s keeps %d of %d cells", source_name, column, values, int(matched.sum()), len(obs)
+        )
+        keep &= matched
+    if not keep.any():
+        raise DataError(
+            f"{source_name}: no cell passes the filters (filter_column={filter_column!r}, "
+            f"obs_filter={dict(obs_filter or {})!r}); expected at least one cell"
+        )
+    return keep

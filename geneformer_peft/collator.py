@@ -1,0 +1,214 @@
+"""Batch collation: padding for cell classification, masking for masked-gene pretraining."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+from geneformer_peft.errors import DataError
+
+__all__ = ["CellClassificationCollator", "MaskedLMCollator", "pad_input_ids"]
+
+IGNORE_INDEX = -100
+
+
+def pad_input_ids(
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int = 0,
+    pad_to_multiple_of: Optional[int] = None,
+    max_length: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """Pad token id lists to the longest (optionally rounded up to a multiple).
+
+    Sequences longer than ``max_length`` are truncated to their first ``max_length``
+    tokens. Returns ``input_ids`` (long) and ``attention_mask`` (long, 1 for tokens, 0 for
+    padding), both (batch, length).
+    """
+    if max_length is not None:
+        sequences = [list(s)[:max_length] for s in sequences]
+    longest = max((len(s) for s in sequences), default=0)
+    if pad_to_multiple_of:
+        longest = int(math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        n = len(sequence)
+        if n:
+            input_ids[row, :n] = torch.as_tensor(list(sequence), dtype=torch.long)
+            attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class CellClassificationCollator:
+    """Collate tokenized cells into padded tensors for classification.
+
+    Parameters
+    ----------
+    pad_token_id
+        Id of ``<pad>`` (0 in Geneformer).
+    pad_to_multiple_of
+        Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
+    label_column
+        Feature key of the label; when present it is returned as ``labels`` (long).
+        String labels need ``label2id``.
+    max_length
+        Truncate longer cells to their first ``max_length`` tokens.
+    label2id
+        Optional mapping applied to labels (e.g. cell type names -> ids).
+
+    Returns (on call)
+    -----------------
+    dict with ``input_ids`` (long), ``attention_mask`` (1 genes, 0 padding) and ``labels``.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int = 0,
+        pad_to_multiple_of: Optional[int] = None,
+        label_column: str = "label",
+        max_length: Optional[int] = None,
+        label2id: Optional[Mapping[Any, int]] = None,
+    ) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_column = label_column
+        self.max_length = max_length
+        self.label2id = dict(label2id) if label2id is not None else None
+
+    def __call__(self, features: List[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
+        batch = pad_input_ids(
+            [f["input_ids"] for f in features],
+            pad_token_id=self.pad_token_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            max_length=self.max_length,
+        )
+        with_label = [self.label_column in f for f in features]
+        if any(with_label):
+            if not all(with_label):
+                raise DataError(
+                    f"batch: {with_label.count(False)} of {len(features)} cells lack the label "
+                    f"{self.label_column!r}; expected a label on every cell or on none"
+                )
+            labels = [f[self.label_column] for f in features]
+            if self.label2id is not None:
+                unknown = [l for l in labels if l not in self.label2id]
+                if unknown:
+                    raise DataError(
+                        f"batch: label {unknown[0]!r} is not in label2id; expected one of {sorted(self.label2id)}"
+                    )
+                labels = [self.label2id[l] for l in labels]
+            elif any(isinstance(l, str) for l in labels):
+                raise DataError(
+                    f"batch: label {labels[0]!r} is a string; expected integer ids (or pass label2id)"
+                )
+            batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
+        return batch
+
+
+class MaskedLMCollator:
+    """Pad and mask cells for Geneformer's masked-gene (BERT) objective.
+
+    Of the real tokens (not padding, not special), each is chosen with probability
+    ``mlm_probability``; of the chosen, 80% become ``<mask>``, 10% a random gene token and
+    10% stay unchanged. ``labels`` hold the original id at chosen positions, -100 elsewhere.
+
+    Parameters
+    ----------
+    token_dictionary
+        The vocabulary; gives ``vocab_size``, ``mask_token_id``, ``pad_token_id`` and the
+        special tokens (``<...>``) when given.
+    vocab_size
+        Needed when ``token_dictionary`` is not given.
+    mask_token_id, pad_token_id
+        Ids of ``<mask>`` and ``<pad>``.
+    special_token_ids
+        Ids never chosen nor drawn as random replacements (default: pad and mask, plus
+        the ``<...>`` tokens of ``token_dictionary``).
+    mlm_probability
+        Fraction of real tokens chosen.
+    pad_to_multiple_of, max_length
+        As for :class:`CellClassificationCollator`.
+    seed
+        Seed for reproducible masking (each DataLoader worker derives its own stream);
+        ``None`` uses torch's global random state.
+    """
+
+    def __init__(
+        self,
+        token_dictionary: Optional[Mapping[str, int]] = None,
+        *,
+        vocab_size: Optional[int] = None,
+        mask_token_id: int = 1,
+        pad_token_id: int = 0,
+        special_token_ids: Optional[Iterable[int]] = None,
+        mlm_probability: float = 0.15,
+        pad_to_multiple_of: Optional[int] = None,
+        max_length: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> None:
+        specials = {pad_token_id, mask_token_id}
+        if token_dictionary is not None:
+            vocab_size = max(int(v) for v in token_dictionary.values()) + 1
+            mask_token_id = int(token_dictionary.get("<mask>", mask_token_id))
+            pad_token_id = int(token_dictionary.get("<pad>", pad_token_id))
+            specials = {pad_token_id, mask_token_id}
+            specials |= {int(v) for k, v in token_dictionary.items() if k.startswith("<") and k.endswith(">")}
+        if vocab_size is None:
+            raise ValueError("MaskedLMCollator needs token_dictionary or vocab_size; got neither")
+        if not 0 < mlm_probability < 1:
+            raise ValueError(f"mlm_probability {mlm_probability!r} is not valid; expected 0 < p < 1")
+        if special_token_ids is not None:
+            specials = set(int(i) for i in special_token_ids) | {pad_token_id, mask_token_id}
+        self.vocab_size = int(vocab_size)
+        self.mask_token_id = mask_token_id
+        self.pad_token_id = pad_token_id
+        self.special_token_ids = sorted(specials)
+        self.mlm_probability = mlm_probability
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length
+        self.seed = seed
+        is_gene = torch.ones(self.vocab_size, dtype=torch.bool)
+        is_gene[[i for i in self.special_token_ids if i < self.vocab_size]] = False
+        self._gene_ids = torch.nonzero(is_gene).flatten()
+        self._special = torch.tensor(self.special_token_ids, dtype=torch.long)
+        self._generator: Optional[torch.Generator] = None
+        self._generator_owner: Optional[int] = None
+
+    def _rng(self) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        owner = -1 if info is None else info.id
+        if self._generator is None or self._generator_owner != owner:
+            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + owner + 1)
+            self._generator_owner = owner
+        return self._generator
+
+    def __call__(self, features: List[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
+        batch = pad_input_ids(
+            [f["input_ids"] for f in features],
+            pad_token_id=self.pad_token_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            max_length=self.max_length,
+        )
+        input_ids = batch["input_ids"]
+        generator = self._rng()
+        candidates = batch["attention_mask"].bool() & ~torch.isin(input_ids, self._special)
+        probabilities = torch.full(input_ids.shape, self.mlm_probability)
+        chosen = torch.bernoulli(probabilities, generator=generator).bool() & candidates
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        draw = torch.rand(input_ids.shape, generator=generator)
+        to_mask = chosen & (draw < 0.8)
+        to_random = chosen & (draw >= 0.8) & (draw < 0.9)
+        random_genes = self._gene_ids[
+            torch.randint(len(self._gene_ids), input_ids.shape, generator=generator)
+        ]
+        masked = input_ids.clone()
+        masked[to_mask] = self.mask_token_id
+        masked[to_random] = random_genes[to_random]
+        batch["input_ids"] = masked
+        batch["labels"] = labels
+        return batch

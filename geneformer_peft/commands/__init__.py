@@ -1,0 +1,1 @@
+"""Subcommands of ``geneformer-peft`` (one module each; see :mod:`geneformer_peft.cli`)."""

@@ -1,0 +1,115 @@
+"""Tokenize raw counts (.h5ad / .loom) into a Geneformer dataset (rank value encoding).
+
+Each cell becomes its genes sorted by normalised expression
+(counts / n_counts * 10,000 / gene median), as token ids, truncated to --model_input_size.
+The dataset is saved with datasets' save_to_disk (columns input_ids, length, the label
+column and --keep_columns).
+
+Vocabulary: either Geneformer's dictionaries (--token_dictionary and
+--gene_median_dictionary), or --build_vocab DIR to build both from this file's own counts
+(written to DIR as token_dictionary.pkl, gene_median_dictionary.pkl and tokenizer.json).
+
+Cell filters: cells with obs[--filter_column] != 1 are skipped when that column exists;
+--obs_filter col=value (repeatable; value may be a comma-separated list) keeps only cells
+whose obs[col] equals one of the values, e.g. --obs_filter demuxlet_cls=SNG.
+
+Example:
+  geneformer-peft tokenize --input cells.h5ad --output cells.dataset \\
+      --token_dictionary token_dictionary.pkl --gene_median_dictionary gene_median_dictionary.pkl \\
+      --label_column cell_type --obs_filter demuxlet_cls=SNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+from geneformer_peft.commands._common import check_output_path
+from geneformer_peft.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+HELP = "tokenize a .h5ad/.loom file of raw counts into a Geneformer dataset"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``tokenize``."""
+    parser.add_argument("--input", required=True, type=Path, help="Input .h5ad (read backed) or .loom file of raw counts.")
+    parser.add_argument("--output", required=True, type=Path, help="Output directory of the saved dataset (e.g. X.dataset).")
+    vocab = parser.add_argument_group("vocabulary (give both dictionaries, or --build_vocab)")
+    vocab.add_argument("--token_dictionary", type=Path, help="Token dictionary: Geneformer .pkl, tokenizer.json or a directory holding one.")
+    vocab.add_argument("--gene_median_dictionary", type=Path, help="Gene median dictionary .pkl ({ensembl_id: median}).")
+    vocab.add_argument("--build_vocab", type=Path, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR.")
+    parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
+    parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
+    parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")
+    parser.add_argument("--model_input_size", type=int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
+    parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
+    parser.add_argument("--chunk_size", type=int, default=512, help="Cells read at a time (memory stays flat).")
+    parser.add_argument("--filter_column", default="filter_pass", help="obs column; when present only cells with value 1 are tokenized. Use '' to disable.")
+    parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
+    parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
+
+
+def parse_obs_filters(items: List[str]) -> Dict[str, List[str]]:
+    """Parse ``["col=a,b", ...]`` into ``{"col": ["a", "b"]}``."""
+    filters: Dict[str, List[str]] = {}
+    for item in items:
+        column, sep, values = item.partition("=")
+        if not sep or not column or not values:
+            raise DataError(f"--obs_filter {item!r} is not valid; expected COLUMN=VALUE[,VALUE...]")
+        filters.setdefault(column, []).extend(v for v in values.split(",") if v)
+    return filters
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``tokenize``."""
+    from geneformer_peft.dataset_io import save_dataset_atomically
+    from geneformer_peft.tokenizer import tokenize_anndata
+    from geneformer_peft.vocab import build_vocabulary, write_dictionaries
+
+    check_output_path(args.output, overwrite=args.overwrite)
+    obs_filter = parse_obs_filters(args.obs_filter)
+    filter_column = args.filter_column or None
+    if args.build_vocab is not None:
+        if args.token_dictionary or args.gene_median_dictionary:
+            raise DataError("--build_vocab cannot be combined with --token_dictionary/--gene_median_dictionary")
+        token_dictionary, median_dictionary = build_vocabulary(
+            args.input,
+            gene_id_column=args.gene_id_column,
+            model_version=args.model_version,
+            chunk_size=args.chunk_size,
+            filter_column=filter_column,
+            obs_filter=obs_filter,
+            show_progress=not args.no_progress,
+        )
+        write_dictionaries(args.build_vocab, token_dictionary, median_dictionary, overwrite=args.overwrite)
+    else:
+        if args.token_dictionary is None or args.gene_median_dictionary is None:
+            raise DataError(
+                "tokenize needs --token_dictionary and --gene_median_dictionary (or --build_vocab DIR); "
+                f"got --token_dictionary={args.token_dictionary} --gene_median_dictionary={args.gene_median_dictionary}"
+            )
+        token_dictionary, median_dictionary = args.token_dictionary, args.gene_median_dictionary
+    keep_columns = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+    dataset, stats = tokenize_anndata(
+        args.input,
+        token_dictionary=token_dictionary,
+        gene_median_dictionary=median_dictionary,
+        gene_id_column=args.gene_id_column,
+        label_column=args.label_column,
+        keep_columns=keep_columns,
+        model_input_size=args.model_input_size,
+        model_version=args.model_version,
+        chunk_size=args.chunk_size,
+        filter_column=filter_column,
+        obs_filter=obs_filter,
+        show_progress=not args.no_progress,
+        return_stats=True,
+    )
+    save_dataset_atomically(dataset, args.output)
+    logger.info("saved %d cells to %s", stats.n_cells_kept, args.output)
+    return 0

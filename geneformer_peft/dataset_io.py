@@ -1,0 +1,55 @@
+"""Saving and loading ``datasets.Dataset`` directories safely."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Union
+
+from geneformer_peft.errors import DataError
+
+__all__ = ["load_saved_dataset", "save_dataset_atomically"]
+
+
+def load_saved_dataset(path: Union[str, Path]):
+    """Load a ``datasets.Dataset`` written by ``save_to_disk``.
+
+    Raises
+    ------
+    DataError
+        When ``path`` does not exist, is not a saved dataset, or holds a ``DatasetDict``.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: dataset directory does not exist; expected a directory written by save_to_disk")
+    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        if (path / "dataset_dict.json").is_file():
+            raise DataError(f"{path}: holds a DatasetDict; expected a single datasets.Dataset")
+        raise DataError(
+            f"{path}: directory is not a dataset saved with save_to_disk (no state.json / "
+            "dataset_info.json); expected a saved datasets.Dataset"
+        )
+    return datasets.load_from_disk(str(path))
+
+
+def save_dataset_atomically(dataset, path: Union[str, Path]) -> None:
+    """``save_to_disk`` into a sibling temporary directory, then move it into place.
+
+    An interrupted save never leaves a half-written dataset at ``path``; an existing
+    ``path`` is replaced (callers decide whether that is allowed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dataset.save_to_disk(str(tmp))
+    if path.exists():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    os.replace(tmp, path)
