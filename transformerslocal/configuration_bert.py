@@ -119,7 +119,8 @@ class BertConfig:
 
     @num_labels.setter
     def num_labels(self, n: int) -> None:
-        self._set_labels(None, None, n)
+        if int(n) != len(self.id2label):  # as HF: the same number keeps the label names
+            self._set_labels(None, None, n)
 
     # ------------------------------------------------------------------ PEFT
     @property
@@ -258,11 +259,14 @@ class BertConfig:
 
 
 def _merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with ``overrides`` applied; ``num_labels`` alone replaces the label maps (as HF)."""
+    """``data`` with ``overrides`` applied; ``num_labels`` alone replaces the label maps when it
+    differs from their size, and keeps the label names when it equals it (as HF)."""
     merged = {**data, **overrides}
     if "num_labels" in overrides and "id2label" not in overrides:
-        merged.pop("id2label", None)
-        merged.pop("label2id", None)
+        current = data.get("id2label")
+        if current is None or len(current) != int(overrides["num_labels"]):
+            merged.pop("id2label", None)
+            merged.pop("label2id", None)
     return merged
 
 

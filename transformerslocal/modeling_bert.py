@@ -192,15 +192,16 @@ class BertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, hidden, attention_mask=None, *, output_hidden_states=False,
-                output_attentions=False, start_layer=0):
-        """Run layers ``start_layer..`` on ``hidden`` (B, L, d); ``attention_mask`` is (B, L).
+                output_attentions=False, start_layer=0, end_layer=None):
+        """Run layers ``start_layer..end_layer-1`` on ``hidden`` (B, L, d); ``attention_mask`` is (B, L).
 
-        ``start_layer`` > 0 resumes from cached outputs of the frozen first layers.
+        ``start_layer`` > 0 resumes from cached outputs of the frozen first layers;
+        ``end_layer`` stops early (to compute those outputs).
         """
         num_prompts = 0
         attn_mask = sdpa_mask(attention_mask)
         all_hidden, all_attn = [], []
-        for layer in self.layer[start_layer:]:
+        for layer in self.layer[start_layer:end_layer]:
             prompts = layer.prompt_embeddings
             if prompts is not None:
                 if num_prompts == 0:
@@ -251,6 +252,8 @@ class BertPooler(nn.Module):
 # ----------------------------------------------------------------------------- BertModel
 class BertModel(BertPreTrainedModel):
     """The encoder: embeddings, optional gene-token adapter, layers, optional pooler."""
+
+    head_prefixes = ("pooler.",)
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)

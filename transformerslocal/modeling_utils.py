@@ -29,12 +29,14 @@ WEIGHTS_NAME = "pytorch_model.bin"
 _BUFFER_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 # Keys that belong to some BERT head; a checkpoint may carry another head's weights.
 _ANY_HEAD_PREFIXES = ("cls.", "classifier.", "bert.pooler.", "qa_outputs.")
-_TIED_KEYS = ("cls.predictions.decoder.weight",)
+# Tied parameter -> the parameter it is tied to (and that is loaded).
+_TIED_KEYS = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 
 
 def find_weights_file(directory: Path) -> Path:
     """The weights file of a checkpoint folder, or a clear error listing what was looked for."""
-    names = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME + ".index.json", WEIGHTS_NAME + ".index.json")
+    # safetensors first, sharded or not (as HF): it cannot run code and loads without a copy
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME + ".index.json", WEIGHTS_NAME, WEIGHTS_NAME + ".index.json")
     for name in names:
         if (directory / name).is_file():
             return directory / name
@@ -190,6 +192,14 @@ class BertPreTrainedModel(nn.Module):
         state = self._normalise_keys(state)
         own = self.state_dict()
         tied = [k for k in _TIED_KEYS if k in own]
+        for key in tied:
+            # One tensor in the model: load the word embeddings, never the decoder copy over them.
+            source_key = _TIED_KEYS[key]
+            if key in state and source_key in state:
+                duplicate = state.pop(key)
+                if duplicate.shape != state[source_key].shape or not torch.equal(duplicate, state[source_key]):
+                    logger.warning("%s: %s differs from %s; the model ties them, so %s is used",
+                                   source, key, source_key, source_key)
         unexpected = sorted(k for k in state if k not in own)
         other_heads = [k for k in unexpected if k.startswith(_ANY_HEAD_PREFIXES)
                        or (not hasattr(self, self.base_model_prefix) and k.startswith(("pooler.",)))]
@@ -206,10 +216,12 @@ class BertPreTrainedModel(nn.Module):
             raise ValueError(
                 f"{source}: weights of another shape than the model's: {desc}. For a classifier with "
                 "another number of labels pass ignore_mismatched_sizes=True to re-initialise it.")
-        skip = set(unexpected) | set(other_heads) | {k for k, _, _ in mismatched}
+        reinitialised = {k for k, _, _ in mismatched}
+        skip = set(unexpected) | set(other_heads) | reinitialised
         loadable = {k: v for k, v in state.items() if k not in skip}
         result = self.load_state_dict(loadable, strict=False)
-        missing = sorted(k for k in result.missing_keys if k not in tied)
+        # mismatched keys are in the checkpoint (reported as re-initialised), not missing from it
+        missing = sorted(k for k in result.missing_keys if k not in tied and k not in reinitialised)
         self.loading_info = {
             "missing_keys": missing,
             "unexpected_keys": unexpected,

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 #: parameter-name fragments owned by each adapter method
-GENE_TOKEN_KEYS = ("bert.adapter.",)
+#: (matched against "." + name, so ``bert.adapter.`` and a bare BertModel's ``adapter.`` both match)
+GENE_TOKEN_KEYS = (".adapter.",)
 ENCODER_KEYS = (".Space_Adapter.", ".MLP_Adapter.")
 
 

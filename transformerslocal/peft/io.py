@@ -11,7 +11,7 @@ from torch import nn
 
 from ..configuration_bert import BertConfig
 from .lora import merged_state_dict
-from .trainable import trainable_parameter_names
+from .trainable import _head_prefixes, trainable_parameter_names
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,16 @@ def load_peft_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{file} holds keys the model has no place for: {unknown[:10]}"
                          f"{' ...' if len(unknown) > 10 else ''}; was it saved with another prompt_type "
                          f"(model has {model.config.prompt_type!r})?")
+    heads = _head_prefixes(model)
+    expected = trainable_parameter_names(model)
+    missing = [k for k in expected if k not in state and not k.startswith(heads)]
+    if missing:
+        raise ValueError(f"{file} lacks {len(missing)} tensors the model's PEFT modules need, which would stay "
+                         f"at their start: {missing[:10]}{' ...' if len(missing) > 10 else ''}; was it saved with "
+                         f"another prompt_type (model has {model.config.prompt_type!r})?")
+    missing_head = [k for k in expected if k not in state and k.startswith(heads)]
+    if missing_head:
+        logger.warning("%s has no weights for the head %s; it keeps its current values", file, missing_head)
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise ValueError(f"{file}: tensors of another shape than the model's: {wrong}")

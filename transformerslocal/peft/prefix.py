@@ -24,6 +24,10 @@ class PromptEmbeddings(nn.Module):
     def __init__(self, num_token: int, hidden_size: int, initializer_range: float) -> None:
         super().__init__()
         self.initializer_range = initializer_range
+        #: Internal, for tests: ``False`` masks the inserted prompts out as attention keys
+        #: (no token attends to them), which must reproduce the model without prompts.
+        #: The flag of the layer that inserts the prompts decides. Not saved, not a config key.
+        self.attend = True
         self.weight = nn.Parameter(torch.empty(num_token, hidden_size))
         self.reset_peft_parameters()
 
@@ -35,13 +39,16 @@ class PromptEmbeddings(nn.Module):
         return self.weight.shape[0]
 
     def insert(self, hidden: torch.Tensor, mask: torch.Tensor | None):
-        """(B, L, d) -> (B, 1+T+L-1, d): prompts after token 0; mask grows with ones."""
-        batch = hidden.shape[0]
+        """(B, L, d) -> (B, 1+T+L-1, d): prompts after token 0; the (B, L) mask grows with
+        ones (zeros when ``attend`` is off) at the prompt positions."""
+        batch, seq_len = hidden.shape[:2]
         prompts = self.weight.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, T, d)
         hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1:]], dim=1)
+        if mask is None and not self.attend:
+            mask = torch.ones(batch, seq_len, dtype=torch.long, device=hidden.device)
         if mask is not None:
-            ones = mask.new_ones(batch, self.num_token)
-            mask = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+            fill = mask.new_full((batch, self.num_token), 1 if self.attend else 0)
+            mask = torch.cat([mask[:, :1], fill, mask[:, 1:]], dim=1)
         return hidden, mask
 
     def overwrite(self, hidden: torch.Tensor) -> torch.Tensor:

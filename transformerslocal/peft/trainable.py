@@ -4,8 +4,8 @@ The trainable set is the UNION over the methods in ``prompt_type`` plus the task
 (``bert.pooler`` and ``classifier``, or the MLM head). The scPEFT reference froze in one
 loop per method, each freezing all but its own keyword, so only the last listed method
 trained, and it left the randomly initialised pooler frozen; both are fixed here.
-Full fine-tuning (``prompt_type`` empty) trains everything but the embeddings and the
-first ``freeze_layers`` layers.
+Full fine-tuning (``prompt_type`` empty) trains everything; with ``freeze_layers`` N > 0
+the embeddings and the first N layers stay frozen (Geneformer's Classifier option).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def _frozen_by_freeze_layers(name: str, freeze_layers: int) -> bool:
+    if freeze_layers <= 0:
+        return False
     if name.startswith(("bert.embeddings.", "embeddings.")):
         return True
     for i in range(freeze_layers):
@@ -50,7 +52,8 @@ def is_trainable(name: str, config, head_prefixes: tuple[str, ...] = _DEFAULT_HE
         return not _frozen_by_freeze_layers(name, config.freeze_layers)
     if name.startswith(head_prefixes):
         return True
-    return any(fragment in name for m in methods for fragment in METHOD_KEYS[m])
+    dotted = "." + name  # so "adapter." of a bare BertModel matches ".adapter." too
+    return any(fragment in dotted for m in methods for fragment in METHOD_KEYS[m])
 
 
 def trainable_parameter_names(model: nn.Module, config=None) -> list[str]:
