@@ -24,6 +24,9 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS: Dict[str, str] = {
     "tokenize": "geneformer_peft.commands.tokenize",
     "split": "geneformer_peft.commands.split",
+    "pretrain": "geneformer_peft.commands.pretrain",
+    "finetune": "geneformer_peft.commands.finetune",
+    "predict": "geneformer_peft.commands.predict",
 }
 
 

@@ -1,0 +1,129 @@
+"""K-fold PEFT fine-tuning of a Geneformer checkpoint on data in the reference fold layout.
+
+Reads <data_path>/<dataset_name>/<i>/<dataset_name>_{train,val,test}<i>.dataset, trains
+each fold with the method of config.json (prompt_type) or --prompt_type, and writes
+<output_path>/<out_prefix><prompt types joined by _>/<dataset_name>/<i>/ (predictions.csv,
+metrics.json, model, peft_model.safetensors, plots) plus summary.json / summary.csv.
+Finished folds are skipped on a re-run; an interrupted fold resumes from its last epoch.
+
+Example:
+  geneformer-peft finetune --dataset_name NSCLC --data_path ./example_py/data \\
+      --model_path /path/to/gf-12L-30M-i2048 \\
+      --config Pretrain_ckpts/geneformer-12L-30M-prompt/config.json --epoch 3 --lr 5e-5
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HELP = "K-fold fine-tuning (LoRA, prompts, adapters or full) with per-fold outputs"
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"--use_prompt {text!r}: expected true or false")
+
+
+def parse_folds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--folds {text!r}: expected comma-separated fold numbers, e.g. 0,1,2") from err
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """Options of the fine-tuning job (also used by example_py/cell_classification_prompt_fold.py)."""
+    d = {"dataset_name": None, "data_path": None, "model_path": None, "output_path": Path("save"), **(defaults or {})}
+    req = {name: d[name] is None for name in ("dataset_name", "data_path", "model_path")}
+    p = parser.add_argument
+    p("--dataset_name", default=d["dataset_name"], required=req["dataset_name"],
+      help=f"Dataset name in the fold layout (default: {d['dataset_name']}).")
+    p("--data_path", type=Path, default=d["data_path"], required=req["data_path"],
+      help=f"Folder holding <dataset_name>/<i>/ (default: {d['data_path']}).")
+    p("--output_path", type=Path, default=d["output_path"], help="Where run folders go (default: %(default)s).")
+    p("--out_prefix", default="", help="Prefix of the run folder name, e.g. 'try1_' -> try1_lora/.")
+    p("--model_path", type=Path, default=d["model_path"], required=req["model_path"],
+      help=f"Pretrained checkpoint folder: config.json + model.safetensors or pytorch_model.bin "
+           f"(default: {d['model_path']}).")
+    p("--config", type=Path, default=None,
+      help="A config.json whose PEFT keys (prompt_type, lora_r, num_token, ...) apply, e.g. "
+           "Pretrain_ckpts/geneformer-12L-30M-prompt/config.json (default: the checkpoint's own).")
+    p("--prompt_type", default=None,
+      help="Override prompt_type: comma-separated from lora, prefix_prompt, Gene_token_prompt, encoder_prompt; "
+           "'' for full fine-tuning.")
+    p("--use_prompt", type=parse_bool, nargs="?", const=True, default=None,
+      help="true/false: false switches every PEFT module off (if_use_prompt); default: the config's.")
+    p("--epoch", "--epochs", dest="epochs", type=int, default=d.get("epochs", 10), help="Epochs per fold (%(default)s).")
+    p("--lr", type=float, default=d.get("lr", 5e-4), help="Peak learning rate, a float (%(default)s).")
+    p("--batch_size", type=int, default=d.get("batch_size", 32), help="Cells per batch (%(default)s).")
+    p("--eval_batch_size", type=int, default=None, help="Cells per batch in evaluation (default: --batch_size).")
+    p("--folds", type=parse_folds, default=None, help="Folds to run, e.g. 0,1 (default: all found).")
+    p("--label_column", default="cell_type", help="Label column of the datasets (%(default)s).")
+    p("--seed", type=int, default=0, help="Random seed; same seed and data on CPU give identical metrics.")
+    p("--device", default="auto", help="auto, cpu, cuda or cuda:N (%(default)s).")
+    p("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+      help="fp32, or mixed precision bf16 (CUDA; optional on CPU) / fp16 (CUDA, with loss scaling).")
+    p("--warmup_steps", type=int, default=0, help="Linear warmup steps (0: 5%% of all steps).")
+    p("--weight_decay", type=float, default=0.001, help="AdamW weight decay (%(default)s).")
+    p("--lr_schedule", default="linear", choices=["linear", "cosine", "constant"], help="After warmup (%(default)s).")
+    p("--early_stopping_patience", type=int, default=5,
+      help="Stop after this many epochs without better validation macro-F1; 0 = never (%(default)s).")
+    p("--sampler", default="balanced", choices=["balanced", "length", "random"],
+      help="balanced: class-balanced draws grouped by length (reference + length grouping); "
+           "length: length-grouped shuffling; random: plain shuffling (%(default)s).")
+    p("--class_weighting", default="reference", choices=["reference", "none"],
+      help="reference: cross-entropy weights (1 - n_c/N)^2; none: unweighted (%(default)s).")
+    p("--max_length", type=int, default=None, help="Keep each cell's first N genes (default: model's maximum).")
+    p("--num_workers", type=int, default=0, help="DataLoader workers (%(default)s).")
+    p("--gradient_checkpointing", action="store_true", help="Recompute activations in backward (less memory).")
+    p("--no_frozen_cache", action="store_true",
+      help="Do not cache the outputs of frozen, unprompted leading layers between epochs.")
+    p("--save_format", default="bin", choices=["bin", "safetensors"],
+      help="Fold model file: pytorch_model.bin (reference contract) or model.safetensors (%(default)s).")
+    p("--random_init", action="store_true",
+      help="Ablation: same architecture and method, random weights instead of the checkpoint's.")
+    p("--overwrite", action="store_true", help="Redo folds that finished earlier (default: skip them).")
+    p("--no_progress", action="store_true", help="No progress bars.")
+
+
+def options_from_args(args: argparse.Namespace):
+    from geneformer_peft.cross_validation import RunOptions
+    from geneformer_peft.training_args import TrainingArguments
+
+    training = TrainingArguments(
+        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+        early_stopping_patience=args.early_stopping_patience, sampler=args.sampler,
+        class_weighting=args.class_weighting, max_length=args.max_length, num_workers=args.num_workers,
+        seed=args.seed, device=args.device, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, cache_frozen_layers=not args.no_frozen_cache,
+        progress=not args.no_progress)
+    return RunOptions(dataset_name=args.dataset_name, data_path=args.data_path, output_path=args.output_path,
+                      model_path=args.model_path, out_prefix=args.out_prefix, config_path=args.config,
+                      prompt_type=args.prompt_type, use_prompt=args.use_prompt, label_column=args.label_column,
+                      folds=args.folds, overwrite=args.overwrite, save_format=args.save_format,
+                      random_init=args.random_init, training=training)
+
+
+def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.cross_validation import run_cross_validation
+    from geneformer_peft.trainer import TrainingDiverged
+
+    try:
+        summary = run_cross_validation(options_from_args(args))
+    except TrainingDiverged as err:  # finished folds keep their outputs
+        logger.error("%s", err)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input (DataError is a ValueError)
+        logger.error("%s", err)
+        return 2
+    if not logging.getLogger("geneformer_peft").isEnabledFor(logging.INFO):  # else the log showed it
+        print(f"Summary over folds {summary['fold_ids']} ({summary['run_dir']}):\n{summary['table']}")
+    return 0

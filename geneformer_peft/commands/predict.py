@@ -1,0 +1,44 @@
+"""Predict cell types of new tokenized cells with a fine-tuned fold.
+
+--model_path is a fold folder written by the fine-tuning job: its full model
+(pytorch_model.bin / model.safetensors), or, with --base_model, its PEFT-only weights
+(peft_model.safetensors) applied on the base checkpoint. Writes a CSV like predictions.csv;
+without a label column in the input the ground-truth columns are left out.
+
+Example:
+  geneformer-peft predict --model_path save/lora/NSCLC/0 --input new_cells.dataset --output preds.csv
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "predict with a fine-tuned fold on new tokenized cells"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument
+    p("--model_path", required=True, type=Path, help="Fold folder of a fine-tuning run.")
+    p("--base_model", type=Path, default=None,
+      help="Base checkpoint: apply the fold's peft_model.safetensors on it instead of loading the full model.")
+    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output", required=True, type=Path, help="CSV to write.")
+    p("--label_column", default="cell_type", help="Ground-truth column, used when present (%(default)s).")
+    p("--batch_size", type=int, default=64, help="Cells per batch (%(default)s).")
+    p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
+    p("--overwrite", action="store_true", help="Replace an existing --output.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.dataset_io import load_saved_dataset
+    from geneformer_peft.predict import predict_cells
+
+    check_output_path(args.output, overwrite=args.overwrite)
+    dataset = load_saved_dataset(args.input)
+    frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
+                                   label_column=args.label_column, batch_size=args.batch_size, device=args.device)
+    print(f"{len(frame)} cells -> {args.output}")
+    if metrics is not None:
+        print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    return 0

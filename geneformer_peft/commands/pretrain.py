@@ -1,0 +1,58 @@
+"""Masked-gene pretraining (Geneformer's objective) from a config, or continued from a checkpoint.
+
+15% of each cell's genes are chosen; 80% of those become <mask>, 10% a random gene, 10%
+stay. Batches are grouped by length; AdamW with linear warmup and decay. The output folder
+(config.json, model.safetensors, tokenizer.json) loads in `transformers` as BertForMaskedLM.
+
+Example:
+  geneformer-peft pretrain --input cells.dataset --output_dir my_ckpt --config Pretrain_ckpts/geneformer-6L-30M/config.json \\
+      --token_dictionary token_dictionary.pkl --epochs 1
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "masked-gene pretraining from a config or a checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument
+    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset with input_ids).")
+    p("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="config.json of a model to pretrain from scratch.")
+    src.add_argument("--model_path", type=Path, help="Checkpoint to continue pretraining.")
+    p("--token_dictionary", type=Path, default=None,
+      help="token_dictionary.pkl or tokenizer.json (default: the checkpoint's tokenizer.json, if any).")
+    p("--epochs", type=int, default=1, help="Passes over the cells (%(default)s).")
+    p("--batch_size", type=int, default=16, help="Cells per batch (%(default)s).")
+    p("--lr", type=float, default=1e-3, help="Peak learning rate (%(default)s).")
+    p("--max_steps", type=int, default=None, help="Stop after this many steps.")
+    p("--seed", type=int, default=0, help="Random seed (%(default)s).")
+    p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
+    p("--overwrite", action="store_true", help="Replace an existing --output_dir.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.cells import EncodedCells
+    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.dataset_io import load_saved_dataset
+    from geneformer_peft.pretrain import pretrain
+    from geneformer_peft.vocab import load_token_dictionary
+    from transformerslocal import BertConfig
+
+    check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
+    cells = EncodedCells.from_dataset(load_saved_dataset(args.input), name=str(args.input))
+    vocab_source = args.token_dictionary
+    if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
+        vocab_source = args.model_path / "tokenizer.json"
+    token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
+    config = BertConfig.from_pretrained(args.config) if args.config else None
+    result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
+                      token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
+    for record in result.history:
+        print(f"epoch {record['epoch']}: MLM loss {record['mlm_loss']:.4f}")
+    print(f"checkpoint: {result.output_dir}")
+    return 0

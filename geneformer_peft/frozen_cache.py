@@ -1,0 +1,119 @@
+"""Frozen-prefix activation caching.
+
+When the embeddings and the first k encoder layers have no trainable parameter and no
+prompt (full fine-tuning with ``freeze_layers``, adapters or LoRA only in later layers),
+their output for a cell never changes. It is computed once per cell, kept, and later
+epochs (and every validation pass) start at layer k. The frozen prefix always runs in
+eval mode (no dropout), cached or not, so the cached forward equals the uncached one.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+logger = logging.getLogger(__name__)
+
+
+def frozen_prefix_depth(model) -> int:
+    """How many leading encoder layers (after frozen embeddings) have nothing to train."""
+    bert = model.bert
+    if any(p.requires_grad for p in bert.embeddings.parameters()):
+        return 0
+    if bert.adapter is not None and any(p.requires_grad for p in bert.adapter.parameters()):
+        return 0
+    depth = 0
+    for layer in bert.encoder.layer:
+        if layer.prompt_embeddings is not None or any(p.requires_grad for p in layer.parameters()):
+            break
+        depth += 1
+    return depth
+
+
+class FrozenPrefixCache:
+    """Keeps each cell's output of the frozen prefix, per split, within a memory budget.
+
+    Parameters
+    ----------
+    depth
+        Number of frozen leading layers (k >= 1).
+    budget_bytes
+        Upper bound on the memory the cached activations take; cells beyond it are
+        recomputed each time (logged once).
+    storage
+        Where cached activations live (``None``: the model's device).
+    """
+
+    def __init__(self, depth: int, *, budget_bytes: int = 4 * 2**30, storage: torch.device | None = None) -> None:
+        self.depth = depth
+        self.budget_bytes = budget_bytes
+        self.storage = storage
+        self.used_bytes = 0
+        self.store: dict[str, dict[int, torch.Tensor]] = {}
+        self._full_logged = False
+        self.hits = self.misses = 0
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> "FrozenPrefixCache | None":
+        depth = frozen_prefix_depth(model)
+        if depth == 0:
+            return None
+        logger.info("frozen-prefix cache: embeddings and the first %d of %d layers are frozen and unprompted; "
+                    "their outputs are computed once per cell", depth, len(model.bert.encoder.layer))
+        return cls(depth, **kwargs)
+
+    def prepare(self, model) -> None:
+        """Put the frozen prefix in eval mode (call after ``model.train()``)."""
+        model.bert.embeddings.eval()
+        if model.bert.adapter is not None:
+            model.bert.adapter.eval()
+        for layer in model.bert.encoder.layer[:self.depth]:
+            layer.eval()
+
+    @torch.no_grad()
+    def prefix(self, model, input_ids, attention_mask) -> torch.Tensor:
+        """Output of the frozen prefix, (B, L, d), computed (not cached)."""
+        hidden = model.bert.embed(input_ids)
+        return model.bert.encoder(hidden, attention_mask, end_layer=self.depth)[0]
+
+    def _gather_or_compute(self, model, batch, input_ids, attention_mask) -> torch.Tensor:
+        split = self.store.setdefault(batch.get("split", "cells"), {})
+        cells = batch["cells"].tolist()
+        if all(c in split for c in cells):
+            self.hits += len(cells)
+            rows = [split[c] for c in cells]
+            lengths = attention_mask.sum(dim=1).tolist()
+            assert all(len(r) == n for r, n in zip(rows, lengths)), "cached rows do not match the batch's cells"
+            hidden = pad_sequence(rows, batch_first=True).to(input_ids.device, non_blocking=True)
+            if hidden.shape[1] < input_ids.shape[1]:  # pad_to_multiple_of
+                extra = input_ids.shape[1] - hidden.shape[1]
+                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, extra))
+            return hidden
+        self.misses += len(cells)
+        hidden = self.prefix(model, input_ids, attention_mask)
+        lengths = attention_mask.sum(dim=1).tolist()
+        for row, (cell, n) in enumerate(zip(cells, lengths)):
+            if cell in split:
+                continue
+            size = int(n) * hidden.shape[-1] * hidden.element_size()
+            if self.used_bytes + size > self.budget_bytes:
+                if not self._full_logged:
+                    logger.info("frozen-prefix cache full (%.2f GiB); further cells are recomputed",
+                                self.used_bytes / 2**30)
+                    self._full_logged = True
+                break
+            target = self.storage or hidden.device
+            split[cell] = hidden[row, :int(n)].to(target, copy=True)
+            self.used_bytes += size
+        return hidden
+
+    def forward(self, model, batch, device, runner=None) -> torch.Tensor:
+        """Logits of ``model`` for ``batch``, starting at layer ``depth`` from cached activations.
+        ``runner`` (e.g. the DistributedDataParallel wrapper of ``model``) runs the rest."""
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+        self.prepare(model)
+        hidden = self._gather_or_compute(model, batch, input_ids, attention_mask)
+        runner = runner if runner is not None else model
+        return runner(input_ids, attention_mask, inputs_hidden=hidden, start_layer=self.depth).logits

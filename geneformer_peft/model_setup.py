@@ -1,0 +1,70 @@
+"""Build the classifier of a run: checkpoint + PEFT keys of ``--config`` + label set."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from transformerslocal import BertConfig, BertForSequenceClassification
+from transformerslocal.configuration_bert import PEFT_DEFAULTS
+from transformerslocal.modeling_utils import find_weights_file
+
+logger = logging.getLogger(__name__)
+
+#: architecture keys a --config file must agree on with the checkpoint
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def resolve_config(model_path: str | Path, *, config_path: str | Path | None = None, prompt_type: str | None = None,
+                   use_prompt: bool | None = None, label2id: Mapping[str, int] | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> BertConfig:
+    """The checkpoint's config with the PEFT keys of ``config_path`` applied, then the
+    ``prompt_type`` / ``use_prompt`` overrides, then the label maps.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the checkpoint folder has no ``config.json`` or no weights.
+    ValueError
+        If ``config_path`` describes another architecture than the checkpoint.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"--model_path {model_path} is not a folder; expected a checkpoint folder "
+                                "with config.json and model.safetensors or pytorch_model.bin")
+    find_weights_file(model_path)
+    base = BertConfig.from_pretrained(model_path)
+    changes: dict[str, Any] = {}
+    if config_path is not None:
+        method_config = BertConfig.from_pretrained(config_path)
+        differ = [(k, getattr(method_config, k), getattr(base, k)) for k in SHAPE_KEYS
+                  if getattr(method_config, k) != getattr(base, k)]
+        if differ:
+            desc = ", ".join(f"{k}={a} (checkpoint has {b})" for k, a, b in differ)
+            raise ValueError(f"--config {config_path} describes another model than --model_path {model_path}: "
+                             f"{desc}; pick the config.json of the same model size")
+        changes.update({k: getattr(method_config, k) for k in PEFT_DEFAULTS})
+    if prompt_type is not None:
+        changes["prompt_type"] = prompt_type
+    if use_prompt is not None:
+        changes["if_use_prompt"] = bool(use_prompt)
+    if label2id is not None:
+        changes["id2label"] = {int(i): str(name) for name, i in label2id.items()}
+        changes["label2id"] = {str(name): int(i) for name, i in label2id.items()}
+    changes.update(overrides or {})
+    return base.copy(**changes)
+
+
+def load_classifier(model_path: str | Path, config: BertConfig) -> BertForSequenceClassification:
+    """The checkpoint as a cell classifier under ``config``; a fine-tuned head of another
+    label set is a clear error."""
+    try:
+        return BertForSequenceClassification.from_pretrained(model_path, config=config)
+    except ValueError as err:
+        if "classifier.weight" in str(err):
+            checkpoint = BertConfig.from_pretrained(model_path)
+            raise ValueError(
+                f"--model_path {model_path} carries a classifier head for {checkpoint.num_labels} labels "
+                f"({sorted(checkpoint.label2id)}), but the data has {config.num_labels} "
+                f"({sorted(config.label2id)}); start from the pretrained (not fine-tuned) checkpoint") from err
+        raise

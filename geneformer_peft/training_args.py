@@ -1,0 +1,60 @@
+"""Settings of one fine-tuning run: the reference's training choices as defaults."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+LR_SCHEDULES = ("linear", "cosine", "constant")
+SAMPLERS = ("balanced", "length", "random")
+CLASS_WEIGHTINGS = ("reference", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation settings of a fold (AdamW, linear warmup/decay, early stopping on
+    validation macro-F1, class weights (1 - n_c/N)^2, class-balanced length-grouped sampling).
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.001
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.05
+    lr_schedule: str = "linear"
+    early_stopping_patience: int = 5
+    sampler: str = "balanced"
+    class_weighting: str = "reference"
+    max_length: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    cache_frozen_layers: bool = True
+    max_grad_norm: float | None = 1.0
+    pad_to_multiple_of: int | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def check(name, ok, expected):
+            if not ok:
+                raise ValueError(f"training setting {name}={getattr(self, name)!r} is not valid; expected {expected}")
+
+        check("epochs", isinstance(self.epochs, int) and self.epochs >= 1, "an integer >= 1")
+        check("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1")
+        check("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "a positive number, e.g. 5e-5")
+        check("weight_decay", self.weight_decay >= 0, "a number >= 0")
+        check("warmup_steps", self.warmup_steps >= 0, "an integer >= 0")
+        check("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {list(LR_SCHEDULES)}")
+        check("early_stopping_patience", self.early_stopping_patience >= 0, "an integer >= 0 (0 switches it off)")
+        check("sampler", self.sampler in SAMPLERS, f"one of {list(SAMPLERS)}")
+        check("class_weighting", self.class_weighting in CLASS_WEIGHTINGS, f"one of {list(CLASS_WEIGHTINGS)}")
+        check("max_length", self.max_length is None or self.max_length >= 1, "an integer >= 1")
+        check("precision", self.precision in PRECISIONS, f"one of {list(PRECISIONS)}")
+        check("num_workers", self.num_workers >= 0, "an integer >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
