@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
+from .collator import pad_input_ids
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -82,18 +83,12 @@ class EncodedCells(Dataset):
 
 def collate_cells(items: Sequence[dict], *, pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> dict:
     """Pad to the longest cell of the batch (optionally to a multiple): ``input_ids``,
-    ``attention_mask`` (1 genes, 0 padding), ``labels`` when known, ``cells`` (positions)."""
-    lengths = [len(it["input_ids"]) for it in items]
-    longest = max(lengths)
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    ids = np.full((len(items), longest), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(items), longest), dtype=np.int64)
-    for row, (it, n) in enumerate(zip(items, lengths)):
-        ids[row, :n] = it["input_ids"]
-        mask[row, :n] = 1
-    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-             "cells": torch.tensor([it["cell"] for it in items]), "split": items[0]["split"]}
+    ``attention_mask`` (1 genes, 0 padding), ``labels`` when known, ``cells`` (positions)
+    and ``split`` (whose cells they are)."""
+    batch = pad_input_ids([it["input_ids"] for it in items], pad_token_id=pad_token_id,
+                          pad_to_multiple_of=pad_to_multiple_of)
+    batch["cells"] = torch.tensor([it["cell"] for it in items])
+    batch["split"] = items[0]["split"]
     if "label" in items[0]:
         batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
     return batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from geneformer_peft.errors import DataError
@@ -27,19 +28,17 @@ def pad_input_ids(
     tokens. Returns ``input_ids`` (long) and ``attention_mask`` (long, 1 for tokens, 0 for
     padding), both (batch, length).
     """
-    if max_length is not None:
-        sequences = [list(s)[:max_length] for s in sequences]
+    # numpy rows (as EncodedCells gives them) are copied whole; lists go through numpy once
+    sequences = [np.asarray(s, dtype=np.int64)[:max_length] for s in sequences]
     longest = max((len(s) for s in sequences), default=0)
     if pad_to_multiple_of:
         longest = int(math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of)
-    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    input_ids = np.full((len(sequences), longest), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
     for row, sequence in enumerate(sequences):
-        n = len(sequence)
-        if n:
-            input_ids[row, :n] = torch.as_tensor(list(sequence), dtype=torch.long)
-            attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+        input_ids[row, :len(sequence)] = sequence
+        attention_mask[row, :len(sequence)] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
 
 
 class CellClassificationCollator:

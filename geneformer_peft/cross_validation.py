@@ -103,16 +103,18 @@ def run_directory(opts: RunOptions, prompt_type: str) -> Path:
     return Path(opts.output_path) / f"{opts.out_prefix}{method}" / opts.dataset_name
 
 
-def _attach_log_file(run_dir: Path) -> logging.Handler:
+def _attach_log_file(run_dir: Path) -> tuple[logging.Handler, int]:
+    """Log INFO and above to ``run_dir/run.log``; returns the handler and the root level to restore."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)
+    previous = root.level
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
-    return handler
+    return handler, previous
 
 
 def library_versions() -> dict[str, str]:
@@ -139,7 +141,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     folds = opts.folds if opts.folds is not None else discover_folds(opts.data_path, opts.dataset_name)
     check_fold_files(opts.data_path, opts.dataset_name,
                      [f for f in folds if opts.overwrite or not is_fold_done(run_dir / str(f))])
-    handler = _attach_log_file(run_dir) if distributed.is_main_process() else None
+    handler, root_level = _attach_log_file(run_dir) if distributed.is_main_process() else (None, None)
     try:
         settings = {"run_dir": str(run_dir), "dataset_name": opts.dataset_name, "data_path": str(opts.data_path),
                     "model_path": str(opts.model_path), "config_path": str(opts.config_path or ""),
@@ -176,6 +178,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
+            logging.getLogger().setLevel(root_level)
             handler.close()
 
 
@@ -188,6 +191,8 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     label2id = {str(k): v for k, v in label2id.items()}
     config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
                             use_prompt=opts.use_prompt, label2id=label2id, overrides=opts.config_overrides)
+    # recorded in the fold's config.json, so that prediction keeps the same genes per cell
+    config = config.copy(finetune_max_length=args.max_length or config.max_position_embeddings)
     if opts.random_init:  # ablation: the same architecture without the pretrained weights
         model = BertForSequenceClassification(config)
         logger.info("fold %d: --random_init: weights randomly initialised, %s not loaded", fold, opts.model_path)

@@ -19,10 +19,32 @@ logger = logging.getLogger(__name__)
 
 
 def load_fold_model(model_path: str | Path, base_model: str | Path | None = None) -> BertForSequenceClassification:
-    """A fold's classifier: its full weights, or its PEFT weights on ``base_model``."""
+    """A fold's classifier: its full weights, or its PEFT weights on ``base_model``.
+
+    Raises
+    ------
+    DataError
+        If the weights hold no trained classifier head (e.g. a pretrained, not fine-tuned,
+        checkpoint), which would predict at random.
+    """
     if base_model is not None:
+        from safetensors import safe_open
+
+        from transformerslocal.peft import PEFT_WEIGHTS_NAME
+
+        peft_file = Path(model_path) / PEFT_WEIGHTS_NAME
+        if peft_file.is_file():
+            with safe_open(str(peft_file), framework="pt") as handle:
+                if not any(k.startswith("classifier.") for k in handle.keys()):
+                    raise DataError(f"{peft_file} holds no classifier weights; expected the "
+                                    f"{PEFT_WEIGHTS_NAME} of a fold folder written by the fine-tuning job")
         return load_peft_model(base_model, model_path)
-    return BertForSequenceClassification.from_pretrained(model_path)
+    model = BertForSequenceClassification.from_pretrained(model_path)
+    untrained = [k for k in model.loading_info.get("missing_keys", []) if k.startswith("classifier.")]
+    if untrained:
+        raise DataError(f"--model_path {model_path} has no trained classifier head ({untrained} not in its weights); "
+                        "expected a fold folder written by the fine-tuning job, not a pretrained checkpoint")
+    return model
 
 
 def predict_cells(model_path, dataset, *, output: str | Path | None = None, base_model=None,
@@ -44,7 +66,8 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
                             f"model labels: {names}")
         mapping = {v: config.label2id[str(v)] for v in dataset.unique(label_column)}
     cells = EncodedCells.from_dataset(dataset, label_column=label_column if has_labels else None, label2id=mapping,
-                                      max_length=max_length or config.max_position_embeddings, name="input")
+                                      max_length=max_length or getattr(config, "finetune_max_length", None)
+                                      or config.max_position_embeddings, name="input")
     logits = predict_logits(model, cells, batch_size=batch_size, device=dev, progress=True)
     probs = softmax(logits)
     preds = probs.argmax(axis=1)

@@ -10,7 +10,9 @@ import transformerslocal as tl
 from bert_factories import tiny_config, tiny_config_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(REPO.glob("Pretrain_ckpts/*/config.json"))
+# The Geneformer V1 method configs; the tiny example checkpoint has its own test.
+SHIPPED = sorted(p for p in REPO.glob("Pretrain_ckpts/geneformer-*L-30M*/config.json"))
+TINY_EXAMPLE = REPO / "Pretrain_ckpts" / "geneformer-tiny-example"
 
 
 def through_disk(config: tl.BertConfig, tmp_path: Path) -> tl.BertConfig:
@@ -221,3 +223,16 @@ def test_shipped_config_loads_with_v1_shapes(path):
     assert len(config.n_layers_conf) == len(config.mlp_adapter_conf) == len(config.space_adapter_conf) == n
     # written back unchanged
     assert config.to_dict() == json.loads(path.read_text())
+
+
+def test_tiny_example_checkpoint_is_complete_and_small():
+    """The shipped tiny checkpoint: weights, vocabulary, the example's method, a few MB."""
+    config = tl.BertConfig.from_pretrained(TINY_EXAMPLE)
+    assert config.peft_methods == ("lora",)
+    assert config.num_hidden_layers <= 4 and 64 <= config.hidden_size <= 128
+    files = {p.name for p in TINY_EXAMPLE.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "token_dictionary.pkl",
+            "gene_median_dictionary.pkl"} <= files
+    assert sum(p.stat().st_size for p in TINY_EXAMPLE.iterdir()) < 3 * 2**20
+    from geneformer_peft.vocab import load_token_dictionary
+    assert len(load_token_dictionary(TINY_EXAMPLE / "tokenizer.json")) == config.vocab_size

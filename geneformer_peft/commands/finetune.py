@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
       help="reference: cross-entropy weights (1 - n_c/N)^2; none: unweighted (%(default)s).")
     p("--max_length", type=int, default=None, help="Keep each cell's first N genes (default: model's maximum).")
     p("--num_workers", type=int, default=0, help="DataLoader workers (%(default)s).")
+    p("--num_threads", type=int, default=None,
+      help="CPU threads of torch (default: torch's). On a CPU shared with other jobs, 1 avoids threads "
+           "spinning against each other, which can slow a small model many times over.")
     p("--gradient_checkpointing", action="store_true", help="Recompute activations in backward (less memory).")
     p("--no_frozen_cache", action="store_true",
       help="Do not cache the outputs of frozen, unprompted leading layers between epochs.")
@@ -94,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
 
 
 def options_from_args(args: argparse.Namespace):
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     from geneformer_peft.cross_validation import RunOptions
     from geneformer_peft.training_args import TrainingArguments
 

@@ -11,7 +11,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 HELP = "predict with a fine-tuned fold on new tokenized cells"
 
@@ -25,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--output", required=True, type=Path, help="CSV to write.")
     p("--label_column", default="cell_type", help="Ground-truth column, used when present (%(default)s).")
     p("--batch_size", type=int, default=64, help="Cells per batch (%(default)s).")
+    p("--max_length", type=int, default=None,
+      help="Keep each cell's first N genes (default: the fold's max_length from its config.json).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--overwrite", action="store_true", help="Replace an existing --output.")
 
@@ -36,8 +41,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, overwrite=args.overwrite)
     dataset = load_saved_dataset(args.input)
-    frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
-                                   label_column=args.label_column, batch_size=args.batch_size, device=args.device)
+    try:
+        frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
+                                       label_column=args.label_column, batch_size=args.batch_size, device=args.device,
+                                       max_length=args.max_length)
+    except (ValueError, FileNotFoundError) as err:  # bad input (DataError is a ValueError)
+        logger.error("%s", err)
+        return 2
     print(f"{len(frame)} cells -> {args.output}")
     if metrics is not None:
         print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")

@@ -11,7 +11,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 HELP = "masked-gene pretraining from a config or a checkpoint"
 
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands._common import check_output_path
     from geneformer_peft.dataset_io import load_saved_dataset
     from geneformer_peft.pretrain import pretrain
+    from geneformer_peft.trainer import TrainingDiverged
     from geneformer_peft.vocab import load_token_dictionary
     from transformerslocal import BertConfig
 
@@ -49,9 +53,16 @@ def run(args: argparse.Namespace) -> int:
         vocab_source = args.model_path / "tokenizer.json"
     token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
     config = BertConfig.from_pretrained(args.config) if args.config else None
-    result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
-                      token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
+    try:
+        result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
+                          token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
+    except TrainingDiverged as err:
+        logger.error("%s", err)
+        return 3
+    except (ValueError, FileNotFoundError) as err:  # bad input (DataError is a ValueError)
+        logger.error("%s", err)
+        return 2
     for record in result.history:
         print(f"epoch {record['epoch']}: MLM loss {record['mlm_loss']:.4f}")
     print(f"checkpoint: {result.output_dir}")
