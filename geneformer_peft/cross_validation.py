@@ -49,6 +49,7 @@ from .outputs import (
 from .plots import plot_confusion_matrix, plot_training_curves
 from .samplers import class_weights as reference_class_weights
 from .trainer import FoldTrainer, TrainingDiverged, set_seed
+from .vocab import load_token_dictionary, save_tokenizer_json
 from .training_args import TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class RunOptions:
     overwrite: bool = False
     save_format: str = "bin"
     random_init: bool = False
+    token_dictionary: Path | None = None
     training: TrainingArguments = field(default_factory=TrainingArguments)
     config_overrides: dict = field(default_factory=dict)
 
@@ -149,6 +151,9 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
                     "device": str(device), "random_init": opts.random_init, "training": args.to_dict(),
                     "versions": library_versions()}
         logger.info("run settings: %s", json.dumps(settings, indent=1, default=str))
+        if vocabulary_source(opts) is None:
+            logger.warning("no gene vocabulary: %s has no tokenizer.json and --token_dictionary was not given, "
+                           "so the fold folders will not say which gene each token id is", opts.model_path)
         fold_metrics, fold_ids = [], []
         for fold in folds:
             fold_dir = run_dir / str(fold)
@@ -215,6 +220,8 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
         mapping = {v: as_str[str(v)] for v in set(values)}
         splits[name] = EncodedCells.from_dataset(ds, label_column=opts.label_column, label2id=mapping,
                                                  max_length=max_length, name=f"fold {fold} {name}")
+    for split in splits.values():
+        check_vocabulary(split, config.vocab_size, opts)
     weights = None
     if args.class_weighting == "reference":
         weights = reference_class_weights(splits["train"].labels, config.num_labels, id2label=config.id2label)
@@ -255,6 +262,25 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     return metrics
 
 
+def vocabulary_source(opts: RunOptions) -> Path | None:
+    """The gene vocabulary of the run: ``--token_dictionary``, else the checkpoint's tokenizer.json."""
+    if opts.token_dictionary is not None:
+        return Path(opts.token_dictionary)
+    candidate = Path(opts.model_path) / "tokenizer.json"
+    return candidate if candidate.is_file() else None
+
+
+def check_vocabulary(cells: EncodedCells, vocab_size: int, opts: RunOptions) -> None:
+    """Token ids must index the model's embedding rows: data tokenized with another
+    dictionary than the checkpoint's fails here, not deep inside the embedding."""
+    top = int(cells.flat.max()) if len(cells.flat) else -1
+    if top >= vocab_size:
+        raise DataError(f"{cells.name} of dataset {opts.dataset_name!r} holds token id {top}, but the model at "
+                        f"{opts.model_path} has vocab_size {vocab_size}; tokenize with the checkpoint's own "
+                        "token dictionary (or remap the checkpoint to yours: geneformer_peft.vocab."
+                        "remap_checkpoint_vocabulary)")
+
+
 def write_fold_outputs(opts: RunOptions, fold: int, fold_dir: Path, model, config, test: EncodedCells,
                        logits: np.ndarray, metrics: dict, history: list) -> None:
     """Every file of a finished fold, built under a temporary name and renamed at the end."""
@@ -270,9 +296,9 @@ def write_fold_outputs(opts: RunOptions, fold: int, fold_dir: Path, model, confi
         model.to("cpu")
         save_peft_weights(model, tmp)
         model.save_pretrained(tmp, safe_serialization=(opts.save_format == "safetensors"))
-        tokenizer_file = Path(opts.model_path) / "tokenizer.json"
-        if tokenizer_file.is_file():
-            shutil.copy2(tokenizer_file, tmp / "tokenizer.json")
+        vocabulary = vocabulary_source(opts)
+        if vocabulary is not None:
+            save_tokenizer_json(load_token_dictionary(vocabulary), tmp)
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "history.json", history)
         plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, tmp / "confusion_matrix.png",

@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
       help="Do not cache the outputs of frozen, unprompted leading layers between epochs.")
     p("--save_format", default="bin", choices=["bin", "safetensors"],
       help="Fold model file: pytorch_model.bin (reference contract) or model.safetensors (%(default)s).")
+    p("--token_dictionary", type=Path, default=None,
+      help="The data's token dictionary (Geneformer's token_dictionary.pkl or a tokenizer.json), written into "
+           "every fold folder as tokenizer.json (default: the checkpoint's tokenizer.json, if any).")
     p("--random_init", action="store_true",
       help="Ablation: same architecture and method, random weights instead of the checkpoint's.")
     p("--overwrite", action="store_true", help="Redo folds that finished earlier (default: skip them).")
@@ -116,7 +119,7 @@ def options_from_args(args: argparse.Namespace):
                       model_path=args.model_path, out_prefix=args.out_prefix, config_path=args.config,
                       prompt_type=args.prompt_type, use_prompt=args.use_prompt, label_column=args.label_column,
                       folds=args.folds, overwrite=args.overwrite, save_format=args.save_format,
-                      random_init=args.random_init, training=training)
+                      random_init=args.random_init, token_dictionary=args.token_dictionary, training=training)
 
 
 def run(args: argparse.Namespace) -> int:
