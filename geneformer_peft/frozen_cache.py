@@ -78,35 +78,39 @@ class FrozenPrefixCache:
         return model.bert.encoder(hidden, attention_mask, end_layer=self.depth)[0]
 
     def _gather_or_compute(self, model, batch, input_ids, attention_mask) -> torch.Tensor:
+        """(B, L, d) prefix output: cached rows as they are, missing rows computed (as one
+        smaller batch) and stored while the budget allows."""
         split = self.store.setdefault(batch.get("split", "cells"), {})
         cells = batch["cells"].tolist()
-        if all(c in split for c in cells):
-            self.hits += len(cells)
-            rows = [split[c] for c in cells]
-            lengths = attention_mask.sum(dim=1).tolist()
-            assert all(len(r) == n for r, n in zip(rows, lengths)), "cached rows do not match the batch's cells"
-            hidden = pad_sequence(rows, batch_first=True).to(input_ids.device, non_blocking=True)
-            if hidden.shape[1] < input_ids.shape[1]:  # pad_to_multiple_of
-                extra = input_ids.shape[1] - hidden.shape[1]
-                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, extra))
-            return hidden
-        self.misses += len(cells)
-        hidden = self.prefix(model, input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1).tolist()
-        for row, (cell, n) in enumerate(zip(cells, lengths)):
-            if cell in split:
-                continue
-            size = int(n) * hidden.shape[-1] * hidden.element_size()
-            if self.used_bytes + size > self.budget_bytes:
-                if not self._full_logged:
-                    logger.info("frozen-prefix cache full (%.2f GiB); further cells are recomputed",
-                                self.used_bytes / 2**30)
-                    self._full_logged = True
-                break
-            target = self.storage or hidden.device
-            split[cell] = hidden[row, :int(n)].to(target, copy=True)
-            self.used_bytes += size
+        missing = [row for row, cell in enumerate(cells) if cell not in split]
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            longest = int(max(lengths[row] for row in missing))
+            index = torch.tensor(missing, device=input_ids.device)
+            computed = self.prefix(model, input_ids[index, :longest], attention_mask[index, :longest])
+            for j, row in enumerate(missing):
+                fresh[row] = computed[j, :int(lengths[row])]
+                self._store(split, cells[row], fresh[row])
+        self.misses += len(missing)
+        self.hits += len(cells) - len(missing)
+        rows = [fresh[row] if row in fresh else split[cell] for row, cell in enumerate(cells)]
+        assert all(len(r) == n for r, n in zip(rows, lengths)), "cached rows do not match the batch's cells"
+        hidden = pad_sequence([r.to(input_ids.device, non_blocking=True) for r in rows], batch_first=True)
+        if hidden.shape[1] < input_ids.shape[1]:  # padding beyond the longest cell (pad_to_multiple_of)
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, input_ids.shape[1] - hidden.shape[1]))
         return hidden
+
+    def _store(self, split: dict, cell: int, row: torch.Tensor) -> None:
+        size = row.numel() * row.element_size()
+        if self.used_bytes + size > self.budget_bytes:
+            if not self._full_logged:
+                logger.info("frozen-prefix cache full (%.2f GiB); further cells are recomputed",
+                            self.used_bytes / 2**30)
+                self._full_logged = True
+            return
+        split[cell] = row.to(self.storage or row.device, copy=True)
+        self.used_bytes += size
 
     def forward(self, model, batch, device, runner=None) -> torch.Tensor:
         """Logits of ``model`` for ``batch``, starting at layer ``depth`` from cached activations.
