@@ -8,15 +8,15 @@ the Agg canvas without touching pyplot's global state, and files are written ato
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from .outputs import atomic_file
 
 __all__ = ["plotting_available", "plot_confusion_matrix", "plot_training_curves"]
 
@@ -66,17 +66,8 @@ def _save_atomically(figure: Any, path: str | os.PathLike, *, dpi: int) -> Path:
     supported = figure.canvas.get_supported_filetypes()
     if suffix[1:] not in supported:
         raise ValueError(f"cannot save a figure as {suffix!r}; expected one of {sorted(supported)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=path.suffix) as tmp_name:
         figure.savefig(tmp_name, format=suffix[1:], dpi=dpi)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
     return path
 
 

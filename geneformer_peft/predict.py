@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from transformerslocal import BertConfig, BertForSequenceClassification, load_peft_model
