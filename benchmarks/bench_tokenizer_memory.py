@@ -102,6 +102,10 @@ def main() -> None:
     parser.add_argument("--chunk_size", type=int, default=512, help="Cells per chunk.")
     parser.add_argument("--json", type=Path, help="Also write the JSON result to this file.")
     parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    # accepted so that run_all.py can call every module alike; tokenization runs on the CPU
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         child(args._child[0], args._child[1], int(args._child[2]))

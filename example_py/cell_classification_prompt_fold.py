@@ -31,7 +31,7 @@ EXAMPLE_DEFAULTS = {
     "model_path": ROOT / "Pretrain_ckpts" / "geneformer-tiny-example",
     "output_path": Path("save"),
     "epochs": 10,
-    "lr": 3e-3,
+    "lr": 1e-2,
     "batch_size": 32,
 }
 

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint_dir", type=Path, default=ROOT / "Pretrain_ckpts" / "geneformer-tiny-example")
     parser.add_argument("--n_labelled", type=int, default=500)
     parser.add_argument("--n_unlabelled", type=int, default=4000)
-    parser.add_argument("--pretrain_epochs", type=int, default=3)
+    parser.add_argument("--pretrain_epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,13 +78,14 @@ def main(argv=None) -> int:
         shutil.rmtree(args.checkpoint_dir)
     config = BertConfig(vocab_size=len(token_dictionary), **TINY_CONFIG, architectures=["BertForMaskedLM"])
     result = pretrain(EncodedCells.from_dataset(pretrain_cells), args.checkpoint_dir, config=config,
-                      token_dictionary=token_dictionary, epochs=args.pretrain_epochs, batch_size=16, lr=2e-3,
+                      token_dictionary=token_dictionary, epochs=args.pretrain_epochs, batch_size=16, lr=3e-3,
                       seed=args.seed, device="cpu")
     write_dictionaries(args.checkpoint_dir, token_dictionary, medians, overwrite=True)
     # The example job's method: edit prompt_type in this file to switch (pretraining itself was plain BERT).
     BertConfig.from_pretrained(args.checkpoint_dir).copy(prompt_type="lora").save_pretrained(args.checkpoint_dir)
     for record in result.history:
-        logger.info("pretraining epoch %d: MLM loss %.4f", record["epoch"], record["mlm_loss"])
+        logger.info("pretraining epoch %d: MLM loss %.4f (frequency-only baseline %.4f)", record["epoch"],
+                    record["mlm_loss"], record["frequency_baseline_loss"])
     return 0
 
 

@@ -32,6 +32,14 @@ class PretrainResult:
     seconds: float
 
 
+def frequency_baseline_loss(cells: EncodedCells, vocab_size: int) -> float:
+    """Cross-entropy of guessing each masked gene from gene frequencies alone (the entropy of
+    the token distribution): what a model that ignores the context reaches."""
+    counts = np.bincount(cells.flat[cells.flat >= 0], minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig | None = None,
              model_path: str | Path | None = None, token_dictionary: dict | None = None, epochs: int = 1,
              batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 0.001, warmup_ratio: float = 0.05,
@@ -75,6 +83,9 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
     warmup = int(math.ceil(warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, 1 - (s - warmup) / max(1, total - warmup)))
+    floor = frequency_baseline_loss(cells, config.vocab_size)
+    logger.info("MLM loss of predicting every masked gene by its frequency alone: %.4f (uniform: %.4f); "
+                "below it, the model uses the cell's other genes", floor, math.log(config.vocab_size))
     history, step, t0 = [], 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch)
@@ -99,7 +110,8 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
             step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        record = {"epoch": epoch, "mlm_loss": float(np.mean(losses)) if losses else float("nan"), "steps": step}
+        record = {"epoch": epoch, "mlm_loss": float(np.mean(losses)) if losses else float("nan"), "steps": step,
+                  "frequency_baseline_loss": floor}
         history.append(record)
         logger.info("pretrain epoch %d: MLM loss %.4f (%d steps)", epoch, record["mlm_loss"], step)
     seconds = time.perf_counter() - t0
