@@ -263,13 +263,14 @@ class BertModel(BertPreTrainedModel):
 
     head_prefixes = ("pooler.",)
 
-    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True, *, initialize: bool = True) -> None:
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.adapter = maybe_adapter(config.uses("Gene_token_prompt"), config.hidden_size, config.adapter_width)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
-        self.post_init()
+        if initialize:  # a head initialises the whole model once itself
+            self.post_init()
 
     def embed(self, input_ids, token_type_ids=None, position_ids=None):
         """Embedding output, after the gene-token adapter (E' = E + adapter(E))."""
@@ -331,7 +332,7 @@ class BertForMaskedLM(BertPreTrainedModel):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = BertModel(config, add_pooling_layer=False, initialize=False)
         self.cls = BertOnlyMLMHead(config)
         self.post_init()
         self.tie_weights()
@@ -343,14 +344,12 @@ class BertForMaskedLM(BertPreTrainedModel):
                 labels=None, *, output_hidden_states=False, output_attentions=False, return_dict=True):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        seq = out.last_hidden_state
+        # the decoder (vocab-sized) runs on every token for .logits, as HF does;
+        # pretraining uses masked_lm_loss, which decodes the masked positions only
+        logits = self.cls(out.last_hidden_state)
         loss = None
         if labels is not None:
-            # the decoder (vocab-sized) runs on every token for .logits, as HF does
-            logits = self.cls(seq)
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.view(-1), ignore_index=-100)
-        else:
-            logits = self.cls(seq)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
     def masked_lm_loss(self, input_ids, attention_mask, labels):
@@ -369,7 +368,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=True)
+        self.bert = BertModel(config, add_pooling_layer=True, initialize=False)
         drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -400,7 +399,7 @@ class BertForTokenClassification(BertPreTrainedModel):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = BertModel(config, add_pooling_layer=False, initialize=False)
         drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
