@@ -52,7 +52,12 @@ def test_starts_equal_to_base(case: Case):
         return
     # Prompts change what gene tokens attend to, so the honest check masks them out as keys:
     # then the prompt positions must be invisible and removed again, leaving the base model.
-    assert not torch.allclose(logits(model, ids, mask), expected, atol=1e-4), "prompts had no effect"
+    # (checked on the gene tokens' last hidden states: at this tiny size and init the classifier
+    # shrinks the prompts' effect on the logits to ~1e-4, too close to any fixed tolerance)
+    with torch.no_grad():
+        prompted = model.bert(ids, mask).last_hidden_state[mask.bool()]
+        plain = base.bert(ids, mask).last_hidden_state[mask.bool()]
+    assert (prompted - plain).abs().max() > 1e-3, "prompts had no effect"
     set_prompts_attended(model, False)
     torch.testing.assert_close(logits(model, ids, mask), expected, rtol=0, atol=1e-6)
 
