@@ -27,6 +27,7 @@ COMMANDS: Dict[str, str] = {
     "pretrain": "geneformer_peft.commands.pretrain",
     "finetune": "geneformer_peft.commands.finetune",
     "predict": "geneformer_peft.commands.predict",
+    "remap-vocab": "geneformer_peft.commands.remap_vocab",
 }
 
 

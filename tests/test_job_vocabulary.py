@@ -25,3 +25,25 @@ def test_data_of_a_larger_vocabulary_is_refused(job_data, tmp_path, caplog):
     assert jf.run_finetune(argv) == 2
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "vocab_size 10" in message and "token id" in message and "tiny" in message
+
+
+def test_remap_vocab_command_keeps_shared_rows(job_data, tmp_path):
+    """`geneformer-peft remap-vocab`: shared genes keep their rows, the copy loads and fine-tunes."""
+    from geneformer_peft.cli import main
+    from transformerslocal import BertForMaskedLM
+
+    old = dict(job_data.token_dictionary)
+    genes = [g for g in old if not g.startswith("<")]
+    new = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes[:20] + ["ENSGNEW0001", "ENSGNEW0002"])}}
+    old_file, new_file = tmp_path / "old.pkl", tmp_path / "new.pkl"
+    old_file.write_bytes(pickle.dumps(old))
+    new_file.write_bytes(pickle.dumps(new))
+    out = tmp_path / "remapped"
+    assert main(["remap-vocab", "--model_path", str(job_data.model_path), "--old_token_dictionary", str(old_file),
+                 "--token_dictionary", str(new_file), "--output_dir", str(out)]) == 0
+    before = BertForMaskedLM.from_pretrained(job_data.model_path).bert.embeddings.word_embeddings.weight
+    after = BertForMaskedLM.from_pretrained(out).bert.embeddings.word_embeddings.weight
+    assert after.shape[0] == 24  # 24 tokens, already a multiple of 8
+    for gene in genes[:20]:
+        assert after[new[gene]].tolist() == before[old[gene]].tolist()
+    assert load_token_dictionary(out / "tokenizer.json") == new
