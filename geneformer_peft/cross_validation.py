@@ -271,8 +271,14 @@ def vocabulary_source(opts: RunOptions) -> Path | None:
 
 
 def check_vocabulary(cells: EncodedCells, vocab_size: int, opts: RunOptions) -> None:
-    """Token ids must index the model's embedding rows: data tokenized with another
-    dictionary than the checkpoint's fails here, not deep inside the embedding."""
+    """Every cell needs a gene, and token ids must index the model's embedding rows: data
+    tokenized with another dictionary than the checkpoint's fails here, not deep inside
+    the embedding (or as a NaN from a fully masked attention row)."""
+    empty = np.flatnonzero(cells.lengths == 0)
+    if len(empty):
+        raise DataError(f"{cells.name} of dataset {opts.dataset_name!r}: {len(empty)} cells have no gene token "
+                        f"(empty input_ids, e.g. rows {empty[:5].tolist()}); none of their genes was in the "
+                        "vocabulary. Filter them out before splitting (the tokenizer warns about them)")
     top = int(cells.flat.max()) if len(cells.flat) else -1
     if top >= vocab_size:
         raise DataError(f"{cells.name} of dataset {opts.dataset_name!r} holds token id {top}, but the model at "

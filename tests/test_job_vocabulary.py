@@ -47,3 +47,27 @@ def test_remap_vocab_command_keeps_shared_rows(job_data, tmp_path):
     for gene in genes[:20]:
         assert after[new[gene]].tolist() == before[old[gene]].tolist()
     assert load_token_dictionary(out / "tokenizer.json") == new
+
+
+def test_cells_without_genes_are_refused(job_data, tmp_path, caplog):
+    """A cell with empty input_ids (no gene in the vocabulary) would make a NaN: clear error instead."""
+    import shutil
+
+    from geneformer_peft.dataset_io import load_saved_dataset
+
+    data = tmp_path / "folds"
+    shutil.copytree(job_data.data_path, data)
+    train_file = data / job_data.dataset_name / "0" / f"{job_data.dataset_name}_train0.dataset"
+    train = load_saved_dataset(train_file)
+    emptied = train.map(lambda row, i: {"input_ids": [] if i == 3 else row["input_ids"]}, with_indices=True,
+                        keep_in_memory=True)
+    staged = tmp_path / "staged.dataset"
+    emptied.save_to_disk(str(staged))
+    del train, emptied
+    shutil.rmtree(train_file)
+    shutil.move(str(staged), str(train_file))
+    argv = job_data.finetune_argv(tmp_path / "out", "--prompt_type", "lora", "--folds", "0")
+    argv[argv.index("--data_path") + 1] = str(data)
+    assert jf.run_finetune(argv) == 2
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "1 cells have no gene token" in message and "rows [3]" in message
