@@ -30,7 +30,7 @@ from .modeling_outputs import (
 )
 from .modeling_utils import BertPreTrainedModel
 from .peft.adapter import maybe_adapter
-from .peft.lora import LoRALinear, lora_linear
+from .peft.lora import lora_linear
 from .peft.prefix import PromptEmbeddings, remove_prompts
 
 ACT2FN = {
@@ -90,18 +90,10 @@ class BertSelfAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_size).transpose(1, 2)  # (B, h, L, hs)
 
-    def project(self, hidden):
-        """q, k, v, each (B, L, d): one matmul over the concatenated projection weights (one
-        large GEMM is faster than three), then each LoRA layer's low-rank update added."""
-        layers = (self.query, self.key, self.value)
-        weight = torch.cat([m.weight for m in layers])  # (3d, d)
-        bias = torch.cat([m.bias for m in layers])
-        projected = F.linear(hidden, weight, bias).chunk(3, dim=-1)
-        return [p + m.lora_update(hidden) if isinstance(m, LoRALinear) and not m.merged else p
-                for m, p in zip(layers, projected)]
-
     def forward(self, hidden, attn_mask=None, output_attentions=False):
-        q, k, v = (self._heads(x) for x in self.project(hidden))
+        q = self._heads(self.query(hidden))
+        k = self._heads(self.key(hidden))
+        v = self._heads(self.value(hidden))
         if output_attentions:
             # eager path: the probabilities are wanted, so compute them explicitly
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_size)  # (B, h, L, L)

@@ -13,7 +13,6 @@ import re
 
 import loralib
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 LORA_KEYS = ("lora_A", "lora_B")
@@ -26,14 +25,6 @@ class LoRALinear(loralib.Linear):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
-
-    def lora_update(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-rank part of the output, ``(alpha / r) * dropout(x) A^T B^T``."""
-        return (self.lora_dropout(x) @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)) * self.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return out if self.merged else out + self.lora_update(x)  # merged: the update is in weight
 
     def reset_peft_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
