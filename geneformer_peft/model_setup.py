@@ -59,7 +59,7 @@ def load_classifier(model_path: str | Path, config: BertConfig) -> BertForSequen
     """The checkpoint as a cell classifier under ``config``; a fine-tuned head of another
     label set is a clear error."""
     try:
-        return BertForSequenceClassification.from_pretrained(model_path, config=config)
+        model = BertForSequenceClassification.from_pretrained(model_path, config=config)
     except ValueError as err:
         if "classifier.weight" in str(err):
             checkpoint = BertConfig.from_pretrained(model_path)
@@ -68,3 +68,19 @@ def load_classifier(model_path: str | Path, config: BertConfig) -> BertForSequen
                 f"({sorted(checkpoint.label2id)}), but the data has {config.num_labels} "
                 f"({sorted(config.label2id)}); start from the pretrained (not fine-tuned) checkpoint") from err
         raise
+    if "classifier.weight" not in model.loading_info["missing_keys"]:
+        check_head_labels(model_path, config)
+    return model
+
+
+def check_head_labels(model_path: str | Path, config: BertConfig) -> None:
+    """A trained classifier row belongs to one named class: refuse a head trained on other
+    label names (or another order) than the data's, instead of relabelling its rows silently."""
+    trained = BertConfig.from_pretrained(model_path).id2label
+    names = [trained[i] for i in sorted(trained)]
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return  # the checkpoint never named its classes
+    wanted = [config.id2label[i] for i in range(config.num_labels)]
+    if names != wanted:
+        raise ValueError(f"--model_path {model_path} carries a classifier trained on labels {names}, but the data's "
+                         f"labels are {wanted}; start from the pretrained (not fine-tuned) checkpoint")

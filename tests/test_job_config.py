@@ -36,3 +36,21 @@ def test_config_of_another_model_size_is_refused(job_data):
     twelve = REPO / "Pretrain_ckpts" / "geneformer-12L-30M-lora" / "config.json"
     with pytest.raises(ValueError, match=r"hidden_size=512 \(checkpoint has 32\).*num_hidden_layers=12"):
         resolve_config(job_data.model_path, config_path=twelve)
+
+
+def test_fine_tuned_head_of_other_label_names_is_refused(job_data, tmp_path):
+    """Same number of classes, other names: the head's rows would mean other cell types."""
+    from geneformer_peft.model_setup import load_classifier
+    from transformerslocal import BertForSequenceClassification
+
+    names = {i: f"other type {i}" for i in range(len(job_data.labels))}
+    fine_tuned = BertForSequenceClassification.from_pretrained(
+        job_data.model_path, id2label=names, label2id={v: k for k, v in names.items()})
+    fine_tuned.save_pretrained(tmp_path / "fine_tuned")
+    ours = {label: i for i, label in enumerate(job_data.labels)}
+    config = resolve_config(tmp_path / "fine_tuned", label2id=ours)
+    with pytest.raises(ValueError, match="classifier trained on labels .*other type 0.* data's labels"):
+        load_classifier(tmp_path / "fine_tuned", config)
+    # the same names in the same order load
+    same = resolve_config(tmp_path / "fine_tuned", label2id={v: k for k, v in names.items()})
+    assert load_classifier(tmp_path / "fine_tuned", same).config.id2label == names
