@@ -213,11 +213,9 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     if max_length > config.max_position_embeddings:
         raise ValueError(f"--max_length {max_length} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    as_str = {k: v for k, v in label2id.items()}
     splits = {}
     for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
-        values = ds[opts.label_column]
-        mapping = {v: as_str[str(v)] for v in set(values)}
+        mapping = {v: label2id[str(v)] for v in ds.unique(opts.label_column)}
         splits[name] = EncodedCells.from_dataset(ds, label_column=opts.label_column, label2id=mapping,
                                                  max_length=max_length, name=f"fold {fold} {name}")
     for split in splits.values():

@@ -19,7 +19,7 @@ from .cells import EncodedCells
 from .collator import MaskedLMCollator
 from .device import autocast, resolve_device
 from .samplers import LengthGroupedSampler
-from .trainer import TrainingDiverged, set_seed
+from .trainer import TrainingDiverged, make_optimizer, make_scheduler, set_seed
 from .vocab import save_tokenizer_json
 
 logger = logging.getLogger(__name__)
@@ -76,13 +76,8 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
     sampler = LengthGroupedSampler(cells.lengths, batch_size, seed=seed)
     loader = DataLoader(cells, batch_size=batch_size, sampler=sampler, collate_fn=collator)
     total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    warmup = int(math.ceil(warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, 1 - (s - warmup) / max(1, total - warmup)))
+    optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    scheduler = make_scheduler(optimizer, total, warmup_ratio=warmup_ratio)
     floor = frequency_baseline_loss(cells, config.vocab_size)
     logger.info("MLM loss of predicting every masked gene by its frequency alone: %.4f (uniform: %.4f); "
                 "below it, the model uses the cell's other genes", floor, math.log(config.vocab_size))

@@ -84,27 +84,30 @@ class _RandomSampler(torch.utils.data.Sampler):
         return -(-self.n // self.num_replicas)
 
 
-def make_optimizer(model, args: TrainingArguments) -> torch.optim.Optimizer:
+def make_optimizer(model, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on biases and LayerNorms."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
 
 
-def make_scheduler(optimizer, args: TrainingArguments, total_steps: int):
-    warmup = args.warmup_steps or int(math.ceil(args.warmup_ratio * total_steps))
+def make_scheduler(optimizer, total_steps: int, *, warmup_steps: int = 0, warmup_ratio: float = 0.0,
+                   schedule: str = "linear"):
+    """Linear warmup (``warmup_steps``, else ``warmup_ratio`` of all steps), then linear decay
+    to zero, cosine decay, or a constant rate."""
+    warmup = warmup_steps or int(math.ceil(warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if args.lr_schedule == "constant":
+        if schedule == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
-        if args.lr_schedule == "cosine":
+        if schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return max(0.0, 1.0 - progress)
 
@@ -170,9 +173,10 @@ class FoldTrainer:
         self.desc = desc
         self.loader = DataLoader(train, batch_size=args.batch_size, sampler=self.sampler,
                                  collate_fn=self._collate, num_workers=args.num_workers)
-        self.optimizer = make_optimizer(model, args)
+        self.optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
         self.total_steps = args.epochs * len(self.loader)
-        self.scheduler = make_scheduler(self.optimizer, args, self.total_steps)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup_steps=args.warmup_steps,
+                                        warmup_ratio=args.warmup_ratio, schedule=args.lr_schedule)
         self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
 
     def _collate(self, items):
