@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .configuration_bert import BertConfig
+from .dropout import Dropout, dropout
 from .modeling_outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -52,7 +53,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0),
                              persistent=False)
 
@@ -73,6 +74,27 @@ class BertEmbeddings(nn.Module):
 
 
 # ----------------------------------------------------------------------------- attention
+def attention_with_cpu_dropout(q, k, v, keys_mask, p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs) + mask) with dropout p, times v; (B, h, L, hs) -> (B, h, L, hs).
+
+    With dropout on, SDPA on CPU runs its unfused math kernel anyway; this is the same
+    computation with the cheaper CPU dropout mask (:mod:`.dropout`), the scale applied to q
+    (L x hs) rather than to the scores (L x L), and the key mask filled into the scores in
+    place. Padded keys get probability 0, padded query rows are computed and ignored
+    downstream, as in SDPA.
+    """
+    b, h, n, hs = q.shape
+    q3 = q.reshape(b * h, n, hs) * hs ** -0.5
+    scores = torch.bmm(q3, k.reshape(b * h, n, hs).transpose(1, 2))  # (B*h, L, L)
+    if keys_mask is not None:
+        masked = ~keys_mask.expand(b, h, 1, n).reshape(b * h, 1, n)
+        # filled outside autograd: the softmax gradient at these positions is exactly 0 anyway
+        # (their probabilities underflow to 0), so autograd's masking of it would only copy
+        scores.detach().masked_fill_(masked, torch.finfo(scores.dtype).min)
+    probs = dropout(scores.softmax(dim=-1), p)
+    return torch.bmm(probs, v.reshape(b * h, n, hs)).view(b, h, n, hs)
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -84,7 +106,7 @@ class BertSelfAttention(nn.Module):
             base = nn.Linear(d, d)
             setattr(self, name, lora_linear(base, config) if name in lora_targets else base)
         self.dropout_prob = config.attention_probs_dropout_prob
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.dropout = Dropout(config.attention_probs_dropout_prob)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -101,6 +123,9 @@ class BertSelfAttention(nn.Module):
                 scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
             probs = scores.softmax(dim=-1)
             ctx = self.dropout(probs) @ v
+        elif self.training and self.dropout_prob > 0 and q.device.type == "cpu":
+            probs = None
+            ctx = attention_with_cpu_dropout(q, k, v, attn_mask, self.dropout_prob)
         else:
             probs = None
             ctx = F.scaled_dot_product_attention(
@@ -114,7 +139,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
 
 class BertAttention(nn.Module):
@@ -150,7 +175,7 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
 
 class BertLayer(nn.Module):
@@ -362,7 +387,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=True, initialize=False)
         drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(drop)
+        self.dropout = Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -393,7 +418,7 @@ class BertForTokenClassification(BertPreTrainedModel):
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False, initialize=False)
         drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(drop)
+        self.dropout = Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
