@@ -46,15 +46,15 @@ def make_cells(lengths: np.ndarray, labels: np.ndarray, vocab: int, seed: int, n
 
 
 def run(setting: str, arch: dict, train, val, *, cache_on: bool, sampler: str, epochs: int, batch_size: int,
-        device: torch.device) -> dict:
+        device: torch.device, frozen: int | None = None) -> dict:
     from geneformer_peft.frozen_cache import FrozenPrefixCache
     from geneformer_peft.trainer import FoldTrainer, set_seed
     from geneformer_peft.training_args import TrainingArguments
     from transformerslocal import BertConfig, BertForSequenceClassification, mark_trainable
 
     n = arch["num_hidden_layers"]
-    k = n // 2
-    if setting == "full_ft_freeze_half":
+    k = n // 2 if frozen is None else frozen
+    if setting.startswith("full_ft"):
         peft = dict(prompt_type="", freeze_layers=k)
     else:
         peft = dict(prompt_type="encoder_prompt", space_adapter_conf=[0] * k + [1] * (n - k),
@@ -63,18 +63,20 @@ def run(setting: str, arch: dict, train, val, *, cache_on: bool, sampler: str, e
     model = BertForSequenceClassification(BertConfig(**arch, num_labels=int(train.labels.max()) + 1, **peft))
     mark_trainable(model)
     model.to(device)
-    cache = FrozenPrefixCache.for_model(model) if cache_on else None
+    cache = FrozenPrefixCache.for_model(model, timed=True) if cache_on else None
     assert not cache_on or cache.depth == k, (cache and cache.depth, k)
     args = TrainingArguments(epochs=epochs, batch_size=batch_size, lr=1e-4, early_stopping_patience=0, sampler=sampler,
                              class_weighting="none", progress=False, device=device.type)
     trainer = FoldTrainer(model, train, val, args, class_weights=None, device=device, encoder_cache=cache)
-    val_seconds = []
+    val_seconds, prefix_before_val, prefix_after_val = [], [], []
     original = trainer.evaluate
 
     def timed_evaluate(cells, desc="validate"):
+        prefix_before_val.append(cache.compute_seconds if cache is not None else 0.0)
         t0 = time.perf_counter()
         out = original(cells, desc)
         val_seconds.append(time.perf_counter() - t0)
+        prefix_after_val.append(cache.compute_seconds if cache is not None else 0.0)
         return out
 
     trainer.evaluate = timed_evaluate
@@ -85,6 +87,10 @@ def run(setting: str, arch: dict, train, val, *, cache_on: bool, sampler: str, e
            "train_epoch_seconds": train_s, "validation_seconds": val_seconds, "epoch_seconds_with_validation": total_s}
     if cache is not None:
         out.update(cache_hits=cache.hits, cache_misses=cache.misses, cache_mib=cache.used_bytes / 2 ** 20)
+        # seconds spent computing prefix rows inside each epoch's training loop
+        starts = [0.0] + prefix_after_val[:-1]
+        out["train_prefix_seconds"] = [b - a for a, b in zip(starts, prefix_before_val)]
+        out["train_prefix_share_epoch1"] = out["train_prefix_seconds"][0] / train_s[0]
     if len(train_s) > 1:
         out["later_vs_first_train"] = train_s[0] / float(np.mean(train_s[1:]))
         out["later_vs_first_with_validation"] = total_s[0] / float(np.mean(total_s[1:]))
@@ -112,6 +118,7 @@ def main(argv=None) -> int:
     train = make_cells(lengths[:n_train], labels[:n_train], arch["vocab_size"], 1, "train")
     val = make_cells(lengths[n_train:n_train + n_val], labels[n_train:n_train + n_val], arch["vocab_size"], 2, "val")
     runs = []
+    n_layers = arch["num_hidden_layers"]
     for setting in ("full_ft_freeze_half", "adapters_upper_half"):
         runs.append(run(setting, arch, train, val, cache_on=True, sampler="length", epochs=epochs, batch_size=bs,
                         device=device))
@@ -119,6 +126,10 @@ def main(argv=None) -> int:
                         device=device))
     runs.append(run("adapters_upper_half", arch, train, val, cache_on=True, sampler="balanced", epochs=epochs,
                     batch_size=bs, device=device))
+    # beyond the target's setting: three quarters of the layers frozen
+    for setting in ("full_ft_freeze_3_4", "adapters_upper_quarter"):
+        runs.append(run(setting, arch, train, val, cache_on=True, sampler="length", epochs=epochs, batch_size=bs,
+                        device=device, frozen=3 * n_layers // 4))
     write_json(args.json, {"bench": "frozen_cache", "machine": machine_info(device), "n_train": n_train, "n_val": n_val,
                            "batch_size": bs, "model": {k: arch[k] for k in ("hidden_size", "num_hidden_layers",
                                                                             "num_attention_heads", "intermediate_size")},

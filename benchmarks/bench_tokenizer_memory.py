@@ -113,6 +113,8 @@ def main() -> None:
 
     import pickle
 
+    from common import memory_env  # peak RSS under MEMORY_ENV, as every CPU memory figure here
+
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         genes = [f"ENSG{i:011d}" for i in range(args.genes)]
@@ -125,7 +127,7 @@ def main() -> None:
             write_h5ad(path, n_cells, args.genes, seed=n_cells)
             out = subprocess.run(
                 [sys.executable, __file__, "--_child", str(path), str(vocab), str(args.chunk_size)],
-                check=True, capture_output=True, text=True,
+                check=True, capture_output=True, text=True, env=memory_env(),
             )
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
 

@@ -14,11 +14,17 @@ tensors); reported as the peak during the step *above* what was allocated before
 CPU: PyTorch has no allocated-bytes counter on CPU, and ``tracemalloc`` does not see
 PyTorch's allocations, so the process's resident set is used: ``VmHWM`` (peak RSS) is
 reset through ``/proc/self/clear_refs`` before the step and the peak minus the RSS at the
-start of the step is reported ("peak RSS increase"). ``run_all.py`` starts every module
-with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed tensor memory to the OS
-at once (otherwise freed blocks stay resident and hide later peaks). The number therefore
-counts activations, gradients and temporaries of the step, not the weights or optimizer
-state that existed before it; it is an approximation to +-a few MiB (allocator pages).
+start of the step is reported ("peak RSS increase"). These measurements run in child
+processes started with ``MEMORY_ENV`` (``MALLOC_MMAP_THRESHOLD_=65536``) so that glibc
+returns freed tensor memory to the OS at once (otherwise freed blocks stay resident and
+hide later peaks). The number therefore counts activations, gradients and temporaries of
+the step, not the weights or optimizer state that existed before it; it is an
+approximation to +-a few MiB (allocator pages).
+
+Timings never run under ``MEMORY_ENV``: with a 64 KiB mmap threshold every large tensor
+is freshly mapped and page-faulted, which slows allocation-heavy code severalfold (dropout
+forward + backward on 4x4x512x512: 9 ms with glibc's default dynamic threshold, 19-21 ms
+with it) and is not what users run with.
 """
 from __future__ import annotations
 
@@ -41,6 +47,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MiB = 2.0 ** 20
+
+# environment of the child processes that measure CPU peak memory (see the module docstring)
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def memory_env() -> dict:
+    return dict(os.environ, **MEMORY_ENV)
 
 # Geneformer V1 shapes (Pretrain_ckpts/geneformer-{6,12}L-30M/config.json).
 V1_BASE = dict(vocab_size=25426, max_position_embeddings=2048, hidden_act="relu", hidden_dropout_prob=0.02,

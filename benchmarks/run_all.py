@@ -7,9 +7,9 @@ targets MET / NOT MET) and ``docs/benchmarks.json`` (all raw results).
 ``--quick``: small settings that finish in about 10 minutes on a 2-core CPU. Without it
 (and on CUDA) the Geneformer V1 sizes are used (2,048 tokens, 6L-256 and 12L-512).
 
-Each module runs in its own process with ``MALLOC_MMAP_THRESHOLD_=65536`` (see
-``common.py``: peak-RSS measurement on CPU) and writes a JSON file; this script collects
-them. Ratios are taken between measurements of the same run; nothing is compared with
+Each module runs in its own process and writes a JSON file; this script collects them.
+CPU peak memory is measured in child processes under ``common.MEMORY_ENV`` and timings
+with the default allocator (see ``common.py``). Ratios are taken between measurements of the same run; nothing is compared with
 numbers from another machine or run.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ def run_module(name: str, args, workdir: Path, jsons: Path) -> dict:
     out = jsons / f"{name}.json"
     cmd = [sys.executable, str(HERE / f"bench_{name}.py"), "--device", args.device, "--json", str(out),
            "--workdir", str(workdir)] + (["--quick"] if args.quick else [])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    env = dict(os.environ, HF_DATASETS_DISABLE_PROGRESS_BARS="1",
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     log = jsons / f"{name}.log"
     t0 = time.perf_counter()
@@ -60,7 +61,14 @@ def fmt(x, digits=2):
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def verdict(ok: bool | None) -> str:
+# status of a target that the run shows cannot be reached in its setting (a measured bound
+# below the target), as opposed to one the code falls short of
+BOUNDED = "bounded"
+
+
+def verdict(ok: bool | str | None) -> str:
+    if ok == BOUNDED:
+        return "**CANNOT BE MET** (measured reason below)"
     return "n/a" if ok is None else ("**MET**" if ok else "**NOT MET**")
 
 
@@ -68,11 +76,15 @@ def section_model_step(r: dict, targets: list) -> list[str]:
     md = ["## 1. Model step: ours vs transformers (SDPA) + peft LoRA", "",
           "LoRA r=8, alpha=1 on query/value, pooler + classifier trainable, same weights (our base weights loaded into "
           "HF, LoRA A/B copied; max |logits difference| in eval mode shown), same padded batches (one cell at the "
-          "full length, the rest 85-100% of it), dropout 0.02 as in the V1 configs. Train step = forward + "
+          "full length, the rest 85-100% of it), dropout 0.02 as in the V1 configs (each model draws its own masks: "
+          "transformers through `F.dropout` and SDPA's dropout, ours on CPU through `transformerslocal/dropout.py` "
+          "and its training-mode attention, see the dropout line below the table; on CUDA both use torch's fused "
+          "dropout). Train step = forward + "
           "cross-entropy + backward + AdamW; inference = no-grad forward (eval mode). "
           f"{r['warmup']} warm-up step(s), then {r['repeats']} steps of each model timed in alternation. "
           "Ratio = HF time / our time (> 1: ours faster), of the medians and of the minima; on a shared CPU outside "
-          "load only adds time, so the target is judged on the minima there (on the medians on CUDA). CPU-time ratio = the same with process CPU time "
+          "load only adds time, so the minima are the steadier estimate; the target is judged on the lower of the "
+          "median and minimum ratios there (on the medians on CUDA). CPU-time ratio = the same with process CPU time "
           "(a check against load from other processes). Peak memory: see the Memory column's method note below.", "",
           "| shape | batch x length | mode | ours cells/s (median / best) | HF+peft cells/s (median / best) | "
           "ratio (median) | ratio (min) | ratio (CPU time) | ours peak MiB | HF+peft peak MiB | logits diff |",
@@ -89,15 +101,20 @@ def section_model_step(r: dict, targets: list) -> list[str]:
                       f"{fmt(m['cpu_time_ratio'], 3)} | "
                       f"{fmt(m['ours']['memory']['step_peak_mib'], 0)} | {fmt(m['hf_peft']['memory']['step_peak_mib'], 0)} | "
                       f"{c['eval_logits_max_abs_diff']:.1e} |")
-            primary = m["speed_ratio"] if on_gpu else rmin
+            primary = m["speed_ratio"] if on_gpu else min(rmin, m["speed_ratio"])
             key = (primary, f"{c['shape']} {c['batch']}x{c['length']}", m["speed_ratio"])
             worst[mode] = key if worst[mode] is None or key[0] < worst[mode][0] else worst[mode]
     method = r["cases"][0]["train"]["ours"]["memory"]["method"]
     md += ["", f"Memory method: {method}.", ""]
+    d = r.get("dropout")
+    if d:
+        md += [f"Dropout alone (p = {d['p']}, forward + backward on a {' x '.join(map(str, d['shape']))} attention-"
+               f"probability tensor, interleaved): `F.dropout` {d['torch']['median_s'] * 1e3:.1f} ms, ours "
+               f"{d['ours']['median_s'] * 1e3:.1f} ms: **{d['speed_ratio']:.2f}x**.", ""]
     for mode, label in (("train", "Training step not slower than transformers+peft at any shape"),
                         ("inference", "Inference at least as fast as transformers+peft at any shape")):
         ratio, where, med = worst[mode]
-        basis = "median" if on_gpu else "min (shared CPU)"
+        basis = "median" if on_gpu else "lower of median and min (shared CPU)"
         targets.append((label, ratio >= 1.0, f"worst ratio ({basis}) {ratio:.3f} at {where}; its median ratio {med:.3f}"))
     return md
 
@@ -173,36 +190,68 @@ def section_batching(r: dict, targets: list) -> list[str]:
     return md + [""]
 
 
+def prefix_share(x: dict) -> float | None:
+    """Fraction of epoch 1's training loop spent computing prefix rows."""
+    prefix = x.get("train_prefix_seconds")
+    return prefix[0] / x["train_epoch_seconds"][0] if prefix else None
+
+
 def section_cache(r: dict, targets: list) -> list[str]:
     m = r["model"]
+    n = m["num_hidden_layers"]
     md = ["## 5. Frozen-prefix activation caching", "",
-          f"Model {m['num_hidden_layers']}L-{m['hidden_size']} (heads {m['num_attention_heads']}, d_ff "
-          f"{m['intermediate_size']}), first {m['num_hidden_layers'] // 2} layers + embeddings frozen and unprompted; "
-          f"{r['n_train']} training / {r['n_val']} validation cells of the synthetic length distribution, batch "
-          f"{r['batch_size']}, `FoldTrainer` + `FrozenPrefixCache`. Ratio = epoch 1 time / mean of later epochs.", "",
-          "| setting | sampler | cache | train s per epoch | train+val s per epoch | ratio (train) | ratio (train+val) | "
-          "hits / misses |", "|---|---|---|---|---|---:|---:|---|"]
-    best = None
+          f"Model {n}L-{m['hidden_size']} (heads {m['num_attention_heads']}, d_ff {m['intermediate_size']}), "
+          f"embeddings and the first k layers frozen and unprompted (k = {n // 2}: the target's setting; k = "
+          f"{3 * n // 4}: beyond it); {r['n_train']} training / {r['n_val']} validation cells of the synthetic length "
+          f"distribution, batch {r['batch_size']}, `FoldTrainer` + `FrozenPrefixCache`. Ratio = epoch 1 time / mean "
+          "of later epochs. Prefix share = fraction of epoch 1's training loop spent computing prefix rows (timed "
+          "inside the cache); 1 / (1 - share) is the ratio that removing exactly that time would give. vs uncached = "
+          "mean uncached epoch (same setting, cache off) / mean later cached epoch.", "",
+          "| setting | k | sampler | cache | train s per epoch | prefix share (epoch 1) | ratio (train) | "
+          "1 / (1 - share) | vs uncached | train+val s per epoch | ratio (train+val) | hits / misses |",
+          "|---|---:|---|---|---|---:|---:|---:|---:|---|---:|---|"]
+    uncached = {x["setting"]: float(statistics.mean(x["train_epoch_seconds"])) for x in r["runs"] if not x["cache"]}
+    half = []
     for x in r["runs"]:
         tr = ", ".join(f"{s:.2f}" for s in x["train_epoch_seconds"])
         tv = ", ".join(f"{s:.2f}" for s in x["epoch_seconds_with_validation"])
         hm = f"{x.get('cache_hits', '-')} / {x.get('cache_misses', '-')}"
-        md.append(f"| {x['setting']} | {x['sampler']} | {'on' if x['cache'] else 'off'} | {tr} | {tv} | "
-                  f"{fmt(x.get('later_vs_first_train'))} | {fmt(x.get('later_vs_first_with_validation'))} | {hm} |")
-        if x["cache"] and x["sampler"] == "length":
-            key = x["later_vs_first_with_validation"]
-            if best is None or key > best[0]:
-                best = (key, x)
-    md += ["", "Upper bounds with k = L/2 frozen layers (layer forward 1, backward 2): full fine-tuning of the upper "
-               "half (k + 3(L-k)) / 3(L-k) = 1.33x on the training loop; adapters only in the upper half "
-               "(k + 2(L-k)) / 2(L-k) = 1.5x; validation passes 2x. With the default `balanced` sampler (draws with "
-               "replacement) a batch holding any cell not yet cached recomputes the whole batch's prefix, so "
-               "the gain arrives only as the cache fills.", ""]
-    per = [(x["setting"], x["later_vs_first_train"], x["later_vs_first_with_validation"]) for x in r["runs"]
-           if x["cache"] and x["sampler"] == "length"]
-    detail = "; ".join(f"{s}: {a:.2f}x train, {b:.2f}x train+val" for s, a, b in per)
+        share = prefix_share(x)
+        vs = None
+        if x["cache"] and x["setting"] in uncached and len(x["train_epoch_seconds"]) > 1:
+            vs = uncached[x["setting"]] / float(statistics.mean(x["train_epoch_seconds"][1:]))
+        md.append(f"| {x['setting']} | {x['frozen_layers']} | {x['sampler']} | {'on' if x['cache'] else 'off'} | {tr} | "
+                  f"{f'{share:.0%}' if share is not None else '-'} | {fmt(x.get('later_vs_first_train'))} | "
+                  f"{fmt(1 / (1 - share)) if share is not None else '-'} | {fmt(vs)} | {tv} | "
+                  f"{fmt(x.get('later_vs_first_with_validation'))} | {hm} |")
+        if x["cache"] and x["sampler"] == "length" and x["frozen_layers"] == n // 2:
+            half.append((x, share, vs))
+    md += ["", "Why 1.5x is out of reach at k = L/2: later epochs are 1.5x faster than the first only if the first "
+               "spends a third of its time on something later ones skip. The cache skips the frozen prefix's "
+               "forward and nothing else, and with the cache that forward runs in eval mode without autograd while "
+               "the trained upper half runs forward + backward in training mode. Counting a layer forward as 1 and "
+               "its backward as 2, the prefix is at most k / (k + 3(L-k)) = 25% of epoch 1 with full fine-tuning of "
+               "the upper half (ratio 1.33x) and k / (k + 2(L-k)) = 33% with adapters only (frozen weights, input "
+               "gradients only; 1.5x, with nothing else in the epoch); on CPU the eval-mode prefix (SDPA's fused "
+               "kernel, no dropout) is cheaper still than a training-mode layer, so the measured share is lower. "
+               "Ratios slightly above 1 / (1 - share) come from epoch 1's other one-time costs (first allocations). "
+               "Against epochs without the cache (frozen layers in training mode, dropout on) the cached epochs are "
+               "faster by the 'vs uncached' column, and with three quarters of the layers frozen the ratio itself "
+               "passes 1.5x for adapters. Validation passes gain up to L/(L-k). With the default `balanced` sampler "
+               "(draws with replacement) a batch holding any cell not yet cached recomputes the whole batch's "
+               "prefix, so the gain arrives only as the cache fills.", ""]
+    beyond = [x for x in r["runs"] if x["cache"] and x["frozen_layers"] > n // 2]
+    detail = "; ".join(f"{x['setting']}: {x['later_vs_first_train']:.2f}x (prefix {share:.0%} of epoch 1; vs uncached "
+                       f"{fmt(vs)}x)" for x, share, vs in half)
+    detail += "".join(f"; k = {x['frozen_layers']}/{n} {x['setting']}: {x['later_vs_first_train']:.2f}x" for x in beyond)
+    if any(x["later_vs_first_train"] >= 1.5 for x, _, _ in half):
+        status = True
+    elif half and all(share is not None and share < 1 / 3 for _, share, _ in half):
+        status = BOUNDED  # removing the whole prefix could not give 1.5x
+    else:
+        status = False
     targets.append(("Frozen-prefix cache: later epochs >= 1.5x faster than the first (half the layers frozen)",
-                    best is not None and best[0] >= 1.5, detail))
+                    status, detail))
     return md
 
 
@@ -249,9 +298,12 @@ NOTES = """## Reading these numbers
   macro-F1 compares the two pipelines under identical conditions, it is not a quality claim.
 - Frozen-prefix cache: with the cache on, even epoch 1 runs the frozen prefix without autograd and with
   dropout off (eval mode), so epoch 1 is already faster than an uncached epoch; the ratio "epoch 1 /
-  later epochs" therefore understates what the cache saves against not caching (both are shown).
+  later epochs" therefore understates what the cache saves against not caching (both are shown, with
+  the bound that the time epoch 1 spent in the prefix puts on the ratio).
 - Peak memory on CPU is the increase of the resident set during the step (activations, gradients,
-  temporaries), not the weights or optimizer state that existed before it.
+  temporaries), not the weights or optimizer state that existed before it, measured in separate
+  processes with `MALLOC_MMAP_THRESHOLD_=65536`; every time is measured with the default allocator
+  (that setting would slow allocation-heavy code severalfold, see `benchmarks/common.py`).
 """
 
 def section_tokenizer(r: dict, targets: list) -> list[str]:
@@ -370,7 +422,8 @@ def main(argv=None) -> int:
                                    indent=1, default=float))
     print(f"wrote {args.out} and {json_out} ({meta['total_seconds'] / 60:.1f} min)")
     for t, ok, d in targets:
-        print(f"  [{'MET' if ok else 'n/a' if ok is None else 'NOT MET'}] {t}: {d}")
+        label = "CANNOT BE MET" if ok == BOUNDED else "MET" if ok else "n/a" if ok is None else "NOT MET"
+        print(f"  [{label}] {t}: {d}")
     tmp.cleanup()
     return 0
 

@@ -9,6 +9,7 @@ eval mode (no dropout), cached or not, so the cached forward equals the uncached
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -43,10 +44,16 @@ class FrozenPrefixCache:
         recomputed each time (logged once).
     storage
         Where cached activations live (``None``: the model's device).
+    timed
+        Accumulate the wall time spent computing prefix rows in ``compute_seconds``
+        (synchronising CUDA around it; for benchmarks).
     """
 
-    def __init__(self, depth: int, *, budget_bytes: int = 4 * 2**30, storage: torch.device | None = None) -> None:
+    def __init__(self, depth: int, *, budget_bytes: int = 4 * 2**30, storage: torch.device | None = None,
+                 timed: bool = False) -> None:
         self.depth = depth
+        self.timed = timed
+        self.compute_seconds = 0.0
         self.budget_bytes = budget_bytes
         self.storage = storage
         self.used_bytes = 0
@@ -88,7 +95,9 @@ class FrozenPrefixCache:
         if missing:
             longest = int(max(lengths[row] for row in missing))
             index = torch.tensor(missing, device=input_ids.device)
+            started = self._clock(input_ids.device)
             computed = self.prefix(model, input_ids[index, :longest], attention_mask[index, :longest])
+            self.compute_seconds += self._clock(input_ids.device) - started
             for j, row in enumerate(missing):
                 fresh[row] = computed[j, :int(lengths[row])]
                 self._store(split, cells[row], fresh[row])
@@ -100,6 +109,13 @@ class FrozenPrefixCache:
         if hidden.shape[1] < input_ids.shape[1]:  # padding beyond the longest cell (pad_to_multiple_of)
             hidden = torch.nn.functional.pad(hidden, (0, 0, 0, input_ids.shape[1] - hidden.shape[1]))
         return hidden
+
+    def _clock(self, device: torch.device) -> float:
+        if not self.timed:
+            return 0.0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def _store(self, split: dict, cell: int, row: torch.Tensor) -> None:
         size = row.numel() * row.element_size()
