@@ -108,6 +108,15 @@ def test_attention_with_nothing_dropped_equals_sdpa(padded):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_attention_under_bf16_autocast_is_close_to_fp32():
+    q, k, v, mask = _qkv_and_mask(8)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attention_with_cpu_dropout(q, k, v, mask, 1e-12)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 def test_attention_drops_probabilities_with_the_seeded_mask():
     q, k, v, mask = _qkv_and_mask(6)
     p = 0.3

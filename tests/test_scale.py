@@ -81,6 +81,20 @@ def test_cache_served_batches_regroup_cells():
     torch.testing.assert_close(served, reference, rtol=0, atol=1e-6)
 
 
+def test_timed_cache_counts_only_computed_rows():
+    model = _model(freeze_layers=2).eval()
+    cells = _cells()
+    batch = collate_cells([cells[i] for i in range(8)])
+    untimed, timed = FrozenPrefixCache.for_model(model), FrozenPrefixCache.for_model(model, timed=True)
+    with torch.no_grad():
+        untimed.forward(model, batch, torch.device("cpu"))
+        timed.forward(model, batch, torch.device("cpu"))
+        computed = timed.compute_seconds
+        timed.forward(model, batch, torch.device("cpu"))  # all rows cached: nothing computed
+    assert untimed.compute_seconds == 0.0
+    assert computed > 0 and timed.compute_seconds == computed
+
+
 def test_cache_budget_is_respected():
     model = _model(freeze_layers=2).eval()
     cells = _cells()

@@ -91,7 +91,11 @@ def attention_with_cpu_dropout(q, k, v, keys_mask, p: float) -> torch.Tensor:
         # filled outside autograd: the softmax gradient at these positions is exactly 0 anyway
         # (their probabilities underflow to 0), so autograd's masking of it would only copy
         scores.detach().masked_fill_(masked, torch.finfo(scores.dtype).min)
-    probs = dropout(scores.softmax(dim=-1), p)
+    if scores.dtype == torch.float32:
+        probs = scores.softmax(dim=-1)
+    else:  # bf16/fp16 under autocast: normalise in float32 (sums over up to 2,048 keys)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+    probs = dropout(probs, p)
     return torch.bmm(probs, v.reshape(b * h, n, hs)).view(b, h, n, hs)
 
 
