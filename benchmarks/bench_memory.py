@@ -73,11 +73,10 @@ def main(argv=None) -> int:
                 break
             res.update(json.loads(sub.read_text()))
             sub.unlink()
+        results.append(res)
         if "error" in res:
-            results.append(res)
             print(f"{precision} ckpt={ckpt}: FAILED\n{res['error']}", flush=True)
             continue
-        results.append(res)
         print(f"{precision} ckpt={ckpt}: {res['median_s']:.2f} s/step, peak {res['memory']['step_peak_mib']:.0f} MiB",
               flush=True)
     write_json(args.json, {"bench": "memory", "machine": machine_info(device), "shape": "12L-512", "batch": batch,
