@@ -62,6 +62,17 @@ def _as_label_ids(values: Any, *, name: str, num_classes: int) -> np.ndarray:
     return array
 
 
+def _paired_label_ids(y_true: Any, y_pred: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both label vectors checked as class ids and for equal length."""
+    y_true_arr = _as_label_ids(y_true, name="y_true", num_classes=num_classes)
+    y_pred_arr = _as_label_ids(y_pred, name="y_pred", num_classes=num_classes)
+    if y_true_arr.shape != y_pred_arr.shape:
+        raise ValueError(
+            f"y_true and y_pred differ in length: {y_true_arr.shape[0]} vs {y_pred_arr.shape[0]}"
+        )
+    return y_true_arr, y_pred_arr
+
+
 def _mean_recall(cm: np.ndarray) -> float:
     """Balanced accuracy: mean recall over the classes present in the true labels."""
     support = cm.sum(axis=1)
@@ -121,12 +132,7 @@ def classification_metrics(
         raise ValueError("label_names is empty; expected at least one label name")
     if len(set(label_names)) != num_classes:
         raise ValueError(f"label_names must be unique, got {label_names}")
-    y_true_arr = _as_label_ids(y_true, name="y_true", num_classes=num_classes)
-    y_pred_arr = _as_label_ids(y_pred, name="y_pred", num_classes=num_classes)
-    if y_true_arr.shape != y_pred_arr.shape:
-        raise ValueError(
-            f"y_true and y_pred differ in length: {y_true_arr.shape[0]} vs {y_pred_arr.shape[0]}"
-        )
+    y_true_arr, y_pred_arr = _paired_label_ids(y_true, y_pred, num_classes)
     n_cells = int(y_true_arr.shape[0])
     if n_cells == 0:
         raise ValueError("y_true is empty; expected at least one cell")
@@ -209,12 +215,7 @@ def macro_f1(
     """
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    y_true_arr = _as_label_ids(y_true, name="y_true", num_classes=num_classes)
-    y_pred_arr = _as_label_ids(y_pred, name="y_pred", num_classes=num_classes)
-    if y_true_arr.shape != y_pred_arr.shape:
-        raise ValueError(
-            f"y_true and y_pred differ in length: {y_true_arr.shape[0]} vs {y_pred_arr.shape[0]}"
-        )
+    y_true_arr, y_pred_arr = _paired_label_ids(y_true, y_pred, num_classes)
     if y_true_arr.size == 0:
         return 0.0
     with warnings.catch_warnings():
