@@ -29,7 +29,7 @@ from common import LORA, V1_BASE, base_parser, build_ours, machine_info, make_da
 
 
 def epoch_batches(sampler_name: str, lengths: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0):
-    from geneformer_peft.samplers import BalancedLengthGroupedSampler, LengthGroupedSampler
+    from geneformer_peft.data.samplers import BalancedLengthGroupedSampler, LengthGroupedSampler
 
     if sampler_name == "random":
         order = np.random.default_rng(seed).permutation(len(lengths))

@@ -1,6 +1,6 @@
 """End to end: one cross-validation fold of our pipeline vs a reference-style pipeline.
 
-Data: synthetic labelled cells (``geneformer_peft.synthetic``, 3,000 genes, median
+Data: synthetic labelled cells (``geneformer_peft.data.synthetic``, 3,000 genes, median
 library 1,500: about 120-950 detected genes per cell) -> vocabulary -> rank-value tokens
 (``model_input_size`` 1024) -> 5 stratified folds; fold 0 is run.
 
@@ -8,7 +8,7 @@ Checkpoint: a tiny BERT (``--hidden``/``--layers``) written by ``save_pretrained
 ``--pretrain_epochs`` > 0 it is first pretrained with our masked-gene objective on the
 labelled cells' tokens (no labels), so LoRA has features to adapt.
 
-Ours: ``geneformer_peft.cross_validation.run_cross_validation`` (what the example script
+Ours: ``geneformer_peft.training.cross_validation.run_cross_validation`` (what the example script
 runs): class-balanced length-grouped sampler, class-weighted CE, validation each epoch,
 best epoch restored, test predictions, all fold outputs written (model, plots, CSV).
 
@@ -53,9 +53,9 @@ def make_checkpoint(meta: dict, out: Path, *, hidden: int, layers: int, heads: i
     if pretrain_epochs > 0:
         from datasets import load_from_disk
 
-        from geneformer_peft.cells import EncodedCells
-        from geneformer_peft.folds import fold_paths
-        from geneformer_peft.pretrain import pretrain
+        from geneformer_peft.data.cells import EncodedCells
+        from geneformer_peft.data.folds import fold_paths
+        from geneformer_peft.training.pretrain import pretrain
 
         # unlabelled use of fold 0's train split only (no test leakage)
         ds = load_from_disk(str(fold_paths(meta["data_path"], meta["dataset_name"], 0)["train"]))
@@ -70,8 +70,8 @@ def make_checkpoint(meta: dict, out: Path, *, hidden: int, layers: int, heads: i
 
 
 def run_ours(meta, ckpt: Path, out: Path, *, epochs, batch_size, lr, device, seed, method) -> dict:
-    from geneformer_peft.cross_validation import RunOptions, run_cross_validation
-    from geneformer_peft.training_args import TrainingArguments
+    from geneformer_peft.training.cross_validation import RunOptions, run_cross_validation
+    from geneformer_peft.training.arguments import TrainingArguments
 
     training = TrainingArguments(epochs=epochs, batch_size=batch_size, lr=lr, early_stopping_patience=0,
                                  seed=seed, device=device, progress=False)
@@ -96,8 +96,8 @@ def run_reference(meta, ckpt: Path, out: Path, *, epochs, batch_size, lr, device
     from datasets import load_from_disk
     from torch.utils.data import WeightedRandomSampler
 
-    from geneformer_peft.folds import fold_paths
-    from geneformer_peft.metrics import macro_f1
+    from geneformer_peft.data.folds import fold_paths
+    from geneformer_peft.evaluation.metrics import macro_f1
     from transformerslocal import BertConfig
     from transformerslocal.modeling_utils import find_weights_file, read_state_dict
 

@@ -37,7 +37,7 @@ from common import V1_BASE, SHAPES, base_parser, machine_info, make_dataset, res
 
 
 def make_cells(lengths: np.ndarray, labels: np.ndarray, vocab: int, seed: int, name: str):
-    from geneformer_peft.cells import EncodedCells
+    from geneformer_peft.data.cells import EncodedCells
 
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -47,9 +47,9 @@ def make_cells(lengths: np.ndarray, labels: np.ndarray, vocab: int, seed: int, n
 
 def run(setting: str, arch: dict, train, val, *, cache_on: bool, sampler: str, epochs: int, batch_size: int,
         device: torch.device, frozen: int | None = None) -> dict:
-    from geneformer_peft.frozen_cache import FrozenPrefixCache
-    from geneformer_peft.trainer import FoldTrainer, set_seed
-    from geneformer_peft.training_args import TrainingArguments
+    from geneformer_peft.training.frozen_cache import FrozenPrefixCache
+    from geneformer_peft.training.trainer import FoldTrainer, set_seed
+    from geneformer_peft.training.arguments import TrainingArguments
     from transformerslocal import BertConfig, BertForSequenceClassification, mark_trainable
 
     n = arch["num_hidden_layers"]

@@ -54,7 +54,7 @@ def child(path: str, vocab: str, chunk_size: int) -> None:
     sys.path.insert(0, str(REPO))
     import datasets  # noqa: F401  (import cost counted in the baseline)
 
-    from geneformer_peft.tokenizer import tokenize_anndata
+    from geneformer_peft.data.rank_value import tokenize_anndata
 
     tokens, medians = pickle.loads(Path(vocab).read_bytes())
     baseline = _status_mib("VmRSS")

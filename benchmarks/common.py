@@ -345,10 +345,10 @@ def make_dataset(workdir: Path, *, n_cells: int, model_input_size: int, n_genes:
                  n_folds: int = 5) -> dict:
     """Synthetic labelled cells -> vocabulary -> rank-value tokens -> stratified folds,
     under ``workdir/data`` (reused when present). Returns paths and the length summary."""
-    from geneformer_peft.folds import split_folds
-    from geneformer_peft.synthetic import generate_counts
-    from geneformer_peft.tokenizer import tokenize_anndata
-    from geneformer_peft.vocab import build_vocabulary
+    from geneformer_peft.data.folds import split_folds
+    from geneformer_peft.data.synthetic import generate_counts
+    from geneformer_peft.data.rank_value import tokenize_anndata
+    from geneformer_peft.data.vocab import build_vocabulary
 
     workdir = Path(workdir)
     data_dir = workdir / "data"

@@ -3,7 +3,7 @@ checkpoint and from the same architecture randomly initialised (does pretraining
 
     python benchmarks/example_methods.py [--folds 0,1,2,3,4] [--epochs 10] [--out docs/example_methods.md]
 
-Runs the main job (geneformer_peft.cross_validation) once per method and initialisation,
+Runs the main job (geneformer_peft.training.cross_validation) once per method and initialisation,
 same seed, data, epochs and learning rate, and writes a markdown table and JSON.
 """
 import argparse
@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from geneformer_peft.cross_validation import RunOptions, run_cross_validation  # noqa: E402
-from geneformer_peft.training_args import TrainingArguments  # noqa: E402
+from geneformer_peft.training.cross_validation import RunOptions, run_cross_validation  # noqa: E402
+from geneformer_peft.training.arguments import TrainingArguments  # noqa: E402
 
 METHODS = ["", "lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt", "Gene_token_prompt,lora"]
 

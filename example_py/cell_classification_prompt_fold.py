@@ -23,7 +23,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from geneformer_peft.commands import finetune  # noqa: E402
 from geneformer_peft.errors import DataError  # noqa: E402
-from geneformer_peft.trainer import TrainingDiverged  # noqa: E402
+from geneformer_peft.training.trainer import TrainingDiverged  # noqa: E402
 
 EXAMPLE_DEFAULTS = {
     "dataset_name": "synthetic",

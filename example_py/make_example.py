@@ -2,7 +2,7 @@
 
     python example_py/make_example.py
 
-1. Synthetic raw counts (geneformer_peft.synthetic): 4,000 unlabelled cells for
+1. Synthetic raw counts (geneformer_peft.data.synthetic): 4,000 unlabelled cells for
    pretraining and 500 labelled cells of 5 imbalanced cell types, in the same gene space.
 2. A vocabulary and gene medians built from the unlabelled cells (as Geneformer built its
    dictionaries from its pretraining corpus).
@@ -25,12 +25,12 @@ except ImportError:
 
 from datasets import Sequence, Value  # noqa: E402
 
-from geneformer_peft.cells import EncodedCells  # noqa: E402
-from geneformer_peft.folds import split_folds  # noqa: E402
-from geneformer_peft.pretrain import pretrain  # noqa: E402
-from geneformer_peft.synthetic import generate_counts, generate_unlabelled_counts  # noqa: E402
-from geneformer_peft.tokenizer import tokenize_anndata  # noqa: E402
-from geneformer_peft.vocab import build_vocabulary, write_dictionaries  # noqa: E402
+from geneformer_peft.data.cells import EncodedCells  # noqa: E402
+from geneformer_peft.data.folds import split_folds  # noqa: E402
+from geneformer_peft.training.pretrain import pretrain  # noqa: E402
+from geneformer_peft.data.synthetic import generate_counts, generate_unlabelled_counts  # noqa: E402
+from geneformer_peft.data.rank_value import tokenize_anndata  # noqa: E402
+from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries  # noqa: E402
 from transformerslocal import BertConfig  # noqa: E402
 
 logger = logging.getLogger("make_example")

@@ -54,10 +54,10 @@ class JobData:
 
 def make_job_data(root: Path, *, n_cells: int = 100, n_genes: int = 200, n_folds: int = 2, seed: int = 0) -> JobData:
     """Generate, tokenize and split a tiny labelled dataset, and save a tiny checkpoint."""
-    from geneformer_peft.folds import split_folds
-    from geneformer_peft.synthetic import generate_counts
-    from geneformer_peft.tokenizer import tokenize_anndata
-    from geneformer_peft.vocab import build_vocabulary
+    from geneformer_peft.data.folds import split_folds
+    from geneformer_peft.data.synthetic import generate_counts
+    from geneformer_peft.data.rank_value import tokenize_anndata
+    from geneformer_peft.data.vocab import build_vocabulary
 
     root = Path(root)
     adata = generate_counts(n_cells=n_cells, n_genes=n_genes, n_cell_types=3, seed=seed,

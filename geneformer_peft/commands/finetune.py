@@ -104,8 +104,8 @@ def options_from_args(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.num_threads)
-    from geneformer_peft.cross_validation import RunOptions
-    from geneformer_peft.training_args import TrainingArguments
+    from geneformer_peft.training.cross_validation import RunOptions
+    from geneformer_peft.training.arguments import TrainingArguments
 
     training = TrainingArguments(
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
@@ -123,8 +123,8 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.cross_validation import run_cross_validation
-    from geneformer_peft.trainer import TrainingDiverged
+    from geneformer_peft.training.cross_validation import run_cross_validation
+    from geneformer_peft.training.trainer import TrainingDiverged
 
     try:
         summary = run_cross_validation(options_from_args(args))

@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands._common import check_output_path
-    from geneformer_peft.dataset_io import load_saved_dataset
-    from geneformer_peft.predict import predict_cells
+    from geneformer_peft.data.dataset_io import load_saved_dataset
+    from geneformer_peft.evaluation.prediction import predict_cells
 
     check_output_path(args.output, overwrite=args.overwrite)
     dataset = load_saved_dataset(args.input)

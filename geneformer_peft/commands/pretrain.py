@@ -38,12 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.cells import EncodedCells
+    from geneformer_peft.data.cells import EncodedCells
     from geneformer_peft.commands._common import check_output_path
-    from geneformer_peft.dataset_io import load_saved_dataset
-    from geneformer_peft.pretrain import pretrain
-    from geneformer_peft.trainer import TrainingDiverged
-    from geneformer_peft.vocab import load_token_dictionary
+    from geneformer_peft.data.dataset_io import load_saved_dataset
+    from geneformer_peft.training.pretrain import pretrain
+    from geneformer_peft.training.trainer import TrainingDiverged
+    from geneformer_peft.data.vocab import load_token_dictionary
     from transformerslocal import BertConfig
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``split``."""
-    from geneformer_peft.dataset_io import load_saved_dataset
-    from geneformer_peft.folds import split_folds
+    from geneformer_peft.data.dataset_io import load_saved_dataset
+    from geneformer_peft.data.folds import split_folds
 
     dataset = load_saved_dataset(args.input)
     split_folds(

@@ -67,9 +67,9 @@ def parse_obs_filters(items: List[str]) -> Dict[str, List[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tokenize``."""
-    from geneformer_peft.dataset_io import save_dataset_atomically
-    from geneformer_peft.tokenizer import tokenize_anndata
-    from geneformer_peft.vocab import build_vocabulary, write_dictionaries
+    from geneformer_peft.data.dataset_io import save_dataset_atomically
+    from geneformer_peft.data.rank_value import tokenize_anndata
+    from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries
 
     check_output_path(args.output, overwrite=args.overwrite)
     obs_filter = parse_obs_filters(args.obs_filter)

@@ -1,0 +1,94 @@
+"""Tokenized cells held for training: token ids as one flat array plus offsets.
+
+Reading rows of a ``datasets.Dataset`` one by one converts Arrow lists to Python lists,
+which dominates the step time of a small model. Here the ``input_ids`` column is read
+once into a flat ``int32`` array, and each cell is a slice of it.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset
+
+from geneformer_peft.data.collator import pad_input_ids
+from geneformer_peft.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class EncodedCells(Dataset):
+    """Cells of one split: ``input_ids`` slices, ``lengths`` (after ``max_length``),
+    optional label ids, and each cell's row number in the source dataset (``index``)."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray, *, labels: np.ndarray | None = None,
+                 max_length: int | None = None, index: np.ndarray | None = None, name: str = "cells") -> None:
+        self.flat, self.offsets = flat, offsets
+        full = np.diff(offsets)
+        self.lengths = np.minimum(full, max_length) if max_length else full
+        self.labels = labels
+        self.index = np.arange(len(full)) if index is None else index
+        self.name = name
+        self.key = f"{name}#{uuid.uuid4().hex[:8]}"  # identifies these cells (e.g. in the frozen-prefix cache)
+        truncated = int((full > self.lengths).sum())
+        if truncated:
+            logger.info("%s: %d of %d cells are longer than max_length=%d and keep their first %d genes",
+                        name, truncated, len(full), max_length, max_length)
+
+    @classmethod
+    def from_dataset(cls, dataset, *, label_column: str | None = None, label2id: Mapping[Any, int] | None = None,
+                     max_length: int | None = None, name: str = "cells") -> "EncodedCells":
+        """Read a tokenized ``datasets.Dataset`` (``input_ids`` and, optionally, a label column)."""
+        if "input_ids" not in dataset.column_names:
+            raise DataError(f"{name}: no 'input_ids' column; expected a tokenized dataset, "
+                            f"found columns {dataset.column_names}")
+        column = dataset.data.column("input_ids")
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        flat = column.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        offsets = offsets - offsets[0]
+        labels = None
+        if label_column is not None:
+            if label_column not in dataset.column_names:
+                raise DataError(f"{name}: label column {label_column!r} does not exist; "
+                                f"expected one of {dataset.column_names} (set --label_column)")
+            values = dataset[label_column]
+            if label2id is not None:
+                unknown = sorted({str(v) for v in values if v not in label2id})
+                if unknown:
+                    raise DataError(f"{name}: labels {unknown} of column {label_column!r} are not in the "
+                                    f"model's label set {sorted(map(str, label2id))}")
+                labels = np.array([label2id[v] for v in values], dtype=np.int64)
+            else:
+                labels = np.asarray(values, dtype=np.int64)
+        return cls(flat, offsets, labels=labels, max_length=max_length, name=name)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def tokens(self, i: int) -> np.ndarray:
+        start = self.offsets[i]
+        return self.flat[start:start + self.lengths[i]]
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"input_ids": self.tokens(i), "cell": i, "split": self.key}
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        return item
+
+
+def collate_cells(items: Sequence[dict], *, pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> dict:
+    """Pad to the longest cell of the batch (optionally to a multiple): ``input_ids``,
+    ``attention_mask`` (1 genes, 0 padding), ``labels`` when known, ``cells`` (positions)
+    and ``split`` (whose cells they are)."""
+    batch = pad_input_ids([it["input_ids"] for it in items], pad_token_id=pad_token_id,
+                          pad_to_multiple_of=pad_to_multiple_of)
+    batch["cells"] = torch.tensor([it["cell"] for it in items])
+    batch["split"] = items[0]["split"]
+    if "label" in items[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return batch

@@ -1,0 +1,444 @@
+"""Geneformer's rank value encoding of single-cell raw counts.
+
+For cell c and gene g: ``x = counts / n_counts * 10,000 / median[g]`` (float64). Genes with
+``x > 0`` are sorted by ``x`` descending, ties broken by token id (so the result does not
+depend on column order), mapped to token ids and truncated to ``model_input_size``
+(V2: ``<cls>`` + ``model_input_size - 2`` genes + ``<eos>``).
+
+:func:`rank_value_encode` is the vectorised core over a block of cells;
+:func:`tokenize_anndata` reads a file chunk by chunk and returns a ``datasets.Dataset``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.sparse as sp
+
+from geneformer_peft.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["rank_value_encode", "tokenize_anndata", "TokenizationStats", "GeneMap", "build_gene_map"]
+
+PathLike = Union[str, Path]
+TARGET_SUM = 10_000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Core
+# ---------------------------------------------------------------------------------------------
+def rank_value_encode(
+    counts: Union[sp.spmatrix, np.ndarray],
+    *,
+    n_counts: np.ndarray,
+    gene_token_ids: np.ndarray,
+    gene_medians: np.ndarray,
+    model_input_size: int = 2048,
+    prefix_token_ids: Sequence[int] = (),
+    suffix_token_ids: Sequence[int] = (),
+    target_sum: float = TARGET_SUM,
+) -> List[np.ndarray]:
+    """Rank value encode a block of cells.
+
+    Parameters
+    ----------
+    counts
+        Cells x genes raw counts (scipy sparse or dense); columns are the genes of
+        ``gene_token_ids`` / ``gene_medians``, without repeats.
+    n_counts
+        Total counts of each cell (over all genes of the original file), shape (cells,).
+    gene_token_ids
+        Token id of each column, shape (genes,).
+    gene_medians
+        Non-zero median of each column's gene, shape (genes,).
+    model_input_size
+        Maximum length of the output, special tokens included.
+    prefix_token_ids, suffix_token_ids
+        Tokens framing every cell (V2: ``[<cls>]`` and ``[<eos>]``).
+    target_sum
+        Normalisation total.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One int64 array of token ids per cell.
+    """
+    csr = sp.csr_matrix(counts, dtype=np.float64)
+    n_rows = csr.shape[0]
+    n_counts = np.asarray(n_counts, dtype=np.float64)
+    gene_token_ids = np.asarray(gene_token_ids, dtype=np.int64)
+    gene_medians = np.asarray(gene_medians, dtype=np.float64)
+    limit = model_input_size - len(prefix_token_ids) - len(suffix_token_ids)
+    if limit < 1:
+        raise ValueError(
+            f"model_input_size {model_input_size} leaves no room for genes after "
+            f"{len(prefix_token_ids) + len(suffix_token_ids)} special tokens; expected a larger value"
+        )
+    rows = np.repeat(np.arange(n_rows), np.diff(csr.indptr))
+    x = csr.data / n_counts[rows] * target_sum / gene_medians[csr.indices]
+    positive = x > 0
+    rows, x, tokens = rows[positive], x[positive], gene_token_ids[csr.indices[positive]]
+    order = np.lexsort((tokens, -x, rows))  # by row, then x descending, then token id
+    rows, tokens = rows[order], tokens[order]
+    per_row = np.bincount(rows, minlength=n_rows)
+    starts = np.concatenate([[0], np.cumsum(per_row)[:-1]]).astype(np.int64)
+    rank = np.arange(len(rows)) - starts[rows]
+    tokens = tokens[rank < limit]
+    lengths = np.minimum(per_row, limit)
+    pieces = np.split(tokens, np.cumsum(lengths)[:-1]) if n_rows else []
+    if prefix_token_ids or suffix_token_ids:
+        prefix = np.asarray(prefix_token_ids, dtype=np.int64)
+        suffix = np.asarray(suffix_token_ids, dtype=np.int64)
+        pieces = [np.concatenate([prefix, piece, suffix]) for piece in pieces]
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Gene matching
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GeneMap:
+    """How the columns of a file map onto the vocabulary.
+
+    ``columns`` are the file's matched columns; ``aggregate`` (matched columns x unique
+    genes, or ``None`` when no gene id repeats) sums repeated gene ids.
+    """
+
+    columns: np.ndarray
+    token_ids: np.ndarray
+    medians: np.ndarray
+    aggregate: Optional[sp.csr_matrix]
+    n_genes_total: int
+    n_missing_token: int
+    n_missing_median: int
+    n_repeated: int
+
+    def project(self, block: sp.csr_matrix) -> sp.csr_matrix:
+        """Restrict a cells x all-genes block to matched genes (repeats summed)."""
+        matched = block[:, self.columns]
+        return matched @ self.aggregate if self.aggregate is not None else matched
+
+
+def build_gene_map(
+    gene_ids: np.ndarray,
+    token_dictionary: Mapping[str, int],
+    gene_median_dictionary: Mapping[str, float],
+    *,
+    source_name: str,
+) -> GeneMap:
+    """Match a file's gene ids to the token and median dictionaries."""
+    has_token = np.array([g in token_dictionary for g in gene_ids], dtype=bool)
+    has_median = np.array([g in gene_median_dictionary for g in gene_ids], dtype=bool)
+    matched = has_token & has_median
+    if not matched.any():
+        raise DataError(
+            f"{source_name}: none of the {len(gene_ids)} gene ids (e.g. {[str(g) for g in gene_ids[:3]]}) is in the "
+            "token and median dictionaries; expected Ensembl ids such as 'ENSG00000000003' "
+            "(pick the right column with gene_id_column)"
+        )
+    columns = np.flatnonzero(matched)
+    unique_genes, inverse = np.unique(gene_ids[columns], return_inverse=True)
+    aggregate = None
+    n_repeated = len(columns) - len(unique_genes)
+    if n_repeated:
+        logger.warning("%s: %d columns repeat a gene id; their counts are summed", source_name, n_repeated)
+        aggregate = sp.csr_matrix(
+            (np.ones(len(columns)), (np.arange(len(columns)), inverse)), shape=(len(columns), len(unique_genes))
+        )
+    else:
+        order = np.argsort(inverse)
+        columns = columns[order]
+    medians = np.array([gene_median_dictionary[g] for g in unique_genes], dtype=np.float64)
+    bad = ~(np.isfinite(medians) & (medians > 0))
+    if bad.any():
+        gene = str(unique_genes[np.flatnonzero(bad)[0]])
+        raise DataError(
+            f"gene_median_dictionary: gene {gene!r} has median {gene_median_dictionary[gene]!r}; "
+            "expected a finite number > 0"
+        )
+    return GeneMap(
+        columns=columns,
+        token_ids=np.array([int(token_dictionary[g]) for g in unique_genes], dtype=np.int64),
+        medians=medians,
+        aggregate=aggregate,
+        n_genes_total=len(gene_ids),
+        n_missing_token=int((~has_token).sum()),
+        n_missing_median=int((has_token & ~has_median).sum()),
+        n_repeated=n_repeated,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TokenizationStats:
+    """Summary of one tokenization run (also stored as JSON in ``dataset.info.description``)."""
+
+    source: str
+    model_version: str
+    model_input_size: int
+    n_cells_total: int
+    n_cells_kept: int
+    n_genes_total: int
+    n_genes_matched: int
+    n_genes_missing_token: int
+    n_genes_missing_median: int
+    matched_count_fraction: float
+    n_cells_truncated: int
+    n_cells_empty: int
+    length_min: int
+    length_median: float
+    length_max: int
+    columns: List[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Return the stats as a JSON string."""
+        return json.dumps(asdict(self), indent=2)
+
+
+_TEMP_DIRS: List[str] = []
+
+
+def _cleanup_temp_dirs() -> None:
+    for directory in _TEMP_DIRS:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+atexit.register(_cleanup_temp_dirs)
+
+
+def _obs_arrow_column(series: Any):
+    """Convert an obs column to an Arrow array whose type is fixed for the whole file."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        series = series.astype(object)
+    try:
+        return pa.array(series.to_numpy(), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(
+            f"obs[{series.name!r}] mixes value types ({exc}); expected one type per column (e.g. all strings)"
+        ) from exc
+
+
+def tokenize_anndata(
+    path_or_adata: Any,
+    *,
+    token_dictionary: Union[Mapping[str, int], PathLike],
+    gene_median_dictionary: Union[Mapping[str, float], PathLike],
+    gene_id_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    keep_columns: Sequence[str] = (),
+    model_input_size: int = 2048,
+    model_version: str = "V1",
+    chunk_size: int = 512,
+    filter_column: Optional[str] = "filter_pass",
+    obs_filter: Optional[Mapping[str, Any]] = None,
+    show_progress: bool = True,
+    cache_dir: Optional[PathLike] = None,
+    return_stats: bool = False,
+):
+    """Tokenize a ``.h5ad`` / ``.loom`` file or an AnnData into a ``datasets.Dataset``.
+
+    Parameters
+    ----------
+    path_or_adata
+        ``.h5ad`` path (read in backed mode), ``.loom`` path (needs loompy) or AnnData.
+    token_dictionary, gene_median_dictionary
+        Dicts or paths (see :mod:`geneformer_peft.data.vocab`).
+    gene_id_column
+        ``var`` column of Ensembl ids; ``None``: ``var["ensembl_id"]`` when present, else
+        ``var_names``. Genes missing from either dictionary are dropped (reported).
+    label_column
+        ``obs`` column copied to the dataset under its own name (e.g. ``cell_type``).
+    keep_columns
+        Further ``obs`` columns to copy.
+    model_input_size
+        Maximum number of tokens per cell (2048 for V1, 4096 for V2).
+    model_version
+        ``"V1"`` or ``"V2"`` (adds ``<cls>`` first and ``<eos>`` last).
+    chunk_size
+        Cells read at a time (memory stays flat in the number of cells).
+    filter_column
+        Cells with ``obs[filter_column] != 1`` are skipped when the column exists.
+    obs_filter
+        ``{column: value or [values]}``: keep only matching cells (compared as strings).
+    show_progress
+        Show a tqdm progress bar.
+    cache_dir
+        Where the Arrow file backing the dataset is written; default: a temporary
+        directory removed when the interpreter exits (call ``save_to_disk`` to keep it).
+    return_stats
+        Also return the :class:`TokenizationStats`.
+
+    Returns
+    -------
+    datasets.Dataset or (datasets.Dataset, TokenizationStats)
+        Columns ``input_ids`` (list of int64), ``length`` (int64), then the label and kept
+        columns. One row per kept cell, in file order.
+
+    Raises
+    ------
+    DataError
+        Missing file / column, 0 cells, no gene in the vocabulary, a matrix that is not
+        raw counts, invalid ``n_counts``, V2 special tokens missing from the dictionary.
+    """
+    import datasets
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from geneformer_peft.data.cell_source import check_raw_counts, open_cell_source, select_cells
+    from geneformer_peft.data.vocab import CLS_TOKEN, EOS_TOKEN, load_gene_median_dictionary, load_token_dictionary
+
+    if model_version not in ("V1", "V2"):
+        raise DataError(f"model_version {model_version!r} is not supported; expected 'V1' or 'V2'")
+    if chunk_size < 1:
+        raise DataError(f"chunk_size {chunk_size!r} is not valid; expected a positive integer")
+    if not isinstance(token_dictionary, Mapping):
+        token_dictionary = load_token_dictionary(token_dictionary)
+    if not isinstance(gene_median_dictionary, Mapping):
+        gene_median_dictionary = load_gene_median_dictionary(gene_median_dictionary)
+    prefix: Tuple[int, ...] = ()
+    suffix: Tuple[int, ...] = ()
+    if model_version == "V2":
+        missing = [t for t in (CLS_TOKEN, EOS_TOKEN) if t not in token_dictionary]
+        if missing:
+            raise DataError(
+                f"token_dictionary: V2 needs special tokens {missing} which it does not hold; "
+                "expected a V2 dictionary with '<cls>' and '<eos>'"
+            )
+        prefix, suffix = (int(token_dictionary[CLS_TOKEN]),), (int(token_dictionary[EOS_TOKEN]),)
+
+    out_columns = ([label_column] if label_column else []) + [c for c in keep_columns if c != label_column]
+    with open_cell_source(path_or_adata, gene_id_column=gene_id_column) as cells:
+        for column in out_columns:
+            if column not in cells.obs.columns:
+                field_name = "label column" if column == label_column else "keep column"
+                raise DataError(
+                    f"{cells.name}: {field_name} obs[{column!r}] does not exist; "
+                    f"expected one of {sorted(map(str, cells.obs.columns))}"
+                )
+        if column_clash := {"input_ids", "length"} & set(out_columns):
+            raise DataError(f"{cells.name}: obs columns {sorted(column_clash)} clash with dataset columns")
+        keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
+        gene_map = build_gene_map(cells.gene_ids, token_dictionary, gene_median_dictionary, source_name=cells.name)
+        obs_n_counts = None
+        if "n_counts" in cells.obs.columns:
+            obs_n_counts = cells.obs["n_counts"].to_numpy(dtype=np.float64)
+            logger.info("%s: n_counts from obs['n_counts']", cells.name)
+        else:
+            logger.info("%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
+        obs_arrays = {c: _obs_arrow_column(cells.obs[c]) for c in out_columns}
+        for column, array in obs_arrays.items():
+            if array.null_count:
+                logger.warning("%s: obs[%r] has %d missing values (kept as null)", cells.name, column, array.null_count)
+
+        schema = pa.schema(
+            [("input_ids", pa.list_(pa.int64())), ("length", pa.int64())]
+            + [(c, obs_arrays[c].type) for c in out_columns]
+        )
+        if cache_dir is None:
+            work_dir = tempfile.mkdtemp(prefix="geneformer_peft_tokenize_")
+            _TEMP_DIRS.append(work_dir)
+        else:
+            work_dir = str(cache_dir)
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+        arrow_path = str(Path(work_dir) / f"tokenized-{uuid.uuid4().hex}.arrow")
+
+        lengths_parts: List[np.ndarray] = []
+        total_counts = matched_counts = 0.0
+        n_truncated = 0
+        with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            starts = range(0, cells.n_cells, chunk_size)
+            for start in tqdm(starts, desc=f"tokenizing {Path(cells.name).name}", disable=not show_progress):
+                stop = min(start + chunk_size, cells.n_cells)
+                chunk_keep = keep[start:stop]
+                if not chunk_keep.any():
+                    continue
+                block = cells.read_rows(start, stop)
+                cell_names = cells.obs.index[start:stop]
+                check_raw_counts(block, source_name=cells.name, cell_names=cell_names, gene_ids=cells.gene_ids)
+                block_totals = np.asarray(block.sum(axis=1)).ravel()
+                n_counts = block_totals if obs_n_counts is None else obs_n_counts[start:stop]
+                block, n_counts, block_totals = block[chunk_keep], n_counts[chunk_keep], block_totals[chunk_keep]
+                matched = gene_map.project(block)
+                has_counts = np.diff(matched.indptr) > 0
+                invalid = has_counts & ~(np.isfinite(n_counts) & (n_counts > 0))
+                if invalid.any():
+                    row = int(np.flatnonzero(invalid)[0])
+                    raise DataError(
+                        f"{cells.name}: field obs['n_counts'] is {float(n_counts[row])!r} for cell "
+                        f"{str(cell_names[chunk_keep][row])!r}; expected a positive total count"
+                    )
+                total_counts += float(block_totals.sum())
+                matched_counts += float(matched.sum())
+                encoded = rank_value_encode(
+                    matched,
+                    n_counts=n_counts,
+                    gene_token_ids=gene_map.token_ids,
+                    gene_medians=gene_map.medians,
+                    model_input_size=model_input_size,
+                    prefix_token_ids=prefix,
+                    suffix_token_ids=suffix,
+                )
+                n_truncated += int((np.diff(matched.indptr) > model_input_size - len(prefix) - len(suffix)).sum())
+                lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+                lengths_parts.append(lengths)
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                flat = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
+                rows = np.flatnonzero(chunk_keep) + start
+                arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64())), pa.array(lengths)]
+                arrays += [obs_arrays[c].take(pa.array(rows)) for c in out_columns]
+                writer.write_batch(pa.record_batch(arrays, schema=schema))
+
+    lengths = np.concatenate(lengths_parts)
+    gene_only_lengths = lengths - len(prefix) - len(suffix)
+    stats = TokenizationStats(
+        source=cells.name,
+        model_version=model_version,
+        model_input_size=model_input_size,
+        n_cells_total=cells.n_cells,
+        n_cells_kept=int(len(lengths)),
+        n_genes_total=gene_map.n_genes_total,
+        n_genes_matched=int(len(gene_map.token_ids)),
+        n_genes_missing_token=gene_map.n_missing_token,
+        n_genes_missing_median=gene_map.n_missing_median,
+        matched_count_fraction=float(matched_counts / total_counts) if total_counts else 0.0,
+        n_cells_truncated=n_truncated,
+        n_cells_empty=int((gene_only_lengths == 0).sum()),
+        length_min=int(lengths.min()),
+        length_median=float(np.median(lengths)),
+        length_max=int(lengths.max()),
+        columns=["input_ids", "length"] + out_columns,
+    )
+    _log_stats(stats)
+    dataset = datasets.Dataset.from_file(arrow_path)
+    dataset.info.description = stats.to_json()
+    return (dataset, stats) if return_stats else dataset
+
+
+def _log_stats(stats: TokenizationStats) -> None:
+    logger.info(
+        "%s: kept %d of %d cells; %d of %d genes matched the vocabulary (%d without token, %d without "
+        "median) holding %.1f%% of counts; length min/median/max %d/%.0f/%d; %d cells truncated to %d",
+        stats.source, stats.n_cells_kept, stats.n_cells_total, stats.n_genes_matched, stats.n_genes_total,
+        stats.n_genes_missing_token, stats.n_genes_missing_median, 100 * stats.matched_count_fraction,
+        stats.length_min, stats.length_median, stats.length_max, stats.n_cells_truncated, stats.model_input_size,
+    )
+    if stats.n_cells_empty:
+        logger.warning(
+            "%s: %d cells have no count in any vocabulary gene; they are kept with no gene token",
+            stats.source, stats.n_cells_empty,
+        )
