@@ -8,10 +8,8 @@ On your data:
         --data_path ./example_py/data --output_path ./save/ --epoch 3 --batch_size 32 --lr 5e-5 \\
         --model_path /path/to/gf-12L-30M-i2048 --config Pretrain_ckpts/geneformer-12L-30M-prompt/config.json
 
-`--help` lists every flag.
+`--help` lists every flag. This is `geneformer-peft finetune` with the example's defaults.
 """
-import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -21,9 +19,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from geneformer_peft.commands import finetune  # noqa: E402
-from geneformer_peft.errors import DataError  # noqa: E402
-from geneformer_peft.training.trainer import TrainingDiverged  # noqa: E402
+from geneformer_peft.cli import run_command  # noqa: E402
 
 EXAMPLE_DEFAULTS = {
     "dataset_name": "synthetic",
@@ -37,19 +33,7 @@ EXAMPLE_DEFAULTS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    finetune.add_arguments(parser, defaults=EXAMPLE_DEFAULTS)
-    parser.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return finetune.run(args)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as err:
-        logging.getLogger("cell_classification_prompt_fold").error("%s", err)
-        return 2
-    except TrainingDiverged as err:
-        logging.getLogger("cell_classification_prompt_fold").error("%s", err)
-        return 3
+    return run_command("finetune", argv, description=__doc__, defaults=EXAMPLE_DEFAULTS)
 
 
 if __name__ == "__main__":

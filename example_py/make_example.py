@@ -27,10 +27,10 @@ from datasets import Sequence, Value  # noqa: E402
 
 from geneformer_peft.data.cells import EncodedCells  # noqa: E402
 from geneformer_peft.data.folds import split_folds  # noqa: E402
-from geneformer_peft.training.pretrain import pretrain  # noqa: E402
-from geneformer_peft.data.synthetic import generate_counts, generate_unlabelled_counts  # noqa: E402
 from geneformer_peft.data.rank_value import tokenize_anndata  # noqa: E402
+from geneformer_peft.data.synthetic import generate_counts, generate_unlabelled_counts  # noqa: E402
 from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries  # noqa: E402
+from geneformer_peft.training.pretrain import pretrain  # noqa: E402
 from transformerslocal import BertConfig  # noqa: E402
 
 logger = logging.getLogger("make_example")

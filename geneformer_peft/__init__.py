@@ -1,1 +1,12 @@
-"""Geneformer-PEFT application package: tokenization, folds, training, metrics and outputs."""
+"""Geneformer-PEFT, the application: one package per stage, imports running one way.
+
+- :mod:`geneformer_peft.data`: cell sources, rank-value encoding, vocabularies, folds, collators, samplers
+- :mod:`geneformer_peft.models`: building and loading classifiers, device and precision
+- :mod:`geneformer_peft.evaluation`: inference, metrics, outputs, figures, prediction
+- :mod:`geneformer_peft.training`: the fine-tuning loop, cross-validation, pretraining
+- :mod:`geneformer_peft.commands` and :mod:`geneformer_peft.cli`: the command line (the only
+  place that parses arguments, sets up logging and turns errors into exit codes)
+
+:mod:`geneformer_peft.errors` holds the error classes every stage raises. The models
+themselves live in :mod:`transformerslocal`, which never imports this package.
+"""

@@ -4,6 +4,11 @@ Each subcommand lives in its own module under :mod:`geneformer_peft.commands` an
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. To add a command,
 write such a module and add one line to :data:`COMMANDS`. Command modules import their heavy
 dependencies inside ``run`` so that ``--help`` stays fast.
+
+This module is the one place that sets up logging (:data:`~geneformer_peft.log_format.LOG_FORMAT`,
+``--log_level`` before or after the command name) and turns the project's errors into exit
+codes (:data:`EXIT_CODES`); scripts such as ``example_py/cell_classification_prompt_fold.py``
+run a command through :func:`run_command`, so they behave the same.
 """
 
 from __future__ import annotations
@@ -12,16 +17,20 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Dict, List, Optional
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from geneformer_peft.errors import DataError
+from geneformer_peft.errors import DataError, TrainingDiverged
+from geneformer_peft.log_format import LOG_FORMAT
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("geneformer_peft.cli")
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "EXIT_CODES", "build_parser", "main", "run_command"]
 
 #: command name -> module implementing it
-COMMANDS: Dict[str, str] = {
+COMMANDS: dict[str, str] = {
     "tokenize": "geneformer_peft.commands.tokenize",
     "split": "geneformer_peft.commands.split",
     "pretrain": "geneformer_peft.commands.pretrain",
@@ -30,6 +39,32 @@ COMMANDS: Dict[str, str] = {
     "remap-vocab": "geneformer_peft.commands.remap_vocab",
 }
 
+#: error class -> exit code, first match wins. Bad input of any kind (a file that is missing,
+#: exists already or is not what was expected, a value out of range) is 2.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (DataError, 2),
+    (FileNotFoundError, 2),
+    (FileExistsError, 2),
+    (NotADirectoryError, 2),
+    (IsADirectoryError, 2),
+    (ValueError, 2),
+    (TrainingDiverged, 3),
+)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _add_log_level(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    parser.add_argument("--log_level", default=default, choices=LOG_LEVELS, help="Logging verbosity (INFO).")
+
+
+def _add_command(subparsers, name: str, module: ModuleType) -> None:
+    sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    _add_log_level(sub, default=argparse.SUPPRESS)  # given after the command, it wins
+    sub.set_defaults(_run=module.run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one subparser per entry of :data:`COMMANDS`."""
@@ -37,36 +72,76 @@ def build_parser() -> argparse.ArgumentParser:
         prog="geneformer-peft",
         description="Parameter-efficient fine-tuning of Geneformer: data preparation, training, evaluation.",
     )
-    parser.add_argument(
-        "--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging verbosity."
-    )
+    _add_log_level(parser, default="INFO")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(
-            name,
-            help=module.HELP,
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        _add_command(subparsers, name, importlib.import_module(module_name))
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 success, 2 bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str) -> None:
+    """Console logging in the project's format (once per process; later calls set the level)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format=LOG_FORMAT)
     else:
-        logging.getLogger("geneformer_peft").setLevel(args.log_level)
+        logging.getLogger("geneformer_peft").setLevel(level)
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of one of the project's errors (:data:`EXIT_CODES`), else ``None``."""
+    for cls, code in EXIT_CODES:
+        if isinstance(error, cls):
+            return code
+    return None
+
+
+def _execute(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
     try:
         return int(args._run(args) or 0)
-    except DataError as exc:
-        logger.error("%s", exc)
-        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted; rerun the same command to resume where it stopped")
+        return 130
+    except Exception as error:  # noqa: BLE001 - mapped below, anything else re-raised
+        code = exit_code(error)
+        if code is None:
+            raise
+        logger.error("%s", error)
+        return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 bad input, 3 diverged, 130 interrupted)."""
+    return _execute(build_parser().parse_args(argv))
+
+
+def run_command(command: str, argv: Sequence[str] | None = None, *, prog: str | None = None,
+                description: str | None = None, defaults: Mapping[str, Any] | None = None) -> int:
+    """Run one subcommand as its own program (for scripts), with the same logging and exit codes.
+
+    Parameters
+    ----------
+    command
+        A key of :data:`COMMANDS`, e.g. ``"finetune"``.
+    argv
+        The arguments (default: ``sys.argv[1:]``).
+    prog, description
+        Shown by ``--help``.
+    defaults
+        Passed to the command's ``add_arguments(parser, defaults=...)``: the script's own
+        defaults (the command must accept them).
+    """
+    module = importlib.import_module(COMMANDS[command])
+    parser = argparse.ArgumentParser(prog=prog or Path(sys.argv[0]).name, description=description or module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if defaults is None:
+        module.add_arguments(parser)
+    else:
+        module.add_arguments(parser, defaults=dict(defaults))
+    _add_log_level(parser, default="INFO")
+    parser.set_defaults(_run=module.run)
+    return _execute(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

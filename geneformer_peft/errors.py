@@ -1,11 +1,15 @@
-"""Exceptions raised for bad user input."""
+"""The project's error classes; :mod:`geneformer_peft.cli` maps each to an exit code."""
 
-__all__ = ["DataError"]
+__all__ = ["DataError", "TrainingDiverged"]
 
 
 class DataError(ValueError):
-    """Bad input data or files.
+    """Bad input data or files (exit code 2).
 
     The message names the file, the field, the offending value and what was expected,
     so that a user can fix the input without reading the code.
     """
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite (exit code 3); finished folds keep their outputs."""

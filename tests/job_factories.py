@@ -1,5 +1,5 @@
 """Tiny inputs for the fine-tuning job tests: a synthetic dataset in the reference fold
-layout (SPEC-data §2) and a tiny random checkpoint over its vocabulary.
+layout (docs/fold_layout.md) and a tiny random checkpoint over its vocabulary.
 
 Everything is built with the project's own tools (``generate_counts`` -> ``build_vocabulary``
 -> ``tokenize_anndata`` -> ``split_folds``), once per test session (see ``conftest.py``).

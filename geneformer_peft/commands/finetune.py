@@ -104,8 +104,8 @@ def options_from_args(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.num_threads)
-    from geneformer_peft.training.cross_validation import RunOptions
     from geneformer_peft.training.arguments import TrainingArguments
+    from geneformer_peft.training.cross_validation import RunOptions
 
     training = TrainingArguments(
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
@@ -124,16 +124,8 @@ def options_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.training.cross_validation import run_cross_validation
-    from geneformer_peft.training.trainer import TrainingDiverged
 
-    try:
-        summary = run_cross_validation(options_from_args(args))
-    except TrainingDiverged as err:  # finished folds keep their outputs
-        logger.error("%s", err)
-        return 3
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input (DataError is a ValueError)
-        logger.error("%s", err)
-        return 2
+    summary = run_cross_validation(options_from_args(args))
     if not logging.getLogger("geneformer_peft").isEnabledFor(logging.INFO):  # else the log showed it
         print(f"Summary over folds {summary['fold_ids']} ({summary['run_dir']}):\n{summary['table']}")
     return 0

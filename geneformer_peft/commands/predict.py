@@ -41,13 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, overwrite=args.overwrite)
     dataset = load_saved_dataset(args.input)
-    try:
-        frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
-                                       label_column=args.label_column, batch_size=args.batch_size, device=args.device,
-                                       max_length=args.max_length)
-    except (ValueError, FileNotFoundError) as err:  # bad input (DataError is a ValueError)
-        logger.error("%s", err)
-        return 2
+    frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
+                                   label_column=args.label_column, batch_size=args.batch_size, device=args.device,
+                                   max_length=args.max_length)
     print(f"{len(frame)} cells -> {args.output}")
     if metrics is not None:
         print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")

@@ -38,12 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.data.cells import EncodedCells
     from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.data.cells import EncodedCells
     from geneformer_peft.data.dataset_io import load_saved_dataset
-    from geneformer_peft.training.pretrain import pretrain
-    from geneformer_peft.training.trainer import TrainingDiverged
     from geneformer_peft.data.vocab import load_token_dictionary
+    from geneformer_peft.training.pretrain import pretrain
     from transformerslocal import BertConfig
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
@@ -53,16 +52,9 @@ def run(args: argparse.Namespace) -> int:
         vocab_source = args.model_path / "tokenizer.json"
     token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
     config = BertConfig.from_pretrained(args.config) if args.config else None
-    try:
-        result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
-                          token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
-    except TrainingDiverged as err:
-        logger.error("%s", err)
-        return 3
-    except (ValueError, FileNotFoundError) as err:  # bad input (DataError is a ValueError)
-        logger.error("%s", err)
-        return 2
+    result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
+                      token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
     for record in result.history:
         print(f"epoch {record['epoch']}: MLM loss {record['mlm_loss']:.4f}")
     print(f"checkpoint: {result.output_dir}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Dict, List
 
 from geneformer_peft.commands._common import check_output_path
 from geneformer_peft.errors import DataError
@@ -54,9 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
 
 
-def parse_obs_filters(items: List[str]) -> Dict[str, List[str]]:
+def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
     """Parse ``["col=a,b", ...]`` into ``{"col": ["a", "b"]}``."""
-    filters: Dict[str, List[str]] = {}
+    filters: dict[str, list[str]] = {}
     for item in items:
         column, sep, values = item.partition("=")
         if not sep or not column or not values:

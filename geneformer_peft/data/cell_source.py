@@ -9,8 +9,10 @@ backed mode).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,9 +22,9 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellSource", "open_cell_source", "check_raw_counts", "select_cells"]
+__all__ = ["CellChunk", "CellSource", "check_raw_counts", "iter_cell_chunks", "open_cell_source", "select_cells"]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class CellSource:
@@ -40,7 +42,7 @@ class CellSource:
         the ``ensembl_id`` row attribute).
     """
 
-    def __init__(self, source: Any, *, gene_id_column: Optional[str] = None) -> None:
+    def __init__(self, source: Any, *, gene_id_column: str | None = None) -> None:
         self._adata = None
         self._loom = None
         self._owns_file = False
@@ -84,7 +86,7 @@ class CellSource:
         self.n_genes = len(self.gene_ids)
 
     # -- construction helpers --------------------------------------------------------------
-    def _adata_gene_ids(self, gene_id_column: Optional[str]) -> np.ndarray:
+    def _adata_gene_ids(self, gene_id_column: str | None) -> np.ndarray:
         var = self._adata.var
         if gene_id_column is None:
             if "ensembl_id" in var.columns:
@@ -113,7 +115,7 @@ class CellSource:
         self.n_cells = int(self._loom.shape[1])
 
     # -- public API ---------------------------------------------------------------------------
-    def set_loom_gene_ids(self, gene_id_column: Optional[str]) -> None:
+    def set_loom_gene_ids(self, gene_id_column: str | None) -> None:
         """Pick the loom row attribute holding gene ids (internal use)."""
         column = gene_id_column or "ensembl_id"
         if column not in self._loom.ra.keys():
@@ -143,14 +145,100 @@ class CellSource:
             self._adata.file.close()
         self._owns_file = False
 
-    def __enter__(self) -> "CellSource":
+    def __enter__(self) -> CellSource:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
 
-def open_cell_source(source: Any, *, gene_id_column: Optional[str] = None) -> CellSource:
+@dataclass
+class CellChunk:
+    """One block of kept cells, read and checked by :func:`iter_cell_chunks`.
+
+    Attributes
+    ----------
+    start, stop
+        The block's rows in the file (``start:stop``; only the kept ones are below).
+    rows
+        File row of each kept cell.
+    cell_names
+        ``obs`` index of each kept cell.
+    counts
+        Raw counts of the kept cells, float64 CSR (cells x all genes of the file).
+    raw_totals
+        Each kept cell's total over all genes of the file.
+    n_counts
+        Each kept cell's normalisation total: ``obs["n_counts"]`` when the file has it,
+        else ``raw_totals``.
+    """
+
+    start: int
+    stop: int
+    rows: np.ndarray
+    cell_names: pd.Index
+    counts: sp.csr_matrix
+    raw_totals: np.ndarray
+    n_counts: np.ndarray
+
+
+def iter_cell_chunks(cells: CellSource, keep: np.ndarray, *, chunk_size: int = 512, desc: str = "reading",
+                     show_progress: bool = True, use_obs_n_counts: bool = True) -> Iterator[CellChunk]:
+    """Read ``cells`` block by block, checking that every block holds raw counts.
+
+    Blocks without a kept cell are not read. At most one block of the matrix is in
+    memory at a time.
+
+    Parameters
+    ----------
+    cells
+        An open :class:`CellSource`.
+    keep
+        Boolean mask over the file's cells (see :func:`select_cells`).
+    chunk_size
+        Cells per block.
+    desc, show_progress
+        The tqdm progress bar's label, and whether to show it.
+    use_obs_n_counts
+        Take ``n_counts`` from ``obs["n_counts"]`` when that column exists (logged once).
+
+    Yields
+    ------
+    CellChunk
+        One per block with at least one kept cell, in file order.
+
+    Raises
+    ------
+    DataError
+        If ``chunk_size`` is not positive, or a block holds values that are not raw counts.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise DataError(f"chunk_size {chunk_size!r} is not valid; expected a positive integer")
+    obs_n_counts = None
+    if use_obs_n_counts and "n_counts" in cells.obs.columns:
+        obs_n_counts = cells.obs["n_counts"].to_numpy(dtype=np.float64)
+        logger.info("%s: n_counts from obs['n_counts']", cells.name)
+    else:
+        logger.info("%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
+    starts = range(0, cells.n_cells, chunk_size)
+    for start in tqdm(starts, desc=f"{desc} {Path(cells.name).name}", disable=not show_progress):
+        stop = min(start + chunk_size, cells.n_cells)
+        chunk_keep = keep[start:stop]
+        if not chunk_keep.any():
+            continue
+        block = cells.read_rows(start, stop)
+        cell_names = cells.obs.index[start:stop]
+        check_raw_counts(block, source_name=cells.name, cell_names=cell_names, gene_ids=cells.gene_ids)
+        raw_totals = np.asarray(block.sum(axis=1)).ravel()
+        n_counts = raw_totals if obs_n_counts is None else obs_n_counts[start:stop]
+        yield CellChunk(start=start, stop=stop, rows=np.flatnonzero(chunk_keep) + start,
+                        cell_names=cell_names[chunk_keep], counts=block[chunk_keep],
+                        raw_totals=raw_totals[chunk_keep], n_counts=n_counts[chunk_keep])
+
+
+def open_cell_source(source: Any, *, gene_id_column: str | None = None) -> CellSource:
     """Open ``source`` and resolve its gene ids (handles loom row attributes too)."""
     cells = CellSource(source, gene_id_column=gene_id_column)
     if cells._loom is not None:
@@ -187,8 +275,8 @@ def select_cells(
     obs: pd.DataFrame,
     *,
     source_name: str,
-    filter_column: Optional[str] = "filter_pass",
-    obs_filter: Optional[Mapping[str, Any]] = None,
+    filter_column: str | None = "filter_pass",
+    obs_filter: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
     """Return a boolean mask of the cells to keep, logging how many each filter removed.
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,8 @@ from geneformer_peft.data.collator import pad_input_ids
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["EncodedCells", "collate_cells"]
 
 
 class EncodedCells(Dataset):
@@ -41,7 +44,7 @@ class EncodedCells(Dataset):
 
     @classmethod
     def from_dataset(cls, dataset, *, label_column: str | None = None, label2id: Mapping[Any, int] | None = None,
-                     max_length: int | None = None, name: str = "cells") -> "EncodedCells":
+                     max_length: int | None = None, name: str = "cells") -> EncodedCells:
         """Read a tokenized ``datasets.Dataset`` (``input_ids`` and, optionally, a label column)."""
         if "input_ids" not in dataset.column_names:
             raise DataError(f"{name}: no 'input_ids' column; expected a tokenized dataset, "

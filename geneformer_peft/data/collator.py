@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from geneformer_peft.errors import DataError
-
-__all__ = ["CellClassificationCollator", "MaskedLMCollator", "pad_input_ids"]
+__all__ = ["MaskedLMCollator", "pad_input_ids"]
 
 IGNORE_INDEX = -100
 
@@ -19,9 +18,9 @@ def pad_input_ids(
     sequences: Sequence[Sequence[int]],
     *,
     pad_token_id: int = 0,
-    pad_to_multiple_of: Optional[int] = None,
-    max_length: Optional[int] = None,
-) -> Dict[str, torch.Tensor]:
+    pad_to_multiple_of: int | None = None,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Pad token id lists to the longest (optionally rounded up to a multiple).
 
     Sequences longer than ``max_length`` are truncated to their first ``max_length``
@@ -39,72 +38,6 @@ def pad_input_ids(
         input_ids[row, :len(sequence)] = sequence
         attention_mask[row, :len(sequence)] = 1
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
-
-
-class CellClassificationCollator:
-    """Collate tokenized cells into padded tensors for classification.
-
-    Parameters
-    ----------
-    pad_token_id
-        Id of ``<pad>`` (0 in Geneformer).
-    pad_to_multiple_of
-        Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
-    label_column
-        Feature key of the label; when present it is returned as ``labels`` (long).
-        String labels need ``label2id``.
-    max_length
-        Truncate longer cells to their first ``max_length`` tokens.
-    label2id
-        Optional mapping applied to labels (e.g. cell type names -> ids).
-
-    Returns (on call)
-    -----------------
-    dict with ``input_ids`` (long), ``attention_mask`` (1 genes, 0 padding) and ``labels``.
-    """
-
-    def __init__(
-        self,
-        pad_token_id: int = 0,
-        pad_to_multiple_of: Optional[int] = None,
-        label_column: str = "label",
-        max_length: Optional[int] = None,
-        label2id: Optional[Mapping[Any, int]] = None,
-    ) -> None:
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.label_column = label_column
-        self.max_length = max_length
-        self.label2id = dict(label2id) if label2id is not None else None
-
-    def __call__(self, features: List[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
-        batch = pad_input_ids(
-            [f["input_ids"] for f in features],
-            pad_token_id=self.pad_token_id,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-            max_length=self.max_length,
-        )
-        with_label = [self.label_column in f for f in features]
-        if any(with_label):
-            if not all(with_label):
-                raise DataError(
-                    f"batch: {with_label.count(False)} of {len(features)} cells lack the label "
-                    f"{self.label_column!r}; expected a label on every cell or on none"
-                )
-            labels = [f[self.label_column] for f in features]
-            if self.label2id is not None:
-                unknown = [l for l in labels if l not in self.label2id]
-                if unknown:
-                    raise DataError(
-                        f"batch: label {unknown[0]!r} is not in label2id; expected one of {sorted(self.label2id)}"
-                    )
-                labels = [self.label2id[l] for l in labels]
-            elif any(isinstance(l, str) for l in labels):
-                raise DataError(
-                    f"batch: label {labels[0]!r} is a string; expected integer ids (or pass label2id)"
-                )
-            batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
-        return batch
 
 
 class MaskedLMCollator:
@@ -129,7 +62,7 @@ class MaskedLMCollator:
     mlm_probability
         Fraction of real tokens chosen.
     pad_to_multiple_of, max_length
-        As for :class:`CellClassificationCollator`.
+        As for :func:`pad_input_ids`.
     seed
         Seed for reproducible masking (each DataLoader worker derives its own stream);
         ``None`` uses torch's global random state.
@@ -137,16 +70,16 @@ class MaskedLMCollator:
 
     def __init__(
         self,
-        token_dictionary: Optional[Mapping[str, int]] = None,
+        token_dictionary: Mapping[str, int] | None = None,
         *,
-        vocab_size: Optional[int] = None,
+        vocab_size: int | None = None,
         mask_token_id: int = 1,
         pad_token_id: int = 0,
-        special_token_ids: Optional[Iterable[int]] = None,
+        special_token_ids: Iterable[int] | None = None,
         mlm_probability: float = 0.15,
-        pad_to_multiple_of: Optional[int] = None,
-        max_length: Optional[int] = None,
-        seed: Optional[int] = None,
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        seed: int | None = None,
     ) -> None:
         specials = {pad_token_id, mask_token_id}
         if token_dictionary is not None:
@@ -160,7 +93,7 @@ class MaskedLMCollator:
         if not 0 < mlm_probability < 1:
             raise ValueError(f"mlm_probability {mlm_probability!r} is not valid; expected 0 < p < 1")
         if special_token_ids is not None:
-            specials = set(int(i) for i in special_token_ids) | {pad_token_id, mask_token_id}
+            specials = {int(i) for i in special_token_ids} | {pad_token_id, mask_token_id}
         self.vocab_size = int(vocab_size)
         self.mask_token_id = mask_token_id
         self.pad_token_id = pad_token_id
@@ -173,10 +106,10 @@ class MaskedLMCollator:
         is_gene[[i for i in self.special_token_ids if i < self.vocab_size]] = False
         self._gene_ids = torch.nonzero(is_gene).flatten()
         self._special = torch.tensor(self.special_token_ids, dtype=torch.long)
-        self._generator: Optional[torch.Generator] = None
-        self._generator_owner: Optional[int] = None
+        self._generator: torch.Generator | None = None
+        self._generator_owner: int | None = None
 
-    def _rng(self) -> Optional[torch.Generator]:
+    def _rng(self) -> torch.Generator | None:
         if self.seed is None:
             return None
         info = torch.utils.data.get_worker_info()
@@ -186,7 +119,7 @@ class MaskedLMCollator:
             self._generator_owner = owner
         return self._generator
 
-    def __call__(self, features: List[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         batch = pad_input_ids(
             [f["input_ids"] for f in features],
             pad_token_id=self.pad_token_id,

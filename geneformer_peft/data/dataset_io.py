@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Union
 
 from geneformer_peft.errors import DataError
 
 __all__ = ["load_saved_dataset", "save_dataset_atomically"]
 
 
-def load_saved_dataset(path: Union[str, Path]):
+def load_saved_dataset(path: str | Path):
     """Load a ``datasets.Dataset`` written by ``save_to_disk``.
 
     Raises
@@ -35,7 +34,7 @@ def load_saved_dataset(path: Union[str, Path]):
     return datasets.load_from_disk(str(path))
 
 
-def save_dataset_atomically(dataset, path: Union[str, Path]) -> None:
+def save_dataset_atomically(dataset, path: str | Path) -> None:
     """``save_to_disk`` into a sibling temporary directory, then move it into place.
 
     An interrupted save never leaves a half-written dataset at ``path``; an existing

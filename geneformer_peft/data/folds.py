@@ -25,7 +25,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any
 
 import numpy as np
 
@@ -34,16 +34,51 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["split_folds", "fold_paths", "load_fold", "label_mapping", "SPLITS"]
+__all__ = ["SPLITS", "check_fold_files", "discover_folds", "fold_paths", "label_mapping", "load_fold", "split_folds"]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 SPLITS = ("train", "val", "test")
 
 
-def fold_paths(data_path: PathLike, dataset_name: str, fold: int) -> Dict[str, Path]:
+def fold_paths(data_path: PathLike, dataset_name: str, fold: int) -> dict[str, Path]:
     """Return ``{"train": path, "val": path, "test": path}`` of fold ``fold`` in the reference layout."""
     fold_dir = Path(data_path) / dataset_name / str(fold)
     return {split: fold_dir / f"{dataset_name}_{split}{fold}.dataset" for split in SPLITS}
+
+
+def discover_folds(data_path: PathLike, dataset_name: str) -> list[int]:
+    """Fold numbers present under ``<data_path>/<dataset_name>/``.
+
+    Raises
+    ------
+    DataError
+        When there is none, saying which folders and files were looked for.
+    """
+    root = Path(data_path) / dataset_name
+    folds = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    if not folds:
+        raise DataError(f"no folds found for dataset {dataset_name!r}: looked for folders 0, 1, ... under {root} "
+                        f"holding {dataset_name}_train<i>.dataset, {dataset_name}_val<i>.dataset and "
+                        f"{dataset_name}_test<i>.dataset (make them with `geneformer-peft split`)")
+    return folds
+
+
+def check_fold_files(data_path: PathLike, dataset_name: str, folds: list[int]) -> None:
+    """Fail before any training when a requested fold lacks a split.
+
+    Raises
+    ------
+    DataError
+        Listing every path looked for and the missing ones.
+    """
+    for fold in folds:
+        paths = fold_paths(data_path, dataset_name, fold)
+        missing = [str(p) for p in paths.values() if not p.exists()]
+        if missing:
+            raise DataError(
+                f"fold {fold} of dataset {dataset_name!r} under {data_path} is incomplete: missing {missing}; "
+                f"looked for {[str(p) for p in paths.values()]}"
+            )
 
 
 def load_fold(data_path: PathLike, dataset_name: str, fold: int):
@@ -59,17 +94,12 @@ def load_fold(data_path: PathLike, dataset_name: str, fold: int):
         Listing every path looked for when one is missing, or naming a directory that is
         not a saved dataset.
     """
+    check_fold_files(data_path, dataset_name, [fold])
     paths = fold_paths(data_path, dataset_name, fold)
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise DataError(
-            f"fold {fold} of dataset {dataset_name!r} under {data_path} is incomplete: missing {missing}; "
-            f"looked for {[str(p) for p in paths.values()]}"
-        )
     return tuple(load_saved_dataset(paths[split]) for split in SPLITS)
 
 
-def label_mapping(train, val, test, label_column: str = "cell_type") -> Tuple[Dict[Any, int], List[str]]:
+def label_mapping(train, val, test, label_column: str = "cell_type") -> tuple[dict[Any, int], list[str]]:
     """Map labels to ids in sorted order of the names, over train, val and test together.
 
     Returns
@@ -101,7 +131,7 @@ def label_mapping(train, val, test, label_column: str = "cell_type") -> Tuple[Di
 
 def _carve_validation(
     indices: np.ndarray, labels: np.ndarray, val_fraction: float, rng: np.random.Generator
-) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Split ``indices`` into (train, val) class by class; return classes that gave no val cell."""
     train_parts, val_parts, no_val = [], [], {}
     for label in np.unique(labels[indices]):
@@ -125,7 +155,7 @@ def split_folds(
     seed: int = 0,
     val_fraction: float = 0.1,
     overwrite: bool = False,
-) -> List[Dict[str, Path]]:
+) -> list[dict[str, Path]]:
     """Split a tokenized dataset into stratified folds and save them in the reference layout.
 
     Parameters
@@ -186,7 +216,7 @@ def split_folds(
         )
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     rng = np.random.default_rng(seed)
-    info: Dict[str, Any] = {
+    info: dict[str, Any] = {
         "dataset_name": dataset_name, "n_folds": n_folds, "label_column": label_column, "seed": seed,
         "val_fraction": val_fraction, "n_cells": int(len(labels)),
         "class_counts": {str(n): int(c) for n, c in zip(names, counts)}, "rare_classes": rare, "folds": [],

@@ -17,9 +17,10 @@ import logging
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["rank_value_encode", "tokenize_anndata", "TokenizationStats", "GeneMap", "build_gene_map"]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 TARGET_SUM = 10_000.0
 
 
@@ -38,7 +39,7 @@ TARGET_SUM = 10_000.0
 # Core
 # ---------------------------------------------------------------------------------------------
 def rank_value_encode(
-    counts: Union[sp.spmatrix, np.ndarray],
+    counts: sp.spmatrix | np.ndarray,
     *,
     n_counts: np.ndarray,
     gene_token_ids: np.ndarray,
@@ -47,7 +48,7 @@ def rank_value_encode(
     prefix_token_ids: Sequence[int] = (),
     suffix_token_ids: Sequence[int] = (),
     target_sum: float = TARGET_SUM,
-) -> List[np.ndarray]:
+) -> list[np.ndarray]:
     """Rank value encode a block of cells.
 
     Parameters
@@ -117,7 +118,7 @@ class GeneMap:
     columns: np.ndarray
     token_ids: np.ndarray
     medians: np.ndarray
-    aggregate: Optional[sp.csr_matrix]
+    aggregate: sp.csr_matrix | None
     n_genes_total: int
     n_missing_token: int
     n_missing_median: int
@@ -200,14 +201,14 @@ class TokenizationStats:
     length_min: int
     length_median: float
     length_max: int
-    columns: List[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         """Return the stats as a JSON string."""
         return json.dumps(asdict(self), indent=2)
 
 
-_TEMP_DIRS: List[str] = []
+_TEMP_DIRS: list[str] = []
 
 
 def _cleanup_temp_dirs() -> None:
@@ -236,18 +237,18 @@ def _obs_arrow_column(series: Any):
 def tokenize_anndata(
     path_or_adata: Any,
     *,
-    token_dictionary: Union[Mapping[str, int], PathLike],
-    gene_median_dictionary: Union[Mapping[str, float], PathLike],
-    gene_id_column: Optional[str] = None,
-    label_column: Optional[str] = None,
+    token_dictionary: Mapping[str, int] | PathLike,
+    gene_median_dictionary: Mapping[str, float] | PathLike,
+    gene_id_column: str | None = None,
+    label_column: str | None = None,
     keep_columns: Sequence[str] = (),
     model_input_size: int = 2048,
     model_version: str = "V1",
     chunk_size: int = 512,
-    filter_column: Optional[str] = "filter_pass",
-    obs_filter: Optional[Mapping[str, Any]] = None,
+    filter_column: str | None = "filter_pass",
+    obs_filter: Mapping[str, Any] | None = None,
     show_progress: bool = True,
-    cache_dir: Optional[PathLike] = None,
+    cache_dir: PathLike | None = None,
     return_stats: bool = False,
 ):
     """Tokenize a ``.h5ad`` / ``.loom`` file or an AnnData into a ``datasets.Dataset``.
@@ -297,21 +298,29 @@ def tokenize_anndata(
     """
     import datasets
     import pyarrow as pa
-    from tqdm.auto import tqdm
 
-    from geneformer_peft.data.cell_source import check_raw_counts, open_cell_source, select_cells
-    from geneformer_peft.data.vocab import CLS_TOKEN, EOS_TOKEN, load_gene_median_dictionary, load_token_dictionary
+    from geneformer_peft.data.cell_source import (
+        iter_cell_chunks,
+        open_cell_source,
+        select_cells,
+    )
+    from geneformer_peft.data.vocab import (
+        CLS_TOKEN,
+        EOS_TOKEN,
+        check_model_version,
+        load_gene_median_dictionary,
+        load_token_dictionary,
+    )
 
-    if model_version not in ("V1", "V2"):
-        raise DataError(f"model_version {model_version!r} is not supported; expected 'V1' or 'V2'")
+    check_model_version(model_version)
     if chunk_size < 1:
         raise DataError(f"chunk_size {chunk_size!r} is not valid; expected a positive integer")
     if not isinstance(token_dictionary, Mapping):
         token_dictionary = load_token_dictionary(token_dictionary)
     if not isinstance(gene_median_dictionary, Mapping):
         gene_median_dictionary = load_gene_median_dictionary(gene_median_dictionary)
-    prefix: Tuple[int, ...] = ()
-    suffix: Tuple[int, ...] = ()
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
     if model_version == "V2":
         missing = [t for t in (CLS_TOKEN, EOS_TOKEN) if t not in token_dictionary]
         if missing:
@@ -334,12 +343,6 @@ def tokenize_anndata(
             raise DataError(f"{cells.name}: obs columns {sorted(column_clash)} clash with dataset columns")
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
         gene_map = build_gene_map(cells.gene_ids, token_dictionary, gene_median_dictionary, source_name=cells.name)
-        obs_n_counts = None
-        if "n_counts" in cells.obs.columns:
-            obs_n_counts = cells.obs["n_counts"].to_numpy(dtype=np.float64)
-            logger.info("%s: n_counts from obs['n_counts']", cells.name)
-        else:
-            logger.info("%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
         obs_arrays = {c: _obs_arrow_column(cells.obs[c]) for c in out_columns}
         for column, array in obs_arrays.items():
             if array.null_count:
@@ -357,32 +360,23 @@ def tokenize_anndata(
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         arrow_path = str(Path(work_dir) / f"tokenized-{uuid.uuid4().hex}.arrow")
 
-        lengths_parts: List[np.ndarray] = []
+        lengths_parts: list[np.ndarray] = []
         total_counts = matched_counts = 0.0
         n_truncated = 0
         with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            starts = range(0, cells.n_cells, chunk_size)
-            for start in tqdm(starts, desc=f"tokenizing {Path(cells.name).name}", disable=not show_progress):
-                stop = min(start + chunk_size, cells.n_cells)
-                chunk_keep = keep[start:stop]
-                if not chunk_keep.any():
-                    continue
-                block = cells.read_rows(start, stop)
-                cell_names = cells.obs.index[start:stop]
-                check_raw_counts(block, source_name=cells.name, cell_names=cell_names, gene_ids=cells.gene_ids)
-                block_totals = np.asarray(block.sum(axis=1)).ravel()
-                n_counts = block_totals if obs_n_counts is None else obs_n_counts[start:stop]
-                block, n_counts, block_totals = block[chunk_keep], n_counts[chunk_keep], block_totals[chunk_keep]
-                matched = gene_map.project(block)
+            for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
+                                          show_progress=show_progress):
+                n_counts = chunk.n_counts
+                matched = gene_map.project(chunk.counts)
                 has_counts = np.diff(matched.indptr) > 0
                 invalid = has_counts & ~(np.isfinite(n_counts) & (n_counts > 0))
                 if invalid.any():
                     row = int(np.flatnonzero(invalid)[0])
                     raise DataError(
                         f"{cells.name}: field obs['n_counts'] is {float(n_counts[row])!r} for cell "
-                        f"{str(cell_names[chunk_keep][row])!r}; expected a positive total count"
+                        f"{str(chunk.cell_names[row])!r}; expected a positive total count"
                     )
-                total_counts += float(block_totals.sum())
+                total_counts += float(chunk.raw_totals.sum())
                 matched_counts += float(matched.sum())
                 encoded = rank_value_encode(
                     matched,
@@ -398,7 +392,7 @@ def tokenize_anndata(
                 lengths_parts.append(lengths)
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
                 flat = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
-                rows = np.flatnonzero(chunk_keep) + start
+                rows = chunk.rows
                 arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64())), pa.array(lengths)]
                 arrays += [obs_arrays[c].take(pa.array(rows)) for c in out_columns]
                 writer.write_batch(pa.record_batch(arrays, schema=schema))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import Sampler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LengthGroupedSampler", "BalancedLengthGroupedSampler", "class_weights", "group_by_length"]
+__all__ = ["BalancedLengthGroupedSampler", "LengthGroupedSampler", "ShuffledSampler", "class_weights", "group_by_length"]
 
 
 def group_by_length(
@@ -71,6 +72,28 @@ class _DistributedMixin:
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ShuffledSampler(_DistributedMixin, Sampler):
+    """Plain shuffling, no length grouping; the order is a function of (seed, epoch).
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells.
+    seed
+        Base seed.
+    num_replicas, rank, drop_last
+        Distributed sharding (see the module docstring).
+    """
+
+    def __init__(self, n_cells: int, *, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 drop_last: bool = False) -> None:
+        self.n_cells, self.seed = int(n_cells), seed
+        self._init_distributed(num_replicas, rank, drop_last, self.n_cells)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._shard(self._rng().permutation(self.n_cells)).tolist())
 
 
 class LengthGroupedSampler(_DistributedMixin, Sampler):
@@ -140,7 +163,7 @@ class BalancedLengthGroupedSampler(_DistributedMixin, Sampler):
         labels: Sequence[Any],
         batch_size: int,
         *,
-        num_samples: Optional[int] = None,
+        num_samples: int | None = None,
         seed: int = 0,
         mega_batch_mult: int = 50,
         num_replicas: int = 1,
@@ -168,7 +191,7 @@ class BalancedLengthGroupedSampler(_DistributedMixin, Sampler):
 
 
 def class_weights(
-    train_labels: Sequence[int], num_classes: int, *, id2label: Optional[dict] = None
+    train_labels: Sequence[int], num_classes: int, *, id2label: dict | None = None
 ) -> torch.Tensor:
     """Class weights of the reference's weighted cross-entropy: ``w_c = (1 - n_c / N) ** 2``.
 

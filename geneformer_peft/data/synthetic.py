@@ -45,8 +45,9 @@ Output: :class:`anndata.AnnData` with raw integer counts in a CSR ``float32`` ma
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -462,7 +463,7 @@ def generate_counts(
         "seed": int(seed),
         "cell_seed": -1 if cell_seed is None else int(cell_seed),
         "labelled": bool(labelled),
-        "params": {key: value for key, value in asdict(params).items()},
+        "params": {**asdict(params)},
         "cell_types": names,
         "class_proportions": proportions.tolist(),
         "up_genes": world.up_genes,

@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from geneformer_peft.errors import DataError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MODEL_VERSIONS",
+    "check_model_version",
     "PAD_TOKEN",
     "MASK_TOKEN",
     "CLS_TOKEN",
@@ -47,7 +50,20 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKEN_DICTIONARY_FILE = "token_dictionary.pkl"
 GENE_MEDIAN_DICTIONARY_FILE = "gene_median_dictionary.pkl"
 
-PathLike = Union[str, Path]
+PathLike = str | Path
+
+
+MODEL_VERSIONS = ("V1", "V2")
+
+
+def check_model_version(model_version: str) -> None:
+    """Raise :class:`DataError` unless ``model_version`` is ``"V1"`` or ``"V2"``.
+
+    V1 inputs are genes only; V2 inputs start with ``<cls>`` and end with ``<eos>``, and
+    V2 vocabularies hold those two tokens.
+    """
+    if model_version not in MODEL_VERSIONS:
+        raise DataError(f"model_version {model_version!r} is not supported; expected one of {list(MODEL_VERSIONS)}")
 
 
 def is_special_token(token: str) -> bool:
@@ -58,10 +74,10 @@ def is_special_token(token: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def _validate_token_dictionary(raw: Any, source: str) -> Dict[str, int]:
+def _validate_token_dictionary(raw: Any, source: str) -> dict[str, int]:
     if not isinstance(raw, Mapping):
         raise DataError(f"{source}: token dictionary is a {type(raw).__name__}; expected a dict of token -> id")
-    result: Dict[str, int] = {}
+    result: dict[str, int] = {}
     for token, value in raw.items():
         try:
             token_id = int(value)
@@ -77,7 +93,7 @@ def _validate_token_dictionary(raw: Any, source: str) -> Dict[str, int]:
     return result
 
 
-def load_token_dictionary(path: PathLike) -> Dict[str, int]:
+def load_token_dictionary(path: PathLike) -> dict[str, int]:
     """Load a token dictionary ``{token: id}``.
 
     Parameters
@@ -117,7 +133,7 @@ def load_token_dictionary(path: PathLike) -> Dict[str, int]:
     return _validate_token_dictionary(raw, str(path))
 
 
-def load_gene_median_dictionary(path: PathLike) -> Dict[str, float]:
+def load_gene_median_dictionary(path: PathLike) -> dict[str, float]:
     """Load Geneformer's ``gene_median_dictionary.pkl`` as ``{ensembl_id: float}``.
 
     Raises
@@ -190,14 +206,14 @@ def save_tokenizer_json(token_dictionary: Mapping[str, int], directory: PathLike
 def build_vocabulary(
     adata_or_paths: Any,
     *,
-    gene_id_column: Optional[str] = None,
+    gene_id_column: str | None = None,
     model_version: str = "V1",
     chunk_size: int = 512,
-    filter_column: Optional[str] = "filter_pass",
-    obs_filter: Optional[Mapping[str, Any]] = None,
+    filter_column: str | None = "filter_pass",
+    obs_filter: Mapping[str, Any] | None = None,
     target_sum: float = 10_000.0,
     show_progress: bool = True,
-) -> Tuple[Dict[str, int], Dict[str, float]]:
+) -> tuple[dict[str, int], dict[str, float]]:
     """Build a token dictionary and a gene median dictionary from the user's raw counts.
 
     The median of gene g is the median over cells with non-zero counts of
@@ -229,37 +245,29 @@ def build_vocabulary(
     -------
     (token_dictionary, gene_median_dictionary)
     """
-    from geneformer_peft.data.cell_source import check_raw_counts, open_cell_source, select_cells
-    from tqdm.auto import tqdm
+    from geneformer_peft.data.cell_source import (
+        iter_cell_chunks,
+        open_cell_source,
+        select_cells,
+    )
 
-    if model_version not in ("V1", "V2"):
-        raise DataError(f"model_version {model_version!r} is not supported; expected 'V1' or 'V2'")
+    check_model_version(model_version)
     sources = list(adata_or_paths) if isinstance(adata_or_paths, (list, tuple)) else [adata_or_paths]
-    gene_index: Dict[str, int] = {}
+    gene_index: dict[str, int] = {}
     all_genes: list = []
     gene_parts, value_parts = [], []
     n_cells_used = 0
     for source in sources:
         with open_cell_source(source, gene_id_column=gene_id_column) as cells:
             keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
-            obs_n_counts = (
-                cells.obs["n_counts"].to_numpy(dtype=np.float64) if "n_counts" in cells.obs.columns else None
-            )
             for gene in cells.gene_ids:
                 if gene not in gene_index:
                     gene_index[gene] = len(all_genes)
                     all_genes.append(gene)
             column_to_gene = np.array([gene_index[g] for g in cells.gene_ids], dtype=np.int64)
-            starts = range(0, cells.n_cells, chunk_size)
-            for start in tqdm(starts, desc=f"medians {Path(cells.name).name}", disable=not show_progress):
-                stop = min(start + chunk_size, cells.n_cells)
-                block = cells.read_rows(start, stop)
-                check_raw_counts(
-                    block, source_name=cells.name, cell_names=cells.obs.index[start:stop], gene_ids=cells.gene_ids
-                )
-                totals = np.asarray(block.sum(axis=1)).ravel() if obs_n_counts is None else obs_n_counts[start:stop]
-                block = block[keep[start:stop]]
-                totals = totals[keep[start:stop]]
+            for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="medians",
+                                          show_progress=show_progress):
+                block, totals = chunk.counts, chunk.n_counts
                 n_cells_used += block.shape[0]
                 block.sum_duplicates()
                 coo = block.tocoo()
@@ -284,7 +292,7 @@ def build_vocabulary(
         logger.warning("%d of %d genes have no count in any cell and get no token", n_undetected, len(all_genes))
     specials = [PAD_TOKEN, MASK_TOKEN] + ([CLS_TOKEN, EOS_TOKEN] if model_version == "V2" else [])
     token_dictionary = {token: i for i, token in enumerate(specials)}
-    median_dictionary: Dict[str, float] = {}
+    median_dictionary: dict[str, float] = {}
     for gene in sorted(all_genes[i] for i in detected):
         token_dictionary[gene] = len(token_dictionary)
         median_dictionary[gene] = float(medians[gene_index[gene]])
@@ -314,7 +322,7 @@ def write_dictionaries(
     median_dictionary: Mapping[str, float],
     *,
     overwrite: bool = False,
-) -> Tuple[Path, Path]:
+) -> tuple[Path, Path]:
     """Save both dictionaries as Geneformer-style pickles (and a ``tokenizer.json``).
 
     Returns
@@ -345,7 +353,7 @@ _DECODER_WEIGHT = "cls.predictions.decoder.weight"
 _VOCAB_BIASES = ("cls.predictions.bias", "cls.predictions.decoder.bias")
 
 
-def _load_checkpoint_weights(checkpoint_dir: Path) -> Tuple[Dict[str, Any], str]:
+def _load_checkpoint_weights(checkpoint_dir: Path) -> tuple[dict[str, Any], str]:
     import torch
 
     safetensors_path = checkpoint_dir / "model.safetensors"
@@ -363,11 +371,11 @@ def _load_checkpoint_weights(checkpoint_dir: Path) -> Tuple[Dict[str, Any], str]
 
 def remap_checkpoint_vocabulary(
     checkpoint_dir: PathLike,
-    new_token_dictionary: Union[Mapping[str, int], PathLike],
+    new_token_dictionary: Mapping[str, int] | PathLike,
     output_dir: PathLike,
     *,
-    old_token_dictionary: Optional[Union[Mapping[str, int], PathLike]] = None,
-    pad_to_multiple_of: Optional[int] = 8,
+    old_token_dictionary: Mapping[str, int] | PathLike | None = None,
+    pad_to_multiple_of: int | None = 8,
     seed: int = 0,
 ) -> int:
     """Write a copy of a checkpoint whose word embeddings follow a new vocabulary.
@@ -459,13 +467,13 @@ def remap_checkpoint_vocabulary(
     generator = torch.Generator().manual_seed(seed)
     std = float(config.get("initializer_range", 0.02))
 
-    def remap_matrix(old: "torch.Tensor") -> "torch.Tensor":
+    def remap_matrix(old: torch.Tensor) -> torch.Tensor:
         fresh = torch.randn((new_size, old.shape[1]), generator=generator, dtype=torch.float32) * std
         fresh = fresh.to(old.dtype)
         fresh[new_ids_t] = old[old_ids_t]
         return fresh
 
-    def remap_vector(old: "torch.Tensor") -> "torch.Tensor":
+    def remap_vector(old: torch.Tensor) -> torch.Tensor:
         fresh = torch.zeros(new_size, dtype=old.dtype)
         fresh[new_ids_t] = old[old_ids_t]
         return fresh

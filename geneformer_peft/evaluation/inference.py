@@ -9,6 +9,8 @@ from geneformer_peft.data.cells import EncodedCells, collate_cells
 from geneformer_peft.models.device import autocast
 
 
+__all__ = ["predict_logits", "softmax"]
+
 @torch.no_grad()
 def predict_logits(model, cells: EncodedCells, *, batch_size: int, device: torch.device, precision: str = "fp32",
                    progress: bool = False, desc: str = "predict", encoder_cache=None) -> np.ndarray:

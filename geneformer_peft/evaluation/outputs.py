@@ -9,7 +9,7 @@ A fold counts as finished only when :data:`FOLD_DONE_MARKER` exists in its folde
 marker is written last (:func:`mark_fold_done`), so a fold interrupted at any point before
 that is redone on resume.
 
-Layout of a fold folder (see ``SPEC-data.md`` §4)::
+Layout of a fold folder (``docs/outputs.md`` describes every file)::
 
     predictions.csv      index, gt_celltype, pred_celltype, gt_cellcode, pred_cellcode,
                          confidence, prob_<label> ...
@@ -29,8 +29,9 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -6,44 +6,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from transformerslocal import BertConfig, BertForSequenceClassification, load_peft_model
 from geneformer_peft.data.cells import EncodedCells
-from geneformer_peft.models.device import resolve_device
 from geneformer_peft.errors import DataError
 from geneformer_peft.evaluation.inference import predict_logits, softmax
 from geneformer_peft.evaluation.metrics import classification_metrics
 from geneformer_peft.evaluation.outputs import predictions_frame, write_predictions_csv
+from geneformer_peft.models.device import resolve_device
+from geneformer_peft.models.loading import load_fold_model
+from transformerslocal import BertConfig
 
 logger = logging.getLogger(__name__)
 
-
-def load_fold_model(model_path: str | Path, base_model: str | Path | None = None) -> BertForSequenceClassification:
-    """A fold's classifier: its full weights, or its PEFT weights on ``base_model``.
-
-    Raises
-    ------
-    DataError
-        If the weights hold no trained classifier head (e.g. a pretrained, not fine-tuned,
-        checkpoint), which would predict at random.
-    """
-    if base_model is not None:
-        from safetensors import safe_open
-
-        from transformerslocal.peft import PEFT_WEIGHTS_NAME
-
-        peft_file = Path(model_path) / PEFT_WEIGHTS_NAME
-        if peft_file.is_file():
-            with safe_open(str(peft_file), framework="pt") as handle:
-                if not any(k.startswith("classifier.") for k in handle.keys()):
-                    raise DataError(f"{peft_file} holds no classifier weights; expected the "
-                                    f"{PEFT_WEIGHTS_NAME} of a fold folder written by the fine-tuning job")
-        return load_peft_model(base_model, model_path)
-    model = BertForSequenceClassification.from_pretrained(model_path)
-    untrained = [k for k in model.loading_info.get("missing_keys", []) if k.startswith("classifier.")]
-    if untrained:
-        raise DataError(f"--model_path {model_path} has no trained classifier head ({untrained} not in its weights); "
-                        "expected a fold folder written by the fine-tuning job, not a pretrained checkpoint")
-    return model
+__all__ = ["predict_cells"]
 
 
 def predict_cells(model_path, dataset, *, output: str | Path | None = None, base_model=None,

@@ -6,6 +6,8 @@ import contextlib
 import torch
 
 
+__all__ = ["autocast", "resolve_device"]
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; a CUDA device asked for but absent is an error."""
     if name == "auto":

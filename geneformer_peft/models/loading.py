@@ -1,15 +1,20 @@
-"""Build the classifier of a run: checkpoint + PEFT keys of ``--config`` + label set."""
+"""Models of a run: the classifier built from a checkpoint + PEFT keys of ``--config`` + label
+set, and a fine-tuned fold's classifier loaded back (full weights or PEFT weights on a base)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from transformerslocal import BertConfig, BertForSequenceClassification
+from geneformer_peft.errors import DataError
+from transformerslocal import BertConfig, BertForSequenceClassification, load_peft_model
 from transformerslocal.configuration_bert import PEFT_DEFAULTS
 from transformerslocal.modeling_utils import find_weights_file
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["SHAPE_KEYS", "check_head_labels", "load_classifier", "load_fold_model", "resolve_config"]
 
 #: architecture keys a --config file must agree on with the checkpoint
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -84,3 +89,32 @@ def check_head_labels(model_path: str | Path, config: BertConfig) -> None:
     if names != wanted:
         raise ValueError(f"--model_path {model_path} carries a classifier trained on labels {names}, but the data's "
                          f"labels are {wanted}; start from the pretrained (not fine-tuned) checkpoint")
+
+
+def load_fold_model(model_path: str | Path, base_model: str | Path | None = None) -> BertForSequenceClassification:
+    """A fold's classifier: its full weights, or its PEFT weights on ``base_model``.
+
+    Raises
+    ------
+    DataError
+        If the weights hold no trained classifier head (e.g. a pretrained, not fine-tuned,
+        checkpoint), which would predict at random.
+    """
+    if base_model is not None:
+        from safetensors import safe_open
+
+        from transformerslocal.peft import PEFT_WEIGHTS_NAME
+
+        peft_file = Path(model_path) / PEFT_WEIGHTS_NAME
+        if peft_file.is_file():
+            with safe_open(str(peft_file), framework="pt") as handle:
+                if not any(k.startswith("classifier.") for k in handle.keys()):
+                    raise DataError(f"{peft_file} holds no classifier weights; expected the "
+                                    f"{PEFT_WEIGHTS_NAME} of a fold folder written by the fine-tuning job")
+        return load_peft_model(base_model, model_path)
+    model = BertForSequenceClassification.from_pretrained(model_path)
+    untrained = [k for k in model.loading_info.get("missing_keys", []) if k.startswith("classifier.")]
+    if untrained:
+        raise DataError(f"--model_path {model_path} has no trained classifier head ({untrained} not in its weights); "
+                        "expected a fold folder written by the fine-tuning job, not a pretrained checkpoint")
+    return model

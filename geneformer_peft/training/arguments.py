@@ -1,7 +1,9 @@
 """Settings of one fine-tuning run: the reference's training choices as defaults."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+
+__all__ = ["CLASS_WEIGHTINGS", "LR_SCHEDULES", "PRECISIONS", "SAMPLERS", "TrainingArguments"]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 SAMPLERS = ("balanced", "length", "random")
@@ -36,7 +38,6 @@ class TrainingArguments:
     max_grad_norm: float | None = 1.0
     pad_to_multiple_of: int | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def check(name, ok, expected):

@@ -1,6 +1,6 @@
 """K-fold PEFT fine-tuning: one fold after another, outputs written once, resumable.
 
-Layout (SPEC-data §4)::
+Layout (every file is described in ``docs/outputs.md``)::
 
     <output_path>/<out_prefix><prompt types joined by _>/<dataset_name>/
         run.log  summary.json  summary.csv
@@ -26,15 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from transformerslocal import BertForSequenceClassification, mark_trainable, save_peft_weights
-from geneformer_peft.training import distributed
 from geneformer_peft.data.cells import EncodedCells
-from geneformer_peft.models.device import resolve_device
-from geneformer_peft.errors import DataError
+from geneformer_peft.data.folds import (
+    check_fold_files,
+    discover_folds,
+    label_mapping,
+    load_fold,
+)
+from geneformer_peft.data.samplers import class_weights as reference_class_weights
+from geneformer_peft.data.vocab import load_token_dictionary, save_tokenizer_json
+from geneformer_peft.errors import DataError, TrainingDiverged
 from geneformer_peft.evaluation.inference import predict_logits, softmax
-from geneformer_peft.data.folds import fold_paths, label_mapping, load_fold
 from geneformer_peft.evaluation.metrics import classification_metrics
-from geneformer_peft.models.loading import load_classifier, resolve_config
 from geneformer_peft.evaluation.outputs import (
     atomic_directory,
     format_summary_table,
@@ -47,12 +50,21 @@ from geneformer_peft.evaluation.outputs import (
     write_summary,
 )
 from geneformer_peft.evaluation.plots import plot_confusion_matrix, plot_training_curves
-from geneformer_peft.data.samplers import class_weights as reference_class_weights
-from geneformer_peft.training.trainer import FoldTrainer, TrainingDiverged, set_seed
-from geneformer_peft.data.vocab import load_token_dictionary, save_tokenizer_json
+from geneformer_peft.log_format import attach_log_file, detach_log_file
+from geneformer_peft.models.device import resolve_device
+from geneformer_peft.models.loading import load_classifier, resolve_config
+from geneformer_peft.training import distributed
 from geneformer_peft.training.arguments import TrainingArguments
+from geneformer_peft.training.trainer import FoldTrainer, set_seed
+from transformerslocal import (
+    BertForSequenceClassification,
+    mark_trainable,
+    save_peft_weights,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["RunOptions", "library_versions", "run_cross_validation", "run_directory", "train_fold"]
 
 RESUME_DIR = ".resume"
 
@@ -79,44 +91,9 @@ class RunOptions:
     config_overrides: dict = field(default_factory=dict)
 
 
-def discover_folds(data_path: Path, dataset_name: str) -> list[int]:
-    """Fold numbers present under ``<data_path>/<dataset_name>/``."""
-    root = Path(data_path) / dataset_name
-    folds = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
-    if not folds:
-        raise DataError(f"no folds found for dataset {dataset_name!r}: looked for folders 0, 1, ... under {root} "
-                        f"holding {dataset_name}_train<i>.dataset, {dataset_name}_val<i>.dataset and "
-                        f"{dataset_name}_test<i>.dataset (make them with `geneformer-peft split`)")
-    return folds
-
-
-def check_fold_files(data_path: Path, dataset_name: str, folds: list[int]) -> None:
-    """Fail before any training when a requested fold lacks a split, listing the paths looked for."""
-    for fold in folds:
-        paths = [str(p) for p in fold_paths(data_path, dataset_name, fold).values()]
-        missing = [p for p in paths if not Path(p).exists()]
-        if missing:
-            raise DataError(f"fold {fold} of dataset {dataset_name!r} under {data_path} is incomplete: "
-                            f"missing {missing}; looked for {paths}")
-
-
 def run_directory(opts: RunOptions, prompt_type: str) -> Path:
     method = "_".join(p for p in prompt_type.split(",") if p) or "full_finetune"
     return Path(opts.output_path) / f"{opts.out_prefix}{method}" / opts.dataset_name
-
-
-def _attach_log_file(run_dir: Path) -> tuple[logging.Handler, int]:
-    """Log INFO and above to ``run_dir/run.log``; returns the handler and the root level to restore."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    previous = root.level
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    return handler, previous
 
 
 def library_versions() -> dict[str, str]:
@@ -143,7 +120,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     folds = opts.folds if opts.folds is not None else discover_folds(opts.data_path, opts.dataset_name)
     check_fold_files(opts.data_path, opts.dataset_name,
                      [f for f in folds if opts.overwrite or not is_fold_done(run_dir / str(f))])
-    handler, root_level = _attach_log_file(run_dir) if distributed.is_main_process() else (None, None)
+    handler, root_level = attach_log_file(run_dir / "run.log") if distributed.is_main_process() else (None, None)
     try:
         settings = {"run_dir": str(run_dir), "dataset_name": opts.dataset_name, "data_path": str(opts.data_path),
                     "model_path": str(opts.model_path), "config_path": str(opts.config_path or ""),
@@ -182,9 +159,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
         return summary
     finally:
         if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            logging.getLogger().setLevel(root_level)
-            handler.close()
+            detach_log_file(handler, root_level)
 
 
 def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["barrier", "init_distributed", "is_distributed", "is_main_process", "launched_by_torchrun", "local_device", "rank", "world_size"]
+
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -58,12 +60,3 @@ def local_device(device: torch.device) -> torch.device:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -16,6 +16,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["FrozenPrefixCache", "frozen_prefix_depth"]
+
 
 def frozen_prefix_depth(model) -> int:
     """How many leading encoder layers (after frozen embeddings) have nothing to train."""
@@ -62,7 +64,7 @@ class FrozenPrefixCache:
         self.hits = self.misses = 0
 
     @classmethod
-    def for_model(cls, model, **kwargs) -> "FrozenPrefixCache | None":
+    def for_model(cls, model, **kwargs) -> FrozenPrefixCache | None:
         depth = frozen_prefix_depth(model)
         if depth == 0:
             return None

@@ -14,15 +14,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from transformerslocal import BertConfig, BertForMaskedLM
 from geneformer_peft.data.cells import EncodedCells
 from geneformer_peft.data.collator import MaskedLMCollator
-from geneformer_peft.models.device import autocast, resolve_device
 from geneformer_peft.data.samplers import LengthGroupedSampler
-from geneformer_peft.training.trainer import TrainingDiverged, make_optimizer, make_scheduler, set_seed
 from geneformer_peft.data.vocab import save_tokenizer_json
+from geneformer_peft.errors import TrainingDiverged
+from geneformer_peft.models.device import autocast, resolve_device
+from geneformer_peft.training.schedules import make_optimizer, make_scheduler
+from geneformer_peft.training.trainer import set_seed
+from transformerslocal import BertConfig, BertForMaskedLM
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["PretrainResult", "frequency_baseline_loss", "pretrain"]
 
 
 @dataclass

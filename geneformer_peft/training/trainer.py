@@ -3,10 +3,9 @@ early stopping on validation macro-F1, best model restored, resumable per epoch.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +15,70 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from geneformer_peft.data.cells import EncodedCells, collate_cells
-from geneformer_peft.training import distributed
-from geneformer_peft.models.device import autocast
+from geneformer_peft.data.samplers import (
+    BalancedLengthGroupedSampler,
+    LengthGroupedSampler,
+    ShuffledSampler,
+)
+from geneformer_peft.errors import TrainingDiverged
 from geneformer_peft.evaluation.inference import predict_logits
 from geneformer_peft.evaluation.metrics import macro_f1
-from geneformer_peft.data.samplers import BalancedLengthGroupedSampler, LengthGroupedSampler
+from geneformer_peft.models.device import autocast
+from geneformer_peft.training import distributed
 from geneformer_peft.training.arguments import TrainingArguments
+from geneformer_peft.training.schedules import make_optimizer, make_scheduler
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["BestModel", "FitResult", "FoldTrainer", "make_sampler", "set_seed"]
 
 CHECKPOINT_NAME = "epoch_checkpoint.pt"
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+@dataclass
+class BestModel:
+    """The best epoch so far: its trainable weights and scores, and the early-stopping count.
+
+    Selection is on validation macro-F1; a tie goes to the lower validation loss.
+    """
+
+    state: dict | None = None
+    score: float = -1.0
+    loss: float = float("inf")
+    epoch: int = 0
+    stale: int = 0
+
+    def update(self, model: torch.nn.Module, epoch: int, val_f1: float, val_loss: float) -> bool:
+        """Keep ``model``'s trainable weights if this epoch is better; return whether it was."""
+        if val_f1 > self.score or (val_f1 == self.score and val_loss < self.loss):
+            self.state, self.score, self.loss, self.epoch, self.stale = (
+                _trainable_state(model), val_f1, val_loss, epoch, 0)
+            return True
+        self.stale += 1
+        return False
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Load the kept weights back into ``model`` (nothing when no epoch ran)."""
+        if self.state is not None:
+            model.load_state_dict(self.state, strict=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict) -> BestModel:
+        """From a resume checkpoint; also reads the flat keys of checkpoints written before
+        the best model was one object."""
+        if "best" in payload:
+            return cls(**payload["best"])
+        return cls(state=payload["best_state"], score=payload["best_score"], loss=payload["best_loss"],
+                   epoch=payload["best_epoch"], stale=payload["stale"])
 
 
 @dataclass
 class FitResult:
+    """What :meth:`FoldTrainer.fit` did: per-epoch history, best epoch, timing."""
+
     history: list = field(default_factory=list)
     best_epoch: int = 0
     best_val_macro_f1: float = float("nan")
@@ -48,6 +93,7 @@ class FitResult:
 
 
 def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
     import random
 
     random.seed(seed)
@@ -55,63 +101,16 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_sampler(cells: EncodedCells, args: TrainingArguments, *, num_replicas: int = 1, rank: int = 0):
+def make_sampler(cells: EncodedCells, args: TrainingArguments, *, num_replicas: int = 1,
+                 rank: int = 0) -> torch.utils.data.Sampler:
+    """The training sampler named by ``args.sampler``, sharded for ``rank`` of ``num_replicas``."""
     if args.sampler == "balanced":
         return BalancedLengthGroupedSampler(cells.lengths, cells.labels, args.batch_size, seed=args.seed,
                                             num_replicas=num_replicas, rank=rank)
     if args.sampler == "length":
         return LengthGroupedSampler(cells.lengths, args.batch_size, seed=args.seed,
                                     num_replicas=num_replicas, rank=rank)
-    return _RandomSampler(len(cells), args.seed, num_replicas, rank)
-
-
-class _RandomSampler(torch.utils.data.Sampler):
-    """Plain shuffling (no length grouping), reproducible per seed and epoch."""
-
-    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        self.n, self.seed, self.num_replicas, self.rank, self.epoch = n, seed, num_replicas, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        per_rank = -(-self.n // self.num_replicas)
-        order = np.resize(order, per_rank * self.num_replicas)
-        return iter(order[self.rank::self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return -(-self.n // self.num_replicas)
-
-
-def make_optimizer(model, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on biases and LayerNorms."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def make_scheduler(optimizer, total_steps: int, *, warmup_steps: int = 0, warmup_ratio: float = 0.0,
-                   schedule: str = "linear"):
-    """Linear warmup (``warmup_steps``, else ``warmup_ratio`` of all steps), then linear decay
-    to zero, cosine decay, or a constant rate."""
-    warmup = warmup_steps or int(math.ceil(warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return ShuffledSampler(len(cells), seed=args.seed, num_replicas=num_replicas, rank=rank)
 
 
 def _trainable_state(model) -> dict:
@@ -156,14 +155,13 @@ class FoldTrainer:
 
     def __init__(self, model, train: EncodedCells, val: EncodedCells, args: TrainingArguments, *,
                  class_weights: torch.Tensor | None, device: torch.device, checkpoint_dir: Path | None = None,
-                 encoder_cache=None, sampler=None, desc: str = "fold") -> None:
+                 encoder_cache=None, desc: str = "fold") -> None:
         self.model, self.train_cells, self.val_cells, self.args = model, train, val, args
         self.device = device
         self.class_weights = class_weights.to(device) if class_weights is not None else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.encoder_cache = encoder_cache
-        self.sampler = sampler if sampler is not None else make_sampler(
-            train, args, num_replicas=distributed.world_size(), rank=distributed.rank())
+        self.sampler = make_sampler(train, args, num_replicas=distributed.world_size(), rank=distributed.rank())
         self.runner = model
         if distributed.is_distributed():
             from torch.nn.parallel import DistributedDataParallel
@@ -236,87 +234,83 @@ class FoldTrainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> FitResult:
-        args, model = self.args, self.model
-        result = FitResult()
-        best_state, best_score, best_loss, stale = None, -1.0, float("inf"), 0
+        """Train for ``args.epochs`` (or until early stopping), resuming from the epoch
+        checkpoint when there is one; the best epoch's weights are restored at the end."""
+        result, best = FitResult(), BestModel()
         start_epoch = 1
         resumed = self._load_checkpoint()
         if resumed is not None:
             start_epoch = resumed["epoch"] + 1
-            best_state, best_score = resumed["best_state"], resumed["best_score"]
-            best_loss, stale = resumed["best_loss"], resumed["stale"]
+            best = BestModel.from_checkpoint(resumed)
             result.history = resumed["history"]
-            result.best_epoch = resumed["best_epoch"]
             result.train_seconds, result.train_cells = resumed["train_seconds"], resumed["train_cells"]
             result.epochs_run = resumed["epoch"]
             result.stopped_early = resumed.get("stopped_early", False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for epoch in range(start_epoch, args.epochs + 1):
+        for epoch in range(start_epoch, self.args.epochs + 1):
             if result.stopped_early:
                 break
-            model.train()
-            if self.encoder_cache is not None:
-                self.encoder_cache.prepare(model)
-            self.sampler.set_epoch(epoch)
-            t0, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-            bar = tqdm(self.loader, desc=f"{self.desc} epoch {epoch}/{args.epochs}", disable=None if args.progress else True,
-                       leave=False)
-            for step, batch in enumerate(bar, start=1):
-                labels = batch["labels"].to(self.device)
-                with autocast(self.device, args.precision):
-                    logits = self.forward_logits(batch)
-                loss = self.loss(logits, labels)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"{self.desc}: loss is {loss.item()} at epoch {epoch}, step {step} "
-                        f"(lr {self.scheduler.get_last_lr()[0]:.3g}); lower --lr or use --precision fp32")
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.unscale_(self.optimizer)
-                else:
-                    loss.backward()
-                if args.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.scheduler.step()
-                seen += len(labels) * distributed.world_size()  # every rank trains an equal shard
-                loss_sum += loss.item()
-                steps += 1
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum / steps:.4f}", cells_s=f"{seen / max(elapsed, 1e-9):.0f}")
-            epoch_seconds = time.perf_counter() - t0
+            train_loss, seen, epoch_seconds = self._train_epoch(epoch)
             result.train_seconds += epoch_seconds
             result.train_cells += seen
             val_loss, val_f1, _ = self.evaluate(self.val_cells)
-            record = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "val_loss": val_loss,
-                      "val_macro_f1": val_f1, "epoch_seconds": epoch_seconds,
-                      "train_cells_per_second": seen / max(epoch_seconds, 1e-9),
+            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_macro_f1": val_f1,
+                      "epoch_seconds": epoch_seconds, "train_cells_per_second": seen / max(epoch_seconds, 1e-9),
                       "lr": self.scheduler.get_last_lr()[0]}
             result.history.append(record)
             result.epochs_run = epoch
             logger.info("%s epoch %d: train loss %.4f, val loss %.4f, val macro-F1 %.4f, %.1f cells/s",
-                        self.desc, epoch, record["train_loss"], val_loss, val_f1, record["train_cells_per_second"])
-            # Best on validation macro-F1; ties go to the lower validation loss.
-            if val_f1 > best_score or (val_f1 == best_score and val_loss < best_loss):
-                best_state, best_score, best_loss, stale = _trainable_state(model), val_f1, val_loss, 0
-                result.best_epoch = epoch
-            else:
-                stale += 1
-                if args.early_stopping_patience and stale >= args.early_stopping_patience:
+                        self.desc, epoch, train_loss, val_loss, val_f1, record["train_cells_per_second"])
+            if not best.update(self.model, epoch, val_f1, val_loss):
+                patience = self.args.early_stopping_patience
+                if patience and best.stale >= patience:
                     result.stopped_early = True
                     logger.info("%s: early stop after epoch %d (no better val macro-F1 for %d epochs)",
-                                self.desc, epoch, stale)
+                                self.desc, epoch, best.stale)
             self._save_checkpoint(epoch, {
-                "best_state": best_state, "best_score": best_score, "best_loss": best_loss, "stale": stale,
-                "history": result.history, "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
+                "best": best.to_dict(), "history": result.history, "train_seconds": result.train_seconds,
                 "train_cells": result.train_cells, "stopped_early": result.stopped_early})
-        if best_state is not None:
-            model.load_state_dict(best_state, strict=False)
-        result.best_val_macro_f1 = best_score
-        model.eval()
+        best.restore(self.model)
+        result.best_epoch, result.best_val_macro_f1 = best.epoch, best.score
+        self.model.eval()
         return result
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """One pass over the training sampler: (mean train loss, cells seen by all ranks, seconds)."""
+        args, model = self.args, self.model
+        model.train()
+        if self.encoder_cache is not None:
+            self.encoder_cache.prepare(model)
+        self.sampler.set_epoch(epoch)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        t0, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(self.loader, desc=f"{self.desc} epoch {epoch}/{args.epochs}",
+                   disable=None if args.progress else True, leave=False)
+        for step, batch in enumerate(bar, start=1):
+            labels = batch["labels"].to(self.device)
+            with autocast(self.device, args.precision):
+                logits = self.forward_logits(batch)
+            loss = self.loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{self.desc}: loss is {loss.item()} at epoch {epoch}, step {step} "
+                    f"(lr {self.scheduler.get_last_lr()[0]:.3g}); lower --lr or use --precision fp32")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            seen += len(labels) * distributed.world_size()  # every rank trains an equal shard
+            loss_sum += loss.item()
+            steps += 1
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss_sum / steps:.4f}", cells_s=f"{seen / max(elapsed, 1e-9):.0f}")
+        return loss_sum / max(steps, 1), seen, time.perf_counter() - t0

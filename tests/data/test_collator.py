@@ -5,29 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geneformer_peft.data.collator import CellClassificationCollator, MaskedLMCollator
+from geneformer_peft.data.collator import MaskedLMCollator, pad_input_ids
 from geneformer_peft.errors import DataError
 
 
-def test_classification_padding_and_labels():
-    features = [{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [8], "label": 0}]
-    batch = CellClassificationCollator()(features)
+def test_padding_and_truncation():
+    batch = pad_input_ids([[5, 6, 7], [8]])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [1, 0]
-    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    assert batch["input_ids"].dtype == torch.long
 
-    batch = CellClassificationCollator(pad_to_multiple_of=8, max_length=2)(features)
+    batch = pad_input_ids([[5, 6, 7], [8]], pad_to_multiple_of=8, max_length=2)
     assert batch["input_ids"].tolist() == [[5, 6] + [0] * 6, [8] + [0] * 7]
     assert batch["attention_mask"].sum().item() == 3
-
-    batch = CellClassificationCollator(label_column="cell_type", label2id={"x": 0, "y": 1})(
-        [{"input_ids": [3], "cell_type": "y"}]
-    )
-    assert batch["labels"].tolist() == [1]
-    assert "labels" not in CellClassificationCollator()([{"input_ids": [3]}])
-    with pytest.raises(DataError, match="lack the label 'label'"):
-        CellClassificationCollator()([{"input_ids": [3], "label": 0}, {"input_ids": [4]}])
 
 
 def test_masked_lm_objective_statistics():
@@ -35,7 +25,7 @@ def test_masked_lm_objective_statistics():
     collator = MaskedLMCollator(tokens, seed=0)
     features = [{"input_ids": [2] + list(range(4, 100)) + [3]} for _ in range(200)]
     features.append({"input_ids": [2, 50, 3]})
-    original = CellClassificationCollator()(features)["input_ids"]
+    original = pad_input_ids([f["input_ids"] for f in features])["input_ids"]
     batch = collator(features)
     labels, masked = batch["labels"], batch["input_ids"]
     chosen = labels != -100

@@ -1,4 +1,4 @@
-"""End to end: the fine-tuning job's per-fold outputs (SPEC-data §4), run folder names,
+"""End to end: the fine-tuning job's per-fold outputs (docs/outputs.md), run folder names,
 the cross-fold summary, and predictions reproduced from the saved fold models."""
 from __future__ import annotations
 
