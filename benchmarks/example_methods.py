@@ -21,7 +21,10 @@ sys.path.insert(0, str(ROOT))
 from geneformer_peft.training.cross_validation import RunOptions, run_cross_validation  # noqa: E402
 from geneformer_peft.training.arguments import TrainingArguments  # noqa: E402
 
-METHODS = ["", "lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt", "Gene_token_prompt,lora"]
+# every PEFT method runs at --lr (1e-2 by default): the LoRA rate suits ia3 (scales start at 1)
+# and dora (LoRA plus a magnitude) alike
+METHODS = ["", "lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt", "Gene_token_prompt,lora",
+           "ia3", "dora"]
 
 
 def main(argv=None) -> int:
@@ -31,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the PEFT methods")
     parser.add_argument("--lr_full", type=float, default=1e-3, help="learning rate of full fine-tuning")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--methods", default=None, help="';'-separated prompt types (default: all six)")
+    parser.add_argument("--methods", default=None, help="';'-separated prompt types (default: all eight)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "example_methods.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -30,7 +30,7 @@ TINY_CONFIG = {
     "pad_token_id": 0,
 }
 
-# Geneformer V1 6-layer shapes (SPEC-peft §1 table).
+# Geneformer V1 6-layer shapes (docs/peft_keys.md §9).
 GENEFORMER_V1_6L = {
     "vocab_size": 25426,
     "hidden_size": 256,

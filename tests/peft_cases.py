@@ -30,7 +30,7 @@ TINY = dict(
     num_labels=3,
     num_token=5,
 )
-# The 12L-30M Geneformer shape (SPEC-peft §1), for parameter counts.
+# The 12L-30M Geneformer shape (docs/peft_keys.md §9), for parameter counts.
 GF_12L_30M = dict(
     vocab_size=25426,
     hidden_size=512,
@@ -64,6 +64,14 @@ def is_encoder_adapter(name: str) -> bool:
     return ".attention.Space_Adapter." in name or ".MLP_Adapter." in name
 
 
+def is_ia3(name: str) -> bool:
+    return name.endswith(".ia3_l")
+
+
+def is_dora(name: str) -> bool:
+    return name.endswith((".dora_A", ".dora_B", ".dora_magnitude"))
+
+
 def is_head(name: str) -> bool:
     return name.startswith(HEAD_PREFIXES)
 
@@ -73,7 +81,12 @@ METHOD_PREDICATES: dict[str, Callable[[str], bool]] = {
     "prefix_prompt": is_prompt,
     "Gene_token_prompt": is_gene_token_adapter,
     "encoder_prompt": is_encoder_adapter,
+    "ia3": is_ia3,
+    "dora": is_dora,
 }
+#: parameters that scale something and start at a nonzero value (IA3's ones, DoRA's
+#: magnitude ||W||): ``perturb_peft`` adds noise to them instead of replacing them
+SCALE_LIKE = (".ia3_l", ".dora_magnitude")
 
 
 def is_peft_module(name: str) -> bool:
@@ -100,7 +113,7 @@ class Case:
         return tiny_config(**{**self.overrides, **extra})
 
     def expected_trainable(self, name: str) -> bool:
-        """Which parameters must train, from the spec (§3, §4), not from trainable.py."""
+        """Which parameters must train, from docs/peft_keys.md (§3, §4), not from trainable.py."""
         if self.full:
             if self.freeze_layers == 0:
                 return True
@@ -126,6 +139,19 @@ CASES = [
                                    mlp_adapter_conf=[0, 1]), ("encoder_prompt",)),
     Case("switched_off", dict(prompt_type="lora,prefix_prompt,Gene_token_prompt,encoder_prompt",
                               if_use_prompt=False)),
+    Case("ia3", dict(prompt_type="ia3"), ("ia3",)),
+    Case("dora", dict(prompt_type="dora"), ("dora",)),
+    Case("ia3+gene_token", dict(prompt_type="ia3,Gene_token_prompt"), ("ia3", "Gene_token_prompt")),
+    Case("dora_qkv+prefix", dict(prompt_type="dora,prefix_prompt", lora_target_modules=["query", "key", "value"],
+                                 lora_r=4, lora_alpha=8), ("dora", "prefix_prompt")),
+    Case("lora+ia3", dict(prompt_type="lora,ia3", ia3_target_modules=["key", "output.dense"]), ("lora", "ia3")),
+    Case("ia3_intermediate", dict(prompt_type="ia3", ia3_target_modules=["query", "intermediate.dense"],
+                                  ia3_feedforward_modules=["intermediate.dense"]), ("ia3",)),
+    Case("dora+ia3+three", dict(prompt_type="dora,ia3,prefix_prompt,Gene_token_prompt,encoder_prompt",
+                                lora_target_modules=["query"]),
+         ("dora", "ia3", "prefix_prompt", "Gene_token_prompt", "encoder_prompt")),
+    Case("switched_off_new", dict(prompt_type="ia3,dora,encoder_prompt", lora_target_modules=["query"],
+                                  if_use_prompt=False)),
 ]
 CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 PEFT_CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES if c.methods]
@@ -152,11 +178,16 @@ def from_base(case: Case, base, seed: int = 1, **extra: Any):
 @torch.no_grad()
 def perturb_peft(model, seed: int = 123, std: float = 0.1) -> None:
     """Give every PEFT parameter a nonzero random value, as if trained (LoRA B and adapter
-    D_fc2 start at zero, which would hide most bugs)."""
+    D_fc2 start at zero, which would hide most bugs); scale-like ones (IA3, DoRA magnitude)
+    get the noise added to their start value."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if is_peft_module(name):
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+            noise = torch.randn(param.shape, generator=gen) * std
+            if name.endswith(SCALE_LIKE):
+                param.add_(noise)
+            else:
+                param.copy_(noise)
 
 
 def batch(seed: int = 0, lengths=(7, 4, 6), vocab: int = 99):

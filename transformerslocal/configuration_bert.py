@@ -2,7 +2,9 @@
 
 Every key found in a ``config.json`` round-trips through :class:`BertConfig`, including
 keys this class does not know (``architectures``, ``transformers_version``, ...), so a
-Geneformer checkpoint's config can be read, edited and written back unchanged.
+Geneformer checkpoint's config can be read, edited and written back unchanged. The PEFT
+keys, their defaults and their checks belong to the methods (``peft/registry.py``); this
+module holds only the keys every method shares (``docs/peft_keys.md`` §2).
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .peft.base import config_error as _bad
+from .peft.registry import PEFT_METHODS, check_config, config_defaults
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 
-PEFT_METHODS = ("lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt")
-LORA_TARGETS = ("query", "key", "value")
 CLASSIFIER_POOLINGS = ("first", "mean")
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
 
@@ -43,30 +46,16 @@ BERT_DEFAULTS: dict[str, Any] = {
     "model_type": "bert",
 }
 
-# PEFT keys (SPEC-peft §2). Layer lists default to None here and are resolved against
-# num_hidden_layers in __init__: prompts at the input layer only, adapters everywhere.
+# PEFT keys (docs/peft_keys.md §2, §3): the keys every method shares, then each method's own
+# keys from the registry. Layer lists default to None there and are resolved against
+# num_hidden_layers in validate(): prompts at the input layer only, adapters everywhere.
 PEFT_DEFAULTS: dict[str, Any] = {
     "prompt_type": "",
     "if_use_prompt": True,
-    "lora_r": 8,
-    "lora_alpha": 1,
-    "lora_dropout": 0.0,
-    "lora_target_modules": ["query", "value"],
-    "lora_merge_weights": False,
-    "num_token": 64,
-    "n_layers_conf": None,
-    "adapter_ratio": 0.25,
-    "mlp_adapter_conf": None,
-    "space_adapter_conf": None,
-    "mlp_adapter_scale": 0.5,
+    **config_defaults(),
     "freeze_layers": 0,
     "classifier_pooling": "first",
 }
-
-
-def _bad(key: str, value: Any, expected: str, source: str | None = None) -> ValueError:
-    where = f" in {source}" if source else ""
-    return ValueError(f"config key '{key}'{where} has value {value!r}; expected {expected}")
 
 
 class BertConfig:
@@ -135,7 +124,8 @@ class BertConfig:
         return method in self.peft_methods
 
     def validate(self) -> None:
-        """Resolve layer lists and check every PEFT key; raise ``ValueError`` when off."""
+        """Resolve layer lists and check every PEFT key (each method checks its own, through the
+        registry); raise ``ValueError`` when off."""
         src = self._source
         n_layers = self.num_hidden_layers
         if not isinstance(n_layers, int) or n_layers < 1:
@@ -152,46 +142,7 @@ class BertConfig:
         methods = parse_prompt_type(self.prompt_type, source=src)
         self.prompt_type = ",".join(methods)
 
-        if self.n_layers_conf is None:
-            self.n_layers_conf = [1] + [0] * (n_layers - 1)
-        if self.mlp_adapter_conf is None:
-            self.mlp_adapter_conf = [1] * n_layers
-        if self.space_adapter_conf is None:
-            self.space_adapter_conf = [1] * n_layers
-        for key in ("n_layers_conf", "mlp_adapter_conf", "space_adapter_conf"):
-            conf = getattr(self, key)
-            if (not isinstance(conf, (list, tuple)) or len(conf) != n_layers
-                    or any(v not in (0, 1) or isinstance(v, float) for v in conf)):
-                raise _bad(key, conf, f"a list of {n_layers} zeros and ones (one per layer, "
-                                      f"num_hidden_layers={n_layers})", src)
-            setattr(self, key, [int(v) for v in conf])
-
-        active = methods if self.if_use_prompt else ()
-        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool):
-            raise _bad("lora_r", self.lora_r, "an integer", src)
-        if "lora" in active:
-            if self.lora_r <= 0:
-                raise _bad("lora_r", self.lora_r, "an integer >= 1 when prompt_type includes 'lora'", src)
-            targets = self.lora_target_modules
-            if (isinstance(targets, str) or not targets
-                    or any(t not in LORA_TARGETS for t in targets)):
-                raise _bad("lora_target_modules", targets, f"a non-empty list from {list(LORA_TARGETS)}", src)
-            if not (0.0 <= float(self.lora_dropout) < 1.0):
-                raise _bad("lora_dropout", self.lora_dropout, "a number in [0, 1)", src)
-            if float(self.lora_alpha) <= 0:
-                raise _bad("lora_alpha", self.lora_alpha, "a positive number", src)
-        if "prefix_prompt" in active:
-            if not isinstance(self.num_token, int) or self.num_token < 1:
-                raise _bad("num_token", self.num_token, "an integer >= 1 when prompt_type includes 'prefix_prompt'", src)
-            if not any(self.n_layers_conf):
-                raise _bad("n_layers_conf", self.n_layers_conf, "at least one 1 when prompt_type includes 'prefix_prompt'", src)
-        if {"Gene_token_prompt", "encoder_prompt"} & set(active):
-            width = int(self.adapter_ratio * self.hidden_size) if isinstance(self.adapter_ratio, (int, float)) else 0
-            if width < 1:
-                raise _bad("adapter_ratio", self.adapter_ratio,
-                           f"a positive number with adapter_ratio * hidden_size ({self.hidden_size}) >= 1", src)
-        if not isinstance(self.mlp_adapter_scale, (int, float)):
-            raise _bad("mlp_adapter_scale", self.mlp_adapter_scale, "a number", src)
+        check_config(self, methods if self.if_use_prompt else (), src)
         if (not isinstance(self.freeze_layers, int) or isinstance(self.freeze_layers, bool)
                 or not 0 <= self.freeze_layers <= n_layers):
             raise _bad("freeze_layers", self.freeze_layers, f"an integer in [0, {n_layers}]", src)
@@ -200,6 +151,7 @@ class BertConfig:
 
     @property
     def adapter_width(self) -> int:
+        """Bottleneck width of the adapters, ``int(adapter_ratio * hidden_size)``."""
         return int(self.adapter_ratio * self.hidden_size)
 
     # ------------------------------------------------------------------ io

@@ -1,15 +1,22 @@
-"""BERT for Geneformer, with the scPEFT hooks.
+"""BERT for Geneformer, with the PEFT hook points.
 
 One model, one file, in reading order: embeddings -> attention -> layer -> encoder ->
 pooler -> heads. Module attribute paths are the checkpoint contract of HuggingFace BERT
 (``bert.encoder.layer.N.attention.self.query`` ...), so Geneformer checkpoints load as
-they are. PEFT modules are built only for the methods in ``config.prompt_type``:
+they are. At each hook point the model asks the PEFT registry (:mod:`.peft.registry`) what
+the methods in ``config.prompt_type`` build there; a point no active method uses holds the
+plain module or nothing (no parameter, no state-dict key):
 
-- ``lora``: ``attention.self.{query,key,value}`` become :class:`~.peft.lora.LoRALinear`;
-- ``prefix_prompt``: ``encoder.layer.N.prompt_embeddings`` for layers in ``n_layers_conf``;
-- ``Gene_token_prompt``: ``bert.adapter`` on the embedding output;
-- ``encoder_prompt``: ``attention.Space_Adapter`` and ``MLP_Adapter`` per layer.
+- ``peft_linear``: the six projections of a layer (``attention.self.{query,key,value}``,
+  ``attention.output.dense``, ``intermediate.dense``, ``output.dense``), plain ``nn.Linear``
+  or a method's subclass of it (LoRA, IA3, DoRA) keeping the ``weight`` / ``bias`` names;
+- ``peft_module("embedding_output")``: ``bert.adapter``, E' = E + adapter(E);
+- ``peft_module("attention_output", i)``: ``attention.Space_Adapter``, LN(a + adapter(a) + x);
+- ``peft_module("ffn_output", i)``: ``MLP_Adapter``, LN(f + adapter(h) + h);
+- ``peft_module("layer_prompt", i)``: ``encoder.layer.N.prompt_embeddings``, prompt tokens the
+  encoder inserts, overwrites and removes.
 
+Which method uses which point: ``docs/peft_keys.md`` §3, §7.
 Shapes: B batch, L gene tokens, T prompt tokens, d hidden, h heads, hs head size.
 """
 from __future__ import annotations
@@ -30,9 +37,7 @@ from .modeling_outputs import (
     TokenClassifierOutput,
 )
 from .modeling_utils import BertPreTrainedModel
-from .peft.adapter import maybe_adapter
-from .peft.lora import lora_linear
-from .peft.prefix import PromptEmbeddings, remove_prompts
+from .peft.registry import peft_linear, peft_module
 
 ACT2FN = {
     "gelu": nn.GELU(),
@@ -105,10 +110,8 @@ class BertSelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
         d = config.hidden_size
-        lora_targets = config.lora_target_modules if config.uses("lora") else ()
         for name in ("query", "key", "value"):
-            base = nn.Linear(d, d)
-            setattr(self, name, lora_linear(base, config) if name in lora_targets else base)
+            setattr(self, name, peft_linear(config, f"attention.self.{name}", nn.Linear(d, d)))
         self.dropout_prob = config.attention_probs_dropout_prob
         self.dropout = Dropout(config.attention_probs_dropout_prob)
 
@@ -141,7 +144,7 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = peft_linear(config, "attention.output.dense", nn.Linear(config.hidden_size, config.hidden_size))
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
@@ -151,9 +154,7 @@ class BertAttention(nn.Module):
         super().__init__()
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
-        self.Space_Adapter = maybe_adapter(
-            config.uses("encoder_prompt") and bool(config.space_adapter_conf[layer_index]),
-            config.hidden_size, config.adapter_width)
+        self.Space_Adapter = peft_module("attention_output", config, layer_index)
 
     def forward(self, hidden, attn_mask=None, output_attentions=False):
         ctx, probs = self.self(hidden, attn_mask, output_attentions)
@@ -167,7 +168,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = peft_linear(config, "intermediate.dense", nn.Linear(config.hidden_size, config.intermediate_size))
         self.intermediate_act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden):
@@ -177,7 +178,7 @@ class BertIntermediate(nn.Module):
 class BertOutput(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = peft_linear(config, "output.dense", nn.Linear(config.intermediate_size, config.hidden_size))
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
@@ -188,20 +189,14 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config, layer_index)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
-        self.MLP_Adapter = maybe_adapter(
-            config.uses("encoder_prompt") and bool(config.mlp_adapter_conf[layer_index]),
-            config.hidden_size, config.adapter_width)
-        self.mlp_adapter_scale = float(config.mlp_adapter_scale)
-        use_prompt = config.uses("prefix_prompt") and bool(config.n_layers_conf[layer_index])
-        self.prompt_embeddings = (
-            PromptEmbeddings(config.num_token, config.hidden_size, config.initializer_range)
-            if use_prompt else None)
+        self.MLP_Adapter = peft_module("ffn_output", config, layer_index)
+        self.prompt_embeddings = peft_module("layer_prompt", config, layer_index)
 
     def forward(self, hidden, attn_mask=None, output_attentions=False):
         h, probs = self.attention(hidden, attn_mask, output_attentions)
         f = self.output.dropout(self.output.dense(self.intermediate(h)))
         if self.MLP_Adapter is not None:
-            f = f + self.mlp_adapter_scale * self.MLP_Adapter(h)  # LN(f + s*adapter(h) + h)
+            f = f + self.MLP_Adapter(h)  # LN(f + s*adapter(h) + h), the scale s inside the adapter
         return self.output.LayerNorm(f + h), probs
 
 
@@ -227,28 +222,28 @@ class BertEncoder(nn.Module):
         ``start_layer`` > 0 resumes from cached outputs of the frozen first layers;
         ``end_layer`` stops early (to compute those outputs).
         """
-        num_prompts = 0
+        inserted = None  # the layer_prompt module that inserted prompt positions, if any
         attn_mask = sdpa_mask(attention_mask)
         all_hidden, all_attn = [], []
         for layer in self.layer[start_layer:end_layer]:
             prompts = layer.prompt_embeddings
             if prompts is not None:
-                if num_prompts == 0:
+                if inserted is None:
                     hidden, attention_mask = prompts.insert(hidden, attention_mask)
                     attn_mask = sdpa_mask(attention_mask)
-                    num_prompts = prompts.num_token
+                    inserted = prompts
                 else:
                     hidden = prompts.overwrite(hidden)
             if output_hidden_states:
-                all_hidden.append(remove_prompts(hidden, num_prompts) if num_prompts else hidden)
+                all_hidden.append(inserted.remove(hidden) if inserted is not None else hidden)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, probs = checkpoint(layer, hidden, attn_mask, output_attentions, use_reentrant=False)
             else:
                 hidden, probs = layer(hidden, attn_mask, output_attentions)
             if output_attentions:
                 all_attn.append(probs)
-        if num_prompts:
-            hidden = remove_prompts(hidden, num_prompts)
+        if inserted is not None:
+            hidden = inserted.remove(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
         return hidden, (tuple(all_hidden) if output_hidden_states else None), (
@@ -280,21 +275,21 @@ class BertPooler(nn.Module):
 
 # ----------------------------------------------------------------------------- BertModel
 class BertModel(BertPreTrainedModel):
-    """The encoder: embeddings, optional gene-token adapter, layers, optional pooler."""
+    """The encoder: embeddings, optional embedding-output adapter, layers, optional pooler."""
 
     head_prefixes = ("pooler.",)
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True, *, initialize: bool = True) -> None:
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
-        self.adapter = maybe_adapter(config.uses("Gene_token_prompt"), config.hidden_size, config.adapter_width)
+        self.adapter = peft_module("embedding_output", config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         if initialize:  # a head initialises the whole model once itself
             self.post_init()
 
     def embed(self, input_ids, token_type_ids=None, position_ids=None):
-        """Embedding output, after the gene-token adapter (E' = E + adapter(E))."""
+        """Embedding output, after the embedding-output adapter if any (E' = E + adapter(E))."""
         emb = self.embeddings(input_ids, token_type_ids, position_ids)
         if self.adapter is not None:
             emb = emb + self.adapter(emb)

@@ -2,8 +2,9 @@
 
 Reads ``config.json`` with ``model.safetensors`` (preferred) or ``pytorch_model.bin``
 (sharded ``*.index.json`` too), maps the key spellings found in the wild onto ours
-(``LayerNorm.gamma``, ``cls.predictions.decoder.bias``, the scPEFT reference's
-``lora_query`` ...), and reports in one message what was newly initialised.
+(``LayerNorm.gamma``, ``cls.predictions.decoder.bias``, and each PEFT method's old
+spellings, such as the scPEFT reference's ``lora_query``), and reports in one message what
+was newly initialised.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .configuration_bert import BertConfig
-from .peft.lora import map_reference_lora_key
+from .peft.registry import map_checkpoint_key, owner_of
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class BertPreTrainedModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for key, tensor in state.items():
             key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-            key = map_reference_lora_key(key)
+            key = map_checkpoint_key(key)
             if key.endswith(_BUFFER_KEYS):
                 continue
             is_head = key.startswith(_ANY_HEAD_PREFIXES)
@@ -248,8 +249,8 @@ class BertPreTrainedModel(nn.Module):
             logger.info("loaded %s into %s: every key matched", source, type(self).__name__)
             return
         # New backbone weights are suspicious; new heads and PEFT modules are expected.
-        expected = self.head_prefixes + ("lora_", "prompt_embeddings", "Adapter", "bert.adapter.", "adapter.")
-        surprising = [k for k in info["missing_keys"] if not any(e in k for e in expected)]
+        surprising = [k for k in info["missing_keys"]
+                      if not any(h in k for h in self.head_prefixes) and owner_of(k) is None]
         level = logging.WARNING if surprising or info["mismatched_keys"] else logging.INFO
         logger.log(level, "loaded %s into %s;\n  %s", source, type(self).__name__, "\n  ".join(lines))
 

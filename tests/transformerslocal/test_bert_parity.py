@@ -1,4 +1,4 @@
-"""Numerical parity of our BERT with ``transformers``' (SPEC-peft §1: same numbers).
+"""Numerical parity of our BERT with ``transformers``' (docs/peft_keys.md §9: same numbers).
 
 HF models are random-initialised and perturbed (so biases and LayerNorms are not the
 trivial 0 / 1), saved the two ways Geneformer checkpoints exist on disk (safetensors, and

@@ -9,7 +9,7 @@ import pytest
 import transformerslocal as tl
 from bert_factories import tiny_config, tiny_config_kwargs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/transformerslocal/ -> the repository
 # The Geneformer V1 method configs; the tiny example checkpoint has its own test.
 SHIPPED = sorted(p for p in REPO.glob("Pretrain_ckpts/geneformer-*L-30M*/config.json"))
 TINY_EXAMPLE = REPO / "Pretrain_ckpts" / "geneformer-tiny-example"
@@ -115,6 +115,8 @@ def test_peft_defaults_and_resolved_layer_lists():
     assert config.mlp_adapter_scale == 0.5
     assert config.freeze_layers == 0
     assert config.classifier_pooling == "first"
+    assert config.ia3_target_modules == ["key", "value", "output.dense"]
+    assert config.ia3_feedforward_modules == ["output.dense"]
     assert config.n_layers_conf == [1, 0, 0]
     assert config.mlp_adapter_conf == [1, 1, 1]
     assert config.space_adapter_conf == [1, 1, 1]
@@ -155,6 +157,18 @@ BAD_KEYS = [
     (dict(prompt_type="lora", lora_target_modules="query"), "lora_target_modules", "'query'"),
     (dict(prompt_type="lora", lora_dropout=1.0), "lora_dropout", "1.0"),
     (dict(prompt_type="prefix_prompt", num_token=0), "num_token", "0"),
+    (dict(prompt_type="dora", lora_r=0), "lora_r", "0"),
+    (dict(prompt_type="dora", lora_target_modules=["dense"]), "lora_target_modules", r"\['dense'\]"),
+    (dict(prompt_type="dora", lora_alpha=0), "lora_alpha", "0"),
+    (dict(prompt_type="ia3", ia3_target_modules=[]), "ia3_target_modules", r"\[\]"),
+    (dict(prompt_type="ia3", ia3_target_modules="key"), "ia3_target_modules", "'key'"),
+    (dict(prompt_type="ia3", ia3_target_modules=["key", "dense"]), "ia3_target_modules", r"\['key', 'dense'\]"),
+    (dict(prompt_type="ia3", ia3_feedforward_modules=["intermediate"]), "ia3_feedforward_modules",
+     r"\['intermediate'\]"),
+    (dict(prompt_type="ia3", ia3_target_modules=["key", "value"]), "ia3_feedforward_modules",
+     r"\['output.dense'\]"),
+    (dict(prompt_type="lora,dora"), "prompt_type", "'lora,dora'"),
+    (dict(prompt_type="ia3,lora"), "prompt_type", "'ia3,lora'"),
     (dict(prompt_type="Gene_token_prompt", adapter_ratio=0.0), "adapter_ratio", "0.0"),
     (dict(classifier_pooling="max"), "classifier_pooling", "'max'"),
     (dict(freeze_layers=3), "freeze_layers", "3"),
@@ -173,6 +187,26 @@ def test_bad_key_raises_naming_key_and_value(overrides, key, value):
         tiny_config(**overrides)
 
 
+def test_lora_and_dora_together_raise_naming_both():
+    with pytest.raises(ValueError, match=r"'lora' and 'dora' both replace attention\.self\.query"):
+        tiny_config(prompt_type="lora,dora")
+    # off, the combination is not checked (nothing is built)
+    assert tiny_config(prompt_type="lora,dora", if_use_prompt=False).peft_methods == ()
+
+
+def test_linear_methods_combine_on_different_projections():
+    with pytest.raises(ValueError, match=r"'ia3' and 'lora' both replace attention\.self\.value"):
+        tiny_config(prompt_type="ia3,lora")  # defaults: ia3 on key, value, output.dense; lora on query, value
+    config = tiny_config(prompt_type="ia3,lora", lora_target_modules=["query"])
+    assert config.peft_methods == ("ia3", "lora")
+    config = tiny_config(prompt_type="dora,ia3", lora_target_modules=["query"])
+    assert config.peft_methods == ("dora", "ia3")
+
+
+def test_keys_of_new_methods_are_not_checked_when_off():
+    assert tiny_config(prompt_type="lora", ia3_target_modules=[], ia3_feedforward_modules="x").peft_methods == ("lora",)
+
+
 def test_error_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config_kwargs(prompt_type="lora", lora_r=0)))
     with pytest.raises(ValueError, match=rf"'lora_r' in {tmp_path}.*config\.json has value 0"):
@@ -187,7 +221,7 @@ def test_conf_length_error_allows_what():
 
 
 # ----------------------------------------------------------------------------- shipped configs
-V1_SHAPES = {  # SPEC-peft §1: layers -> (hidden, heads, FFN)
+V1_SHAPES = {  # docs/peft_keys.md §9: layers -> (hidden, heads, FFN)
     6: (256, 4, 512),
     12: (512, 8, 1024),
 }
@@ -198,6 +232,8 @@ EXPECTED_METHODS = {  # folder suffix -> prompt_type
     "-encoder": ("encoder_prompt",),
     "-gene-token": ("Gene_token_prompt",),
     "-gene-token-lora": ("Gene_token_prompt", "lora"),
+    "-ia3": ("ia3",),
+    "-dora": ("dora",),
 }
 
 

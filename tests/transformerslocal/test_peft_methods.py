@@ -1,6 +1,6 @@
 """Generic tests over the PEFT case table (tests/peft_cases.py): every method and
 combination starts equal to the base model, trains exactly its own parameters (the union
-over methods, plus the head), adds nothing when switched off, and has the spec's sizes."""
+over methods, plus the head), adds nothing when switched off, and has the sizes of docs/peft_keys.md §9."""
 from __future__ import annotations
 
 import re
@@ -28,6 +28,7 @@ from peft_cases import (
     tiny_config,
 )
 from transformerslocal import (
+    PEFT_METHODS,
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -157,13 +158,18 @@ def test_lora_a_gets_no_gradient_on_the_first_step():
     assert not torch.equal(params[name + ".lora_B"].detach(), before[name + ".lora_B"])
 
 
+@pytest.mark.parametrize("keys", [
+    pytest.param(dict(prompt_type="lora,prefix_prompt,Gene_token_prompt,encoder_prompt"), id="scpeft_four"),
+    pytest.param(dict(prompt_type="dora,ia3,prefix_prompt,Gene_token_prompt,encoder_prompt",
+                      lora_target_modules=["query"]), id="dora_ia3_and_three"),
+])
 @pytest.mark.parametrize("model_class, head", [
     (BertModel, ("pooler.",)),
     (BertForTokenClassification, ("classifier.",)),
     (BertForMaskedLM, ("cls.",)),
 ])
-def test_other_models_train_their_head_and_methods(model_class, head):
-    config = tiny_config(prompt_type="lora,prefix_prompt,Gene_token_prompt,encoder_prompt")
+def test_other_models_train_their_head_and_methods(model_class, head, keys):
+    config = tiny_config(**keys)
     model = build(config, model_class=model_class)
     mark_trainable(model)
     for name, param in model.named_parameters():
@@ -172,9 +178,9 @@ def test_other_models_train_their_head_and_methods(model_class, head):
         assert param.requires_grad == expected, name
 
 
-# ----------------------------------------------------------------------------- the equations (§3)
+# ----------------------------------------------------------------------------- the equations (docs/peft_keys.md §3)
 def test_adapters_follow_the_spec_equations():
-    """A slow, readable reference of SPEC-peft §3 against the model's forward."""
+    """A slow, readable reference of docs/peft_keys.md §3.3, §3.4 against the model's forward."""
     F = torch.nn.functional
     model = build(tiny_config(prompt_type="Gene_token_prompt,encoder_prompt", mlp_adapter_scale=0.7)).eval()
     perturb_peft(model, std=0.3)
@@ -209,11 +215,56 @@ def test_lora_follows_the_spec_equation():
         torch.testing.assert_close(query(x), want, rtol=0, atol=1e-6)
 
 
+def test_ia3_follows_the_equation():
+    """docs/peft_keys.md §3.5: key, value scale their output (bias included); both output.dense
+    projections (attention output and feed-forward output) scale their input."""
+    model = build(tiny_config(prompt_type="ia3")).eval()
+    perturb_peft(model, std=0.3)
+    layer = model.bert.encoder.layer[1]
+    x = torch.randn(3, 6, TINY["hidden_size"])
+    x_ffn = torch.randn(3, 6, TINY["intermediate_size"])
+    with torch.no_grad():
+        for proj in (layer.attention.self.key, layer.attention.self.value):
+            assert proj.ia3_l.shape == (TINY["hidden_size"],)
+            torch.testing.assert_close(proj(x), (x @ proj.weight.T + proj.bias) * proj.ia3_l, rtol=0, atol=1e-6)
+        for proj, inp in ((layer.attention.output.dense, x), (layer.output.dense, x_ffn)):
+            assert proj.ia3_l.shape == (inp.shape[-1],)
+            torch.testing.assert_close(proj(inp), (inp * proj.ia3_l) @ proj.weight.T + proj.bias, rtol=0, atol=1e-6)
+    assert type(layer.attention.self.query) is torch.nn.Linear
+    assert type(layer.intermediate.dense) is torch.nn.Linear
+
+
+def test_dora_follows_the_equation():
+    """docs/peft_keys.md §3.6: W' = m / ||W + s B A|| (row-wise) * (W + s B A), s = alpha / r."""
+    model = build(tiny_config(prompt_type="dora", lora_r=4, lora_alpha=2)).eval()
+    perturb_peft(model, std=0.3)
+    value = model.bert.encoder.layer[1].attention.self.value
+    x = torch.randn(3, 6, TINY["hidden_size"])
+    with torch.no_grad():
+        direction = value.weight + (2 / 4) * value.dora_B @ value.dora_A
+        weight = value.dora_magnitude[:, None] * direction / direction.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(value(x), x @ weight.T + value.bias, rtol=0, atol=1e-6)
+
+
+def test_dora_magnitude_starts_at_the_loaded_weight_norm():
+    """A base checkpoint has no magnitude: it starts at ||W|| of the weights loaded, not of
+    the random ones the model was built with (else the start would not equal the base)."""
+    base = base_model(seed=0)
+    model = from_base(Case("dora", dict(prompt_type="dora"), ("dora",)), base, seed=5)
+    for i in range(TINY["num_hidden_layers"]):
+        for proj in ("query", "value"):
+            got = getattr(model.bert.encoder.layer[i].attention.self, proj)
+            want = getattr(base.bert.encoder.layer[i].attention.self, proj).weight.norm(dim=1)
+            torch.testing.assert_close(got.dora_magnitude.detach(), want, rtol=0, atol=1e-6)
+    assert "bert.encoder.layer.0.attention.self.query.dora_magnitude" in model.loading_info["missing_keys"]
+
+
 # ----------------------------------------------------------------------------- (c) switched off
 def test_switched_off_methods_add_nothing():
     plain = build(tiny_config())
     for prompt_type in ("lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt",
-                        "lora,prefix_prompt,Gene_token_prompt,encoder_prompt"):
+                        "lora,prefix_prompt,Gene_token_prompt,encoder_prompt", "ia3", "dora",
+                        "ia3,dora,prefix_prompt,Gene_token_prompt,encoder_prompt"):
         off = build(tiny_config(prompt_type=prompt_type, if_use_prompt=False))
         assert list(off.state_dict()) == list(plain.state_dict()), prompt_type
         assert [n for n, _ in off.named_parameters()] == [n for n, _ in plain.named_parameters()]
@@ -227,7 +278,7 @@ def test_methods_add_only_their_own_keys(case: Case):
     assert plain_keys <= keys
     added = keys - plain_keys
     assert added and all(is_peft_module(k) for k in added)
-    for method in ("lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt"):
+    for method in METHOD_PREDICATES:  # the four of scPEFT, ia3, dora
         owns = any(METHOD_PREDICATES[method](k) for k in added)
         assert owns == (method in case.methods), method
 
@@ -243,7 +294,7 @@ def test_layer_confs_build_modules_only_where_asked():
     assert [k for k in keys if "prompt" in k] == ["bert.encoder.layer.1.prompt_embeddings.weight"]
 
 
-# ----------------------------------------------------------------------------- (d) spec sizes
+# ----------------------------------------------------------------------------- (d) sizes (docs/peft_keys.md §9)
 def _peft_count_12l(**peft_keys) -> tuple[int, int]:
     """(added parameters vs plain BERT, trainable parameters without the head) at 12L-30M."""
     with torch.device("meta"):  # shapes only: no memory, no init time
@@ -260,6 +311,10 @@ def _peft_count_12l(**peft_keys) -> tuple[int, int]:
     pytest.param(dict(prompt_type="encoder_prompt", mlp_adapter_conf=[0] * 12), 1_580_544, id="space_adapters"),
     pytest.param(dict(prompt_type="Gene_token_prompt"), 131_712, id="token_adapter"),
     pytest.param(dict(prompt_type="prefix_prompt", num_token=64), 32_768, id="prompts_64x1"),
+    # key, value: 512 each (output scaled); attention.output.dense 512, output.dense 1024 (input)
+    pytest.param(dict(prompt_type="ia3"), 12 * (512 + 512 + 512 + 1024), id="ia3_default"),
+    # LoRA's 196,608 plus one magnitude per output feature of Q and V
+    pytest.param(dict(prompt_type="dora", lora_r=8), 196_608 + 12 * 2 * 512, id="dora_r8_qv"),
 ])
 def test_parameter_counts_match_the_spec_at_12l_30m(peft_keys, expected):
     assert _peft_count_12l(**peft_keys) == (expected, expected)
@@ -312,5 +367,9 @@ def test_bad_config_raises_naming_key_and_value(keys, key, value):
 
 def test_case_table_covers_every_method_and_combination():
     ids = {c.id for c in CASES}
-    assert {"full", "lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt"} <= ids
+    assert {"full", "lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt", "ia3", "dora"} <= ids
     assert any(len(c.methods) == 4 for c in CASES)
+    assert set(METHOD_PREDICATES) == set(PEFT_METHODS)
+    for method in PEFT_METHODS:  # alone, and with another method
+        assert any(c.methods == (method,) for c in CASES), method
+        assert any(method in c.methods and len(c.methods) > 1 for c in CASES), method

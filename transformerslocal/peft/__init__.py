@@ -1,6 +1,18 @@
-"""PEFT methods of scPEFT, one module each: lora, prefix, adapter (Gene_token_prompt and
-encoder_prompt); which parameters train (trainable); PEFT weights on disk (io)."""
-from .io import PEFT_WEIGHTS_NAME, load_peft_model, load_peft_weights, merge_lora, peft_state_dict, save_peft_weights
+"""PEFT methods of scPEFT and more, one module each (lora, prefix, gene_token, encoder_adapter,
+ia3, dora; the shared bottleneck in adapter), described by a :class:`~.base.PeftMethod` and
+listed in :mod:`.registry`; which parameters train (trainable); PEFT weights on disk and
+merging (io). Keys, modules and files: ``docs/peft_keys.md``."""
+from .base import PeftMethod
+from .io import (
+    PEFT_WEIGHTS_NAME,
+    load_peft_model,
+    load_peft_weights,
+    merge_lora,
+    merge_peft,
+    peft_state_dict,
+    save_peft_weights,
+)
+from .registry import PEFT_METHODS, REGISTRY
 from .trainable import (
     METHOD_KEYS,
     ParameterReport,
@@ -11,7 +23,7 @@ from .trainable import (
 )
 
 __all__ = [
-    "METHOD_KEYS", "PEFT_WEIGHTS_NAME", "ParameterReport", "is_trainable", "load_peft_model", "load_peft_weights",
-    "mark_trainable", "merge_lora", "parameter_report", "peft_state_dict", "save_peft_weights",
-    "trainable_parameter_names",
+    "METHOD_KEYS", "PEFT_METHODS", "PEFT_WEIGHTS_NAME", "REGISTRY", "ParameterReport", "PeftMethod", "is_trainable",
+    "load_peft_model", "load_peft_weights", "mark_trainable", "merge_lora", "merge_peft", "parameter_report",
+    "peft_state_dict", "save_peft_weights", "trainable_parameter_names",
 ]

@@ -1,21 +1,41 @@
-"""PEFT weights on disk: the trainable part alone, applied on top of a base checkpoint,
-and LoRA merged into the base weights for stock ``transformers``."""
+"""PEFT weights on disk: the trainable part alone, applied on top of a base checkpoint
+(``docs/peft_keys.md`` §5), and mergeable methods folded into the base weights for stock
+``transformers`` (§6).
+
+This module imports nothing above ``peft/``: :func:`load_peft_model` builds the model class it
+is given, by default the one ``transformerslocal/__init__`` sets with
+:func:`set_default_model_class` (``BertForSequenceClassification``).
+"""
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..configuration_bert import BertConfig
-from .lora import merged_state_dict
+from .registry import REGISTRY, merged_state_dict
 from .trainable import _head_prefixes, trainable_parameter_names
 
 logger = logging.getLogger(__name__)
 
 PEFT_WEIGHTS_NAME = "peft_model.safetensors"
+
+_default_model_class: type | None = None
+
+
+def set_default_model_class(model_class: type) -> None:
+    """Set the class :func:`load_peft_model` builds when given none.
+
+    Parameters
+    ----------
+    model_class
+        A ``BertPreTrainedModel`` subclass (it has ``config_class`` and ``from_pretrained``).
+    """
+    global _default_model_class
+    _default_model_class = model_class
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -71,26 +91,77 @@ def load_peft_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def load_peft_model(base_path: str | os.PathLike, peft_path: str | os.PathLike, model_class=None, **overrides):
+def load_peft_model(base_path: str | os.PathLike, peft_path: str | os.PathLike, model_class: type | None = None,
+                    **overrides):
     """The base checkpoint with the PEFT modules built from ``peft_path/config.json`` and
-    their weights (and the head's) applied from ``peft_path/peft_model.safetensors``."""
-    from ..modeling_bert import BertForSequenceClassification
+    their weights (and the head's) applied from ``peft_path/peft_model.safetensors``.
 
-    model_class = model_class or BertForSequenceClassification
-    config = BertConfig.from_pretrained(peft_path, **overrides)
+    Parameters
+    ----------
+    base_path
+        The base checkpoint folder (e.g. a Geneformer ``BertForMaskedLM``).
+    peft_path
+        The folder :func:`save_peft_weights` wrote.
+    model_class
+        The model to build; default ``BertForSequenceClassification``.
+    **overrides
+        Config keys that replace those of ``peft_path/config.json``.
+    """
+    model_class = model_class or _default_model_class
+    if model_class is None:
+        raise TypeError("load_peft_model: no model_class given and no default set (import transformerslocal)")
+    config = model_class.config_class.from_pretrained(peft_path, **overrides)
     model = model_class.from_pretrained(base_path, config=config)
     return load_peft_weights(model, peft_path)
+
+
+def _merge(model: nn.Module, methods: tuple[str, ...], caller: str) -> nn.Module:
+    config = model.config
+    for name in methods:
+        if not config.uses(name):
+            raise ValueError(f"{caller}: the model's prompt_type {config.prompt_type!r} does not include {name!r}")
+        if not REGISTRY[name].mergeable:
+            mergeable = [n for n, m in REGISTRY.items() if m.mergeable]
+            raise ValueError(f"{caller}: {name!r} cannot be merged into the base weights; mergeable: {mergeable}")
+    remaining = ",".join(m for m in config.peft_methods if m not in methods)
+    merged = type(model)(config.copy(prompt_type=remaining))
+    merged.load_checkpoint_state(merged_state_dict(model, methods), source=f"merged {'+'.join(methods)} model",
+                                 report_missing=False)
+    if merged.loading_info["missing_keys"]:
+        raise AssertionError(f"{caller} left keys unset: {merged.loading_info['missing_keys']}")
+    return merged.train(model.training)
+
+
+def merge_peft(model: nn.Module, methods: str | Iterable[str] | None = None) -> nn.Module:
+    """A new model of the same class with the updates of ``methods`` folded into the base
+    weights and without their modules; the other methods stay as they are. With only mergeable
+    methods the result is a plain BERT that stock ``transformers`` loads.
+
+    Parameters
+    ----------
+    model
+        A model whose ``prompt_type`` lists ``methods``.
+    methods
+        A method name, several, or ``None`` for every mergeable method the model uses
+        (``lora``, ``ia3``, ``dora``; ``docs/peft_keys.md`` §6).
+
+    Raises
+    ------
+    ValueError
+        If a method is not in the model's ``prompt_type``, cannot be merged, or (``None``) the
+        model uses no mergeable method.
+    """
+    if methods is None:
+        names = tuple(m for m in model.config.peft_methods if REGISTRY[m].mergeable)
+        if not names:
+            raise ValueError(f"merge_peft: the model's prompt_type {model.config.prompt_type!r} has no mergeable "
+                             f"method; mergeable: {[n for n, m in REGISTRY.items() if m.mergeable]}")
+    else:
+        names = (methods,) if isinstance(methods, str) else tuple(methods)
+    return _merge(model, names, "merge_peft")
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """A new model of the same class whose weights hold ``W + (alpha/r) B A`` and that has no
     LoRA modules. With LoRA alone the result is a plain BERT that stock ``transformers`` loads."""
-    config = model.config
-    if not config.uses("lora"):
-        raise ValueError(f"merge_lora: the model's prompt_type {config.prompt_type!r} does not include 'lora'")
-    remaining = ",".join(m for m in config.peft_methods if m != "lora")
-    merged = type(model)(config.copy(prompt_type=remaining))
-    merged.load_checkpoint_state(merged_state_dict(model), source="merged LoRA model", report_missing=False)
-    if merged.loading_info["missing_keys"]:
-        raise AssertionError(f"merge_lora left keys unset: {merged.loading_info['missing_keys']}")
-    return merged.train(model.training)
+    return _merge(model, ("lora",), "merge_lora")

@@ -9,11 +9,17 @@ inside the model.
 
 Prompts start at N(0, initializer_range): with zeros (the reference) all T prompts are
 exchangeable without positions, receive identical gradients and stay identical forever.
+
+Config keys: ``num_token``, ``n_layers_conf`` (``docs/peft_keys.md`` §3.2).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from .base import PeftMethod, config_error, resolve_layer_list
 
 PREFIX_KEYS = ("prompt_embeddings",)
 
@@ -57,7 +63,41 @@ class PromptEmbeddings(nn.Module):
         prompts = self.weight.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)
         return torch.cat([hidden[:, :1], prompts, hidden[:, 1 + self.num_token:]], dim=1)
 
+    def remove(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Drop the prompt positions this layer inserted: (B, 1+T+L-1, d) -> (B, L, d)."""
+        return remove_prompts(hidden, self.num_token)
+
 
 def remove_prompts(hidden: torch.Tensor, num_token: int) -> torch.Tensor:
     """Drop positions 1..T: (B, 1+T+L-1, d) -> (B, L, d)."""
     return torch.cat([hidden[:, :1], hidden[:, 1 + num_token:]], dim=1)
+
+
+def _resolve(config: Any, source: str | None) -> None:
+    # default: prompts at the input layer only (shallow prompt tuning)
+    resolve_layer_list(config, "n_layers_conf", [1] + [0] * (config.num_hidden_layers - 1), source)
+
+
+def _validate(config: Any, source: str | None) -> None:
+    if not isinstance(config.num_token, int) or config.num_token < 1:
+        raise config_error("num_token", config.num_token, "an integer >= 1 when prompt_type includes 'prefix_prompt'",
+                           source)
+    if not any(config.n_layers_conf):
+        raise config_error("n_layers_conf", config.n_layers_conf,
+                           "at least one 1 when prompt_type includes 'prefix_prompt'", source)
+
+
+def _layer_prompt(config: Any, layer_index: int | None) -> PromptEmbeddings | None:
+    if not config.n_layers_conf[layer_index]:
+        return None
+    return PromptEmbeddings(config.num_token, config.hidden_size, config.initializer_range)
+
+
+METHOD = PeftMethod(
+    name="prefix_prompt",
+    config_keys={"num_token": 64, "n_layers_conf": None},
+    trainable_fragments=PREFIX_KEYS,
+    resolve=_resolve,
+    validate=_validate,
+    modules={"layer_prompt": _layer_prompt},
+)

@@ -6,6 +6,8 @@ loop per method, each freezing all but its own keyword, so only the last listed 
 trained, and it left the randomly initialised pooler frozen; both are fixed here.
 Full fine-tuning (``prompt_type`` empty) trains everything; with ``freeze_layers`` N > 0
 the embeddings and the first N layers stay frozen (Geneformer's Classifier option).
+Which method owns a parameter is the registry's answer (each method's
+``trainable_fragments``; ``docs/peft_keys.md`` §4).
 """
 from __future__ import annotations
 
@@ -14,19 +16,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapter import ENCODER_KEYS, GENE_TOKEN_KEYS
-from .lora import LORA_KEYS
-from .prefix import PREFIX_KEYS
+from .registry import METHOD_KEYS, owner_of
 
 logger = logging.getLogger(__name__)
 
-#: parameter-name fragments each method owns
-METHOD_KEYS = {
-    "lora": LORA_KEYS,
-    "prefix_prompt": PREFIX_KEYS,
-    "Gene_token_prompt": GENE_TOKEN_KEYS,
-    "encoder_prompt": ENCODER_KEYS,
-}
+__all__ = ["METHOD_KEYS", "ParameterReport", "is_trainable", "mark_trainable", "parameter_report",
+           "trainable_parameter_names"]
+
 _DEFAULT_HEAD = ("bert.pooler.", "classifier.", "cls.")
 
 
@@ -52,8 +48,7 @@ def is_trainable(name: str, config, head_prefixes: tuple[str, ...] = _DEFAULT_HE
         return not _frozen_by_freeze_layers(name, config.freeze_layers)
     if name.startswith(head_prefixes):
         return True
-    dotted = "." + name  # so "adapter." of a bare BertModel matches ".adapter." too
-    return any(fragment in dotted for m in methods for fragment in METHOD_KEYS[m])
+    return owner_of(name, methods) is not None
 
 
 def trainable_parameter_names(model: nn.Module, config=None) -> list[str]:
