@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 
-CLASSIFIER_POOLINGS = ("first", "mean")
+CLASSIFIER_POOLINGS = ("first", "mean", "cls")  # "cls": V2, the <cls> token at position 0, as "first"
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
 
 # HuggingFace BertConfig keys and defaults (bert-base values, as in transformers).
@@ -57,6 +57,13 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "classifier_pooling": "first",
 }
 
+# Keys a fine-tuned model records about its training, written only when set (a pretrained
+# checkpoint's config.json stays as it was).
+TASK_DEFAULTS: dict[str, Any] = {
+    # longest input (tokens per cell) the classifier was fine-tuned on; prediction keeps it
+    "finetune_max_length": None,
+}
+
 
 class BertConfig:
     """Configuration of a BERT encoder with optional PEFT modules.
@@ -79,7 +86,7 @@ class BertConfig:
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
-        for key, default in {**BERT_DEFAULTS, **PEFT_DEFAULTS}.items():
+        for key, default in {**BERT_DEFAULTS, **PEFT_DEFAULTS, **TASK_DEFAULTS}.items():
             setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
         self._extra_keys = list(kwargs)
         for key, value in kwargs.items():
@@ -148,6 +155,9 @@ class BertConfig:
             raise _bad("freeze_layers", self.freeze_layers, f"an integer in [0, {n_layers}]", src)
         if self.classifier_pooling not in CLASSIFIER_POOLINGS:
             raise _bad("classifier_pooling", self.classifier_pooling, f"one of {list(CLASSIFIER_POOLINGS)}", src)
+        length = self.finetune_max_length
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise _bad("finetune_max_length", length, "null or an integer >= 1", src)
 
     @property
     def adapter_width(self) -> int:
@@ -159,6 +169,7 @@ class BertConfig:
         out: dict[str, Any] = {}
         for key in list(BERT_DEFAULTS) + list(PEFT_DEFAULTS) + self._extra_keys:
             out[key] = copy.deepcopy(getattr(self, key))
+        out.update({key: getattr(self, key) for key in TASK_DEFAULTS if getattr(self, key) is not None})
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["label2id"] = dict(self.label2id)
         return dict(sorted(out.items()))

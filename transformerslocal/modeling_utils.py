@@ -60,6 +60,32 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
+def write_state_dict(state: dict[str, torch.Tensor], directory: Path, *, safe_serialization: bool = True) -> Path:
+    """Write ``model.safetensors`` (or ``pytorch_model.bin``) into ``directory`` atomically.
+
+    The file is written under a temporary name in ``directory`` and moved into place, so a
+    reader sees the old file or the complete new one. Tensors are made contiguous; nothing
+    else about ``state`` is changed (the caller drops or adds tied keys).
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    file = directory / (SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME)
+    tmp = file.with_name(file.name + ".tmp")
+    if safe_serialization:
+        from safetensors.torch import save_file
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    else:
+        torch.save(state, tmp)
+    os.replace(tmp, file)
+    return file
+
+
 def _layer_pattern(keys) -> list[str]:
     """Compress ``...layer.0.x``, ``...layer.1.x`` into ``...layer.{0,1}.x`` for readable reports."""
     groups: dict[str, list[int]] = defaultdict(list)
@@ -263,20 +289,11 @@ class BertPreTrainedModel(nn.Module):
         config = config if config is not None else self.config
         config = config.copy(architectures=[type(self).__name__])
         state = self.state_dict() if state_dict is None else dict(state_dict)
-        state = {k: v.detach().contiguous() for k, v in state.items()}
         if safe_serialization:
-            from safetensors.torch import save_file
             for key in _TIED_KEYS:
                 state.pop(key, None)  # tied to the word embeddings; HF re-ties on load
-            file = directory / SAFE_WEIGHTS_NAME
-            tmp = directory / (SAFE_WEIGHTS_NAME + ".tmp")
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        else:
-            if "cls.predictions.bias" in state:
-                state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]  # as HF 4.x wrote
-            file = directory / WEIGHTS_NAME
-            tmp = directory / (WEIGHTS_NAME + ".tmp")
-            torch.save(state, tmp)
-        os.replace(tmp, file)
+        elif "cls.predictions.bias" in state:
+            state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]  # as HF 4.x wrote
+        write_state_dict(state, directory, safe_serialization=safe_serialization)
         config.save_pretrained(directory)
         return directory

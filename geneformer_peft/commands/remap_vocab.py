@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands._common import check_output_path
-    from geneformer_peft.data.vocab import remap_checkpoint_vocabulary
+    from geneformer_peft.models.vocabulary import remap_checkpoint_vocabulary
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
     shared = remap_checkpoint_vocabulary(args.model_path, args.token_dictionary, args.output_dir,

@@ -57,8 +57,8 @@ _WHERE: dict[str, str] = {
     "save_tokenizer_json": "vocab",
     "build_vocabulary": "vocab",
     "write_dictionaries": "vocab",
-    "remap_checkpoint_vocabulary": "vocab",
     "is_special_token": "vocab",
+    "validate_token_dictionary": "vocab",
 }
 
 __all__ = sorted(_WHERE)

@@ -5,13 +5,13 @@
 - :func:`save_tokenizer_json` writes a ``tokenizers`` WordLevel ``tokenizer.json``.
 - :func:`build_vocabulary` builds both dictionaries from the user's own raw counts and
   :func:`write_dictionaries` saves them as pickles.
-- :func:`remap_checkpoint_vocabulary` adapts a pretrained checkpoint's word embeddings to a
-  new vocabulary (rows of shared genes copied, the rest initialised fresh).
+
+Putting a checkpoint on another vocabulary is a model operation:
+:func:`geneformer_peft.models.vocabulary.remap_checkpoint_vocabulary`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pickle
@@ -37,8 +37,8 @@ __all__ = [
     "save_tokenizer_json",
     "build_vocabulary",
     "write_dictionaries",
-    "remap_checkpoint_vocabulary",
     "is_special_token",
+    "validate_token_dictionary",
 ]
 
 PAD_TOKEN = "<pad>"
@@ -74,7 +74,8 @@ def is_special_token(token: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def _validate_token_dictionary(raw: Any, source: str) -> dict[str, int]:
+def validate_token_dictionary(raw: Any, source: str) -> dict[str, int]:
+    """``raw`` as ``{token: int id}``, or a :class:`DataError` naming ``source`` and the bad entry."""
     if not isinstance(raw, Mapping):
         raise DataError(f"{source}: token dictionary is a {type(raw).__name__}; expected a dict of token -> id")
     result: dict[str, int] = {}
@@ -127,10 +128,10 @@ def load_token_dictionary(path: PathLike) -> dict[str, int]:
             vocab = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
         except Exception as exc:  # tokenizers raises its own exception type
             raise DataError(f"{path}: not a readable tokenizers tokenizer.json ({exc})") from exc
-        return _validate_token_dictionary(dict(sorted(vocab.items(), key=lambda kv: kv[1])), str(path))
+        return validate_token_dictionary(dict(sorted(vocab.items(), key=lambda kv: kv[1])), str(path))
     with open(path, "rb") as handle:
         raw = pickle.load(handle)
-    return _validate_token_dictionary(raw, str(path))
+    return validate_token_dictionary(raw, str(path))
 
 
 def load_gene_median_dictionary(path: PathLike) -> dict[str, float]:
@@ -184,7 +185,7 @@ def save_tokenizer_json(token_dictionary: Mapping[str, int], directory: PathLike
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = _validate_token_dictionary(token_dictionary, "token_dictionary")
+    vocab = validate_token_dictionary(token_dictionary, "token_dictionary")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     unk = UNK_TOKEN if UNK_TOKEN in vocab else None
@@ -343,171 +344,3 @@ def write_dictionaries(
     save_tokenizer_json(token_dictionary, directory)
     logger.info("wrote %s and %s", token_path, median_path)
     return token_path, median_path
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint vocabulary remapping
-# ---------------------------------------------------------------------------------------------
-_EMBEDDING_SUFFIX = "embeddings.word_embeddings.weight"
-_DECODER_WEIGHT = "cls.predictions.decoder.weight"
-_VOCAB_BIASES = ("cls.predictions.bias", "cls.predictions.decoder.bias")
-
-
-def _load_checkpoint_weights(checkpoint_dir: Path) -> tuple[dict[str, Any], str]:
-    import torch
-
-    safetensors_path = checkpoint_dir / "model.safetensors"
-    bin_path = checkpoint_dir / "pytorch_model.bin"
-    if safetensors_path.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors_path)), safetensors_path.name
-    if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True), bin_path.name
-    raise DataError(
-        f"{checkpoint_dir}: no checkpoint weights; looked for {[str(safetensors_path), str(bin_path)]}"
-    )
-
-
-def remap_checkpoint_vocabulary(
-    checkpoint_dir: PathLike,
-    new_token_dictionary: Mapping[str, int] | PathLike,
-    output_dir: PathLike,
-    *,
-    old_token_dictionary: Mapping[str, int] | PathLike | None = None,
-    pad_to_multiple_of: int | None = 8,
-    seed: int = 0,
-) -> int:
-    """Write a copy of a checkpoint whose word embeddings follow a new vocabulary.
-
-    Works on the files (``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``,
-    safetensors preferred); no model class is imported. The new embedding matrix has
-    ``len(new_token_dictionary)`` rows, padded up to a multiple of ``pad_to_multiple_of``.
-    Rows of tokens present in both vocabularies (matched by gene id / token string) are
-    copied; other rows are drawn from N(0, ``config["initializer_range"]``). The MLM output
-    bias (``cls.predictions.bias``) is remapped the same way (new entries 0); a stored
-    ``cls.predictions.decoder.weight`` is set to the new embeddings when it was tied to
-    them, else remapped like them. Every other tensor is copied unchanged.
-
-    Parameters
-    ----------
-    checkpoint_dir
-        Directory of the pretrained checkpoint.
-    new_token_dictionary
-        The new vocabulary (dict or a path accepted by :func:`load_token_dictionary`).
-    output_dir
-        Where ``config.json`` (new ``vocab_size``), the weights (same format) and the new
-        ``tokenizer.json`` are written.
-    old_token_dictionary
-        The checkpoint's vocabulary; default: the checkpoint's ``tokenizer.json``.
-    pad_to_multiple_of
-        Round the vocabulary size up to a multiple of this (``None``: no padding).
-    seed
-        Seed of the initialisation of new rows.
-
-    Returns
-    -------
-    int
-        Number of genes (non-special tokens) shared by both vocabularies.
-    """
-    import torch
-
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    config_path = checkpoint_dir / "config.json"
-    if not config_path.is_file():
-        raise DataError(f"{checkpoint_dir}: checkpoint has no config.json; looked for {config_path}")
-    config = json.loads(config_path.read_text())
-    new_vocab = (
-        _validate_token_dictionary(new_token_dictionary, "new_token_dictionary")
-        if isinstance(new_token_dictionary, Mapping)
-        else load_token_dictionary(new_token_dictionary)
-    )
-    if old_token_dictionary is None:
-        tokenizer_path = checkpoint_dir / TOKENIZER_FILE
-        if not tokenizer_path.is_file():
-            raise DataError(
-                f"{checkpoint_dir}: old vocabulary unknown; looked for {tokenizer_path} "
-                "(or pass old_token_dictionary)"
-            )
-        old_vocab = load_token_dictionary(tokenizer_path)
-    elif isinstance(old_token_dictionary, Mapping):
-        old_vocab = _validate_token_dictionary(old_token_dictionary, "old_token_dictionary")
-    else:
-        old_vocab = load_token_dictionary(old_token_dictionary)
-
-    state, weights_name = _load_checkpoint_weights(checkpoint_dir)
-    embedding_keys = [k for k in state if k.endswith(_EMBEDDING_SUFFIX)]
-    if len(embedding_keys) != 1:
-        raise DataError(
-            f"{checkpoint_dir / weights_name}: expected exactly one '*{_EMBEDDING_SUFFIX}' tensor, "
-            f"found {embedding_keys}"
-        )
-    embedding_key = embedding_keys[0]
-    old_embeddings = state[embedding_key]
-    old_rows = old_embeddings.shape[0]
-    if max(old_vocab.values()) >= old_rows:
-        raise DataError(
-            f"{checkpoint_dir}: old vocabulary has id {max(old_vocab.values())} but {embedding_key} has "
-            f"{old_rows} rows; expected the checkpoint's own vocabulary"
-        )
-
-    new_size = max(new_vocab.values()) + 1
-    if pad_to_multiple_of:
-        new_size = int(math.ceil(new_size / pad_to_multiple_of) * pad_to_multiple_of)
-    new_ids, old_ids = [], []
-    for token, new_id in new_vocab.items():
-        if token in old_vocab:
-            new_ids.append(new_id)
-            old_ids.append(old_vocab[token])
-    new_ids_t = torch.tensor(new_ids, dtype=torch.long)
-    old_ids_t = torch.tensor(old_ids, dtype=torch.long)
-    n_shared_genes = sum(1 for t in new_vocab if t in old_vocab and not is_special_token(t))
-    n_shared_special = len(new_ids) - n_shared_genes
-
-    generator = torch.Generator().manual_seed(seed)
-    std = float(config.get("initializer_range", 0.02))
-
-    def remap_matrix(old: torch.Tensor) -> torch.Tensor:
-        fresh = torch.randn((new_size, old.shape[1]), generator=generator, dtype=torch.float32) * std
-        fresh = fresh.to(old.dtype)
-        fresh[new_ids_t] = old[old_ids_t]
-        return fresh
-
-    def remap_vector(old: torch.Tensor) -> torch.Tensor:
-        fresh = torch.zeros(new_size, dtype=old.dtype)
-        fresh[new_ids_t] = old[old_ids_t]
-        return fresh
-
-    new_state = {}
-    for key, tensor in state.items():
-        if key == embedding_key:
-            new_state[key] = remap_matrix(tensor)
-        elif key.endswith(_VOCAB_BIASES) and tensor.shape[0] == old_rows:
-            new_state[key] = remap_vector(tensor)
-        elif key.endswith(_DECODER_WEIGHT) and tensor.shape[0] == old_rows:
-            new_state[key] = None  # filled below, once the embeddings exist
-        else:
-            new_state[key] = tensor.clone()
-    for key, tensor in state.items():
-        if new_state[key] is None:
-            tied = torch.equal(tensor, old_embeddings)
-            new_state[key] = new_state[embedding_key].clone() if tied else remap_matrix(tensor)
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config["vocab_size"] = new_size
-    (output_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if weights_name.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in new_state.items()}, str(output_dir / weights_name), metadata={"format": "pt"})
-    else:
-        torch.save(new_state, output_dir / weights_name)
-    save_tokenizer_json(new_vocab, output_dir)
-    n_new_genes = sum(1 for t in new_vocab if not is_special_token(t))
-    logger.info(
-        "remapped %s -> %s: vocab %d -> %d rows; %d of %d genes shared with the checkpoint "
-        "(%d special tokens copied), %d rows initialised N(0, %g)",
-        checkpoint_dir, output_dir, old_rows, new_size, n_shared_genes, n_new_genes,
-        n_shared_special, new_size - len(new_ids), std,
-    )
-    return n_shared_genes

@@ -19,22 +19,25 @@ Layout of a fold folder (``docs/outputs.md`` describes every file)::
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import io
 import json
 import logging
 import math
 import os
-import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from geneformer_peft.files import (
+    atomic_directory,
+    write_json,
+    write_pickle,
+    write_text,
+)
 
 __all__ = [
     "FOLD_DONE_MARKER",
@@ -61,117 +64,6 @@ FOLD_DONE_MARKER = "fold_done.json"
 #: Names of the cross-fold summary files written by :func:`write_summary`.
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
-
-_FILE_MODE = 0o644
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[str]:
-    """Yield a temporary file name beside ``path``; on success it is moved onto ``path``
-    (mode 644), on failure removed, so ``path`` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp_name
-        os.chmod(tmp_name, _FILE_MODE)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-
-
-def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    with atomic_file(path) as tmp_name, open(tmp_name, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return Path(path)
-
-
-def _json_default(obj: Any) -> Any:
-    """Convert numpy scalars and arrays, paths and sets for :func:`json.dumps`."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable: {obj!r}")
-
-
-def write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically.
-
-    Parameters
-    ----------
-    path : path-like
-        Destination; parent folders are created.
-    text : str
-        Content.
-    encoding : str, default "utf-8"
-        Text encoding.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a str, got {type(text).__name__}")
-    return _atomic_write(path, text.encode(encoding))
-
-
-def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Serialise ``obj`` as JSON and write it to ``path`` atomically.
-
-    numpy scalars and arrays, paths and sets are converted. The object is serialised
-    completely before anything touches the disk, so an unserialisable object leaves an
-    existing file unchanged.
-
-    Parameters
-    ----------
-    path : path-like
-        Destination.
-    obj : object
-        JSON-serialisable object.
-    indent : int, default 2
-        Indentation.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-    """
-    text = json.dumps(obj, indent=indent, default=_json_default) + "\n"
-    return write_text(path, text)
-
-
-def write_pickle(path: str | os.PathLike, obj: Any) -> Path:
-    """Pickle ``obj`` (highest protocol) and write it to ``path`` atomically.
-
-    Parameters
-    ----------
-    path : path-like
-        Destination.
-    obj : object
-        Picklable object.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
-    """
-    return _atomic_write(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
 
 # ----------------------------------------------------------------------------- predictions
 
@@ -289,63 +181,6 @@ def write_predictions_csv(
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     return write_text(path, buffer.getvalue())
-
-
-# ----------------------------------------------------------------------------- directories
-
-
-@contextlib.contextmanager
-def atomic_directory(final_path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a folder under a temporary name and move it into place on success.
-
-    Yields ``<final_path>.tmp-<random>`` (a fresh, empty folder beside ``final_path``).
-    When the block finishes, that folder is renamed to ``final_path``; when the block
-    raises, it is removed and ``final_path`` is left as it was.
-
-    Parameters
-    ----------
-    final_path : path-like
-        Where the finished folder should end up.
-    overwrite : bool, default False
-        Replace an existing ``final_path``. The old folder is removed only after the
-        new one is in place.
-
-    Yields
-    ------
-    pathlib.Path
-        The temporary folder to write into.
-
-    Raises
-    ------
-    FileExistsError
-        If ``final_path`` exists and ``overwrite`` is False (checked before the block runs
-        and again before the rename).
-    """
-    final_path = Path(final_path)
-    if final_path.exists() and not overwrite:
-        raise FileExistsError(f"{final_path} already exists; pass overwrite=True to replace it")
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.tmp-"))
-    try:
-        yield tmp_dir
-        if final_path.exists():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{final_path} appeared while it was being written; pass overwrite=True"
-                )
-            old = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.old-"))
-            os.rmdir(old)
-            os.replace(final_path, old)
-            os.replace(tmp_dir, final_path)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp_dir, final_path)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- fold markers

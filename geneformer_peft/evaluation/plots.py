@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from geneformer_peft.evaluation.outputs import atomic_file
+from geneformer_peft.files import atomic_file
 
 __all__ = ["plotting_available", "plot_confusion_matrix", "plot_training_curves"]
 

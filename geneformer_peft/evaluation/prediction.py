@@ -39,7 +39,7 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
                             f"model labels: {names}")
         mapping = {v: config.label2id[str(v)] for v in dataset.unique(label_column)}
     cells = EncodedCells.from_dataset(dataset, label_column=label_column if has_labels else None, label2id=mapping,
-                                      max_length=max_length or getattr(config, "finetune_max_length", None)
+                                      max_length=max_length or config.finetune_max_length
                                       or config.max_position_embeddings, name="input")
     logits = predict_logits(model, cells, batch_size=batch_size, device=dev, progress=True)
     probs = softmax(logits)

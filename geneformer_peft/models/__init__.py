@@ -18,6 +18,7 @@ _WHERE: dict[str, str] = {
     "load_classifier": "loading",
     "load_fold_model": "loading",
     "resolve_config": "loading",
+    "remap_checkpoint_vocabulary": "vocabulary",
 }
 
 __all__ = sorted(_WHERE)

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from data_factories import SHARED_DATA, gene_ids, make_adata, make_vocab
-from geneformer_peft.errors import DataError
+
 from geneformer_peft.data.vocab import (
     build_vocabulary,
     load_gene_median_dictionary,
     load_token_dictionary,
-    remap_checkpoint_vocabulary,
     save_tokenizer_json,
     write_dictionaries,
 )
+from geneformer_peft.errors import DataError
+from geneformer_peft.models.vocabulary import remap_checkpoint_vocabulary
 
 
 def test_load_real_v1_dictionaries():
@@ -163,3 +163,33 @@ def test_remap_needs_old_vocabulary(tmp_path):
                                     pad_to_multiple_of=None)
     assert n == 5
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 7
+
+
+def test_remap_reads_a_sharded_checkpoint_and_writes_the_folder_atomically(tmp_path, monkeypatch):
+    old_tokens, _ = make_vocab(gene_ids(12), seed=0)
+    new_tokens, _ = make_vocab(gene_ids(12, offset=6), seed=1)
+    old_state = _write_checkpoint(tmp_path / "old", old_tokens, fmt="safetensors")
+    # split the weights over two shards with an index, as large HF checkpoints are stored
+    from safetensors.torch import save_file
+
+    keys = sorted(old_state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: old_state[k].contiguous() for k in part}, str(tmp_path / "old" / name))
+    (tmp_path / "old" / "model.safetensors").unlink()
+    (tmp_path / "old" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in shards.items() for k in part}}))
+    assert remap_checkpoint_vocabulary(tmp_path / "old", new_tokens, tmp_path / "new") == 6
+    assert (tmp_path / "new" / "model.safetensors").is_file()
+
+    import geneformer_peft.models.vocabulary as vocabulary
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vocabulary, "save_tokenizer_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        remap_checkpoint_vocabulary(tmp_path / "old", new_tokens, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("again")], "no half-written folder is left"

@@ -272,3 +272,16 @@ def test_tiny_example_checkpoint_is_complete_and_small():
     assert sum(p.stat().st_size for p in TINY_EXAMPLE.iterdir()) < 3 * 2**20
     from geneformer_peft.data.vocab import load_token_dictionary
     assert len(load_token_dictionary(TINY_EXAMPLE / "tokenizer.json")) == config.vocab_size
+
+
+def test_finetune_max_length_is_declared_and_written_only_when_set(tmp_path):
+    from transformerslocal import BertConfig
+
+    plain = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4)
+    assert plain.finetune_max_length is None and "finetune_max_length" not in plain.to_dict()
+    tuned = plain.copy(finetune_max_length=256)
+    tuned.save_pretrained(tmp_path)
+    assert BertConfig.from_pretrained(tmp_path).finetune_max_length == 256
+    for bad in (0, -3, 2.5, "256", True):
+        with pytest.raises(ValueError, match="finetune_max_length"):
+            plain.copy(finetune_max_length=bad)

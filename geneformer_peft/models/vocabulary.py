@@ -1,0 +1,183 @@
+"""A pretrained checkpoint put on another gene vocabulary.
+
+Shared genes keep their embedding rows (matched by gene id), new genes start fresh, every
+other weight is kept. Reading and writing weights go through
+:mod:`transformerslocal.modeling_utils`, the one place that knows checkpoint files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from geneformer_peft.data.vocab import (
+    TOKENIZER_FILE,
+    is_special_token,
+    load_token_dictionary,
+    save_tokenizer_json,
+    validate_token_dictionary,
+)
+from geneformer_peft.errors import DataError
+from geneformer_peft.files import atomic_directory, write_json
+from transformerslocal.modeling_utils import (
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    find_weights_file,
+    read_state_dict,
+    write_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["remap_checkpoint_vocabulary"]
+
+PathLike = str | Path
+
+_EMBEDDING_SUFFIX = "embeddings.word_embeddings.weight"
+_DECODER_WEIGHT = "cls.predictions.decoder.weight"
+_VOCAB_BIASES = ("cls.predictions.bias", "cls.predictions.decoder.bias")
+
+
+def remap_checkpoint_vocabulary(
+    checkpoint_dir: PathLike,
+    new_token_dictionary: Mapping[str, int] | PathLike,
+    output_dir: PathLike,
+    *,
+    old_token_dictionary: Mapping[str, int] | PathLike | None = None,
+    pad_to_multiple_of: int | None = 8,
+    seed: int = 0,
+) -> int:
+    """Write a copy of a checkpoint whose word embeddings follow a new vocabulary.
+
+    Works on the files (``config.json`` and the weights, found and read by
+    :mod:`transformerslocal.modeling_utils`, safetensors preferred, shards merged); no model
+    class is built. The output folder is built under a temporary name and renamed when complete. The new embedding matrix has
+    ``len(new_token_dictionary)`` rows, padded up to a multiple of ``pad_to_multiple_of``.
+    Rows of tokens present in both vocabularies (matched by gene id / token string) are
+    copied; other rows are drawn from N(0, ``config["initializer_range"]``). The MLM output
+    bias (``cls.predictions.bias``) is remapped the same way (new entries 0); a stored
+    ``cls.predictions.decoder.weight`` is set to the new embeddings when it was tied to
+    them, else remapped like them. Every other tensor is copied unchanged.
+
+    Parameters
+    ----------
+    checkpoint_dir
+        Directory of the pretrained checkpoint.
+    new_token_dictionary
+        The new vocabulary (dict or a path accepted by :func:`load_token_dictionary`).
+    output_dir
+        Where ``config.json`` (new ``vocab_size``), the weights (same format) and the new
+        ``tokenizer.json`` are written.
+    old_token_dictionary
+        The checkpoint's vocabulary; default: the checkpoint's ``tokenizer.json``.
+    pad_to_multiple_of
+        Round the vocabulary size up to a multiple of this (``None``: no padding).
+    seed
+        Seed of the initialisation of new rows.
+
+    Returns
+    -------
+    int
+        Number of genes (non-special tokens) shared by both vocabularies.
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    config_path = checkpoint_dir / "config.json"
+    if not config_path.is_file():
+        raise DataError(f"{checkpoint_dir}: checkpoint has no config.json; looked for {config_path}")
+    config = json.loads(config_path.read_text())
+    new_vocab = (
+        validate_token_dictionary(new_token_dictionary, "new_token_dictionary")
+        if isinstance(new_token_dictionary, Mapping)
+        else load_token_dictionary(new_token_dictionary)
+    )
+    if old_token_dictionary is None:
+        tokenizer_path = checkpoint_dir / TOKENIZER_FILE
+        if not tokenizer_path.is_file():
+            raise DataError(
+                f"{checkpoint_dir}: old vocabulary unknown; looked for {tokenizer_path} "
+                "(or pass old_token_dictionary)"
+            )
+        old_vocab = load_token_dictionary(tokenizer_path)
+    elif isinstance(old_token_dictionary, Mapping):
+        old_vocab = validate_token_dictionary(old_token_dictionary, "old_token_dictionary")
+    else:
+        old_vocab = load_token_dictionary(old_token_dictionary)
+
+    weights_file = find_weights_file(checkpoint_dir)
+    state = read_state_dict(weights_file)
+    safe = weights_file.name.startswith(SAFE_WEIGHTS_NAME)
+    weights_name = SAFE_WEIGHTS_NAME if safe else WEIGHTS_NAME
+    embedding_keys = [k for k in state if k.endswith(_EMBEDDING_SUFFIX)]
+    if len(embedding_keys) != 1:
+        raise DataError(
+            f"{checkpoint_dir / weights_name}: expected exactly one '*{_EMBEDDING_SUFFIX}' tensor, "
+            f"found {embedding_keys}"
+        )
+    embedding_key = embedding_keys[0]
+    old_embeddings = state[embedding_key]
+    old_rows = old_embeddings.shape[0]
+    if max(old_vocab.values()) >= old_rows:
+        raise DataError(
+            f"{checkpoint_dir}: old vocabulary has id {max(old_vocab.values())} but {embedding_key} has "
+            f"{old_rows} rows; expected the checkpoint's own vocabulary"
+        )
+
+    new_size = max(new_vocab.values()) + 1
+    if pad_to_multiple_of:
+        new_size = int(math.ceil(new_size / pad_to_multiple_of) * pad_to_multiple_of)
+    new_ids, old_ids = [], []
+    for token, new_id in new_vocab.items():
+        if token in old_vocab:
+            new_ids.append(new_id)
+            old_ids.append(old_vocab[token])
+    new_ids_t = torch.tensor(new_ids, dtype=torch.long)
+    old_ids_t = torch.tensor(old_ids, dtype=torch.long)
+    n_shared_genes = sum(1 for t in new_vocab if t in old_vocab and not is_special_token(t))
+    n_shared_special = len(new_ids) - n_shared_genes
+
+    generator = torch.Generator().manual_seed(seed)
+    std = float(config.get("initializer_range", 0.02))
+
+    def remap_matrix(old: torch.Tensor) -> torch.Tensor:
+        fresh = torch.randn((new_size, old.shape[1]), generator=generator, dtype=torch.float32) * std
+        fresh = fresh.to(old.dtype)
+        fresh[new_ids_t] = old[old_ids_t]
+        return fresh
+
+    def remap_vector(old: torch.Tensor) -> torch.Tensor:
+        fresh = torch.zeros(new_size, dtype=old.dtype)
+        fresh[new_ids_t] = old[old_ids_t]
+        return fresh
+
+    new_state = {}
+    for key, tensor in state.items():
+        if key == embedding_key:
+            new_state[key] = remap_matrix(tensor)
+        elif key.endswith(_VOCAB_BIASES) and tensor.shape[0] == old_rows:
+            new_state[key] = remap_vector(tensor)
+        elif key.endswith(_DECODER_WEIGHT) and tensor.shape[0] == old_rows:
+            new_state[key] = None  # filled below, once the embeddings exist
+        else:
+            new_state[key] = tensor.clone()
+    for key, tensor in state.items():
+        if new_state[key] is None:
+            tied = torch.equal(tensor, old_embeddings)
+            new_state[key] = new_state[embedding_key].clone() if tied else remap_matrix(tensor)
+
+    config["vocab_size"] = new_size
+    with atomic_directory(output_dir, overwrite=True) as build:
+        write_state_dict(new_state, build, safe_serialization=safe)
+        write_json(build / "config.json", config, sort_keys=True)
+        save_tokenizer_json(new_vocab, build)
+    n_new_genes = sum(1 for t in new_vocab if not is_special_token(t))
+    logger.info(
+        "remapped %s -> %s: vocab %d -> %d rows; %d of %d genes shared with the checkpoint "
+        "(%d special tokens copied), %d rows initialised N(0, %g)",
+        checkpoint_dir, output_dir, old_rows, new_size, n_shared_genes, n_new_genes,
+        n_shared_special, new_size - len(new_ids), std,
+    )
+    return n_shared_genes
