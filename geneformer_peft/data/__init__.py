@@ -6,13 +6,10 @@ Imports neither :mod:`geneformer_peft.training` nor :mod:`geneformer_peft.evalua
 Names are loaded on first use (``from geneformer_peft.data import X`` imports only the
 module holding ``X``).
 """
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from geneformer_peft._lazy import lazy_face
 
 #: public name -> module of this package that defines it
-_WHERE: dict[str, str] = {
+_WHERE = {
     "CellChunk": "cell_source",
     "CellSource": "cell_source",
     "check_raw_counts": "cell_source",
@@ -61,14 +58,4 @@ _WHERE: dict[str, str] = {
     "validate_token_dictionary": "vocab",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_face(__name__, _WHERE)

@@ -4,13 +4,10 @@ summaries, figures, and prediction on new cells with a fine-tuned fold.
 Names are loaded on first use (``from geneformer_peft.evaluation import X`` imports only the
 module holding ``X``).
 """
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from geneformer_peft._lazy import lazy_face
 
 #: public name -> module of this package that defines it
-_WHERE: dict[str, str] = {
+_WHERE = {
     "predict_logits": "inference",
     "softmax": "inference",
     "classification_metrics": "metrics",
@@ -37,14 +34,4 @@ _WHERE: dict[str, str] = {
     "predict_cells": "prediction",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_face(__name__, _WHERE)

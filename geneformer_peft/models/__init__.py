@@ -4,13 +4,10 @@ fine-tuned fold loaded back, and where and in what precision a model runs.
 Names are loaded on first use (``from geneformer_peft.models import X`` imports only the
 module holding ``X``).
 """
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from geneformer_peft._lazy import lazy_face
 
 #: public name -> module of this package that defines it
-_WHERE: dict[str, str] = {
+_WHERE = {
     "autocast": "device",
     "resolve_device": "device",
     "SHAPE_KEYS": "loading",
@@ -21,14 +18,4 @@ _WHERE: dict[str, str] = {
     "remap_checkpoint_vocabulary": "vocabulary",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_face(__name__, _WHERE)
