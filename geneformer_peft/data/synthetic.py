@@ -55,6 +55,7 @@ import scipy.sparse as sp
 
 __all__ = [
     "DEFAULT_CELL_TYPES",
+    "cell_type_programs",
     "default_class_proportions",
     "generate_counts",
     "generate_unlabelled_counts",
@@ -505,3 +506,57 @@ def generate_unlabelled_counts(*, n_cells: int, seed: int = 0, cell_seed: int | 
     if "labelled" in kwargs:
         raise ValueError(f"generate_unlabelled_counts takes no 'labelled' argument, got {kwargs['labelled']!r}")
     return generate_counts(n_cells=n_cells, seed=seed, cell_seed=cell_seed, labelled=False, **kwargs)
+
+
+def cell_type_programs(*, seed: int = 0, **world: Any) -> dict[str, dict[str, list[str]]]:
+    """Which genes mark which cell type in the world of ``generate_counts(seed=seed, **world)``.
+
+    The world (genes and programs) depends on ``seed`` and the gene and program parameters
+    only, so this draws no cells and works for data generated earlier with the same
+    settings (the shipped example: ``seed=0`` and the defaults).
+
+    Parameters
+    ----------
+    seed : int, default 0
+        The world seed given to :func:`generate_counts`.
+    **world
+        Any of ``n_genes``, ``n_cell_types``, ``cell_type_names``, ``gene_id_prefix``,
+        ``n_markers``, ``n_down_markers``, ``marker_overlap``, ``baseline_sigma``,
+        ``dispersion`` with the values given to :func:`generate_counts` (defaults as there).
+
+    Returns
+    -------
+    dict
+        Type name -> ``{"up": [...], "down": [...], "markers": [...]}``: the up- and
+        down-regulated genes (as in ``uns["synthetic"]``, lineage modules and borrowed
+        markers included), and ``markers``, the up genes of that type only (up in no other
+        type), strongest fold change first.
+    """
+    import inspect
+
+    allowed = {"n_genes", "n_cell_types", "cell_type_names", "gene_id_prefix", "n_markers", "n_down_markers",
+               "marker_overlap", "baseline_sigma", "dispersion"}
+    unknown = sorted(set(world) - allowed)
+    if unknown:
+        raise ValueError(f"cell_type_programs takes no {unknown}; expected world parameters among {sorted(allowed)}")
+    defaults = {name: p.default for name, p in inspect.signature(generate_counts).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    values = {**defaults, **world}
+    n_cell_types = int(values["n_cell_types"])
+    if values["cell_type_names"] is None:
+        names = list(DEFAULT_CELL_TYPES[:n_cell_types])
+        names += [f"cell type {k + 1}" for k in range(len(names), n_cell_types)]
+    else:
+        names = [str(name) for name in values["cell_type_names"]]
+    params = _Params(**{f: (values[f] if f != "n_cell_types" else n_cell_types) for f in _Params.__dataclass_fields__})
+    _validate(params, names)
+    world_ = _build_world(params, names, int(seed))
+    up_any = (world_.log_fold_change > 0).sum(axis=0)
+    programs = {}
+    for k, name in enumerate(names):
+        fold = world_.log_fold_change[k]
+        own = np.flatnonzero((fold > 0) & (up_any == 1))
+        own = own[np.argsort(-fold[own], kind="stable")]
+        programs[name] = {"up": list(world_.up_genes[name]), "down": list(world_.down_genes[name]),
+                          "markers": [world_.gene_ids[g] for g in own]}
+    return programs

@@ -1,0 +1,252 @@
+"""The two analyses end to end, as the ``embed`` and ``perturb`` commands run them.
+
+:func:`run_embed`: load the model and cells, extract embeddings, write the ``.h5ad`` (or
+table), the quality report ``embedding_metrics.json`` and the plots.
+:func:`run_perturb`: load, select cells, run (or resume) the scan, write the per-perturbation
+results, the ranked gene table with FDR, the volcano plot and ``summary.json``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geneformer_peft.analysis.cells import TokenizedCells, parse_filters
+from geneformer_peft.analysis.embedding_quality import embedding_quality
+from geneformer_peft.analysis.embeddings import (
+    EMB_MODES,
+    CellEmbeddings,
+    analysis_version,
+    embed_cells,
+    embed_genes,
+    write_cell_embeddings,
+    write_gene_embeddings,
+)
+from geneformer_peft.analysis.figures import plot_label_heatmap, plot_umap, plot_volcano, umap_coordinates
+from geneformer_peft.analysis.layers import resolve_emb_layer
+from geneformer_peft.analysis.loading import AnalysisModel, SpecialTokens, load_analysis_model, resolve_token_dictionary
+from geneformer_peft.analysis.perturbation import PerturbationScan, PerturbationSettings, parse_cell_states
+from geneformer_peft.analysis.perturbation_stats import perturbation_statistics
+from geneformer_peft.data.dataset_io import load_saved_dataset
+from geneformer_peft.errors import DataError
+from geneformer_peft.files import atomic_file, write_json
+from geneformer_peft.models.device import resolve_device
+
+__all__ = ["METRICS_FILE", "gene_tokens", "run_embed", "run_perturb", "select_rows"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "embedding_metrics.json"
+
+
+def _model_name(am: AnalysisModel) -> str:
+    parts = Path(am.source).parts if am.kind != "random" else (am.source,)
+    return "/".join(parts[-3:]) if len(parts) > 1 else str(parts[0])
+
+
+def _safe_name(value: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(value))
+
+
+def select_rows(dataset, *, filters: Sequence[str] | None = None, max_ncells: int | None = None,
+                source: str = "input") -> np.ndarray:
+    """Row numbers of ``dataset`` passing every ``COLUMN=VALUE[,VALUE]`` filter, the first
+    ``max_ncells`` of them (input order).
+
+    Raises
+    ------
+    DataError
+        For a filter on a missing column, or a selection without cells.
+    """
+    rows = np.arange(len(dataset))
+    for column, values in parse_filters(filters):
+        if column not in dataset.column_names:
+            raise DataError(f"--filter {column}=...: {source} has no column {column!r}; expected one of "
+                            f"{[c for c in dataset.column_names if c != 'input_ids']}")
+        col = np.asarray(dataset.data.column(column).to_numpy(zero_copy_only=False)).astype(str)
+        rows = rows[np.isin(col[rows], sorted(values))]
+    if max_ncells is not None:
+        if max_ncells < 1:
+            raise DataError(f"--max_ncells {max_ncells}; expected a positive number of cells")
+        rows = rows[:max_ncells]
+    if rows.size == 0:
+        raise DataError(f"{source}: no cell passes the filters {list(filters or [])}; expected at least one")
+    return rows
+
+
+def _info(am: AnalysisModel, *, mode: str, emb_layer: int, input_path, token_path, n_cells: int) -> dict[str, Any]:
+    return {"model_path": am.source, "base_model": am.base_model, "model_kind": am.kind, "emb_mode": mode,
+            "emb_layer": int(emb_layer), "hidden_states_index": resolve_emb_layer(emb_layer, am.num_layers),
+            "num_hidden_layers": am.num_layers, "input": str(input_path), "token_dictionary": token_path,
+            "n_cells": int(n_cells), "version": analysis_version()}
+
+
+def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str = "cell", emb_layer: int = -1,
+              label_columns: Sequence[str] = ("cell_type",), max_ncells: int | None = None, batch_size: int = 64,
+              device: str = "auto", precision: str = "auto", token_dictionary=None, gene_per_label: bool = False,
+              plots: bool = True, metrics_output=None, random_init: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Extract embeddings and write them with their quality report and plots.
+
+    Label columns missing from the input are an error only when named explicitly
+    (the default ``cell_type`` is skipped with a message when absent).
+
+    Returns
+    -------
+    dict
+        ``output``, ``metrics`` (per label column), ``metrics_file``, ``plots`` (paths).
+    """
+    if emb_mode not in EMB_MODES:
+        raise DataError(f"--emb_mode {emb_mode!r}; expected one of {list(EMB_MODES)}")
+    output = Path(output)
+    dev = resolve_device(device)
+    am = load_analysis_model(model_path, base_model, random_init=random_init, seed=seed)
+    resolve_emb_layer(emb_layer, am.num_layers)
+    tokens, token_path = resolve_token_dictionary(token_dictionary, model_path, base_model)
+    specials = SpecialTokens.from_dictionary(tokens)
+    dataset = load_saved_dataset(input_path)
+    cells = TokenizedCells(dataset, select_rows(dataset, max_ncells=max_ncells, source=str(input_path)),
+                           max_length=am.max_input_size, name=str(input_path))
+    labels = [c for c in label_columns if c in dataset.column_names]
+    missing = [c for c in label_columns if c not in dataset.column_names]
+    if missing and list(label_columns) != ["cell_type"]:
+        raise DataError(f"--label_column {missing}: {input_path} has no such column; expected one of "
+                        f"{[c for c in dataset.column_names if c != 'input_ids']}")
+    info = _info(am, mode=emb_mode, emb_layer=emb_layer, input_path=input_path, token_path=token_path,
+                 n_cells=len(cells))
+    title = f"{_model_name(am)}, emb_layer {emb_layer} (layer {info['hidden_states_index']} of {am.num_layers})"
+    result: dict[str, Any] = {"output": output, "metrics": {}, "plots": [], "metrics_file": None}
+    if emb_mode == "gene":
+        token_to_gene = {v: k for k, v in tokens.items()} if tokens else None
+        per_label = cells.column(labels[0]) if gene_per_label and labels else None
+        if gene_per_label and not labels:
+            raise DataError("--gene_per_label needs a --label_column present in the input")
+        genes = embed_genes(am.model, cells, specials=specials, emb_layer=emb_layer, labels=per_label,
+                            batch_size=batch_size, device=dev, precision=precision, token_to_gene=token_to_gene,
+                            progress=True)
+        genes.info = {**info, "label_column": labels[0] if per_label is not None else None}
+        write_gene_embeddings(genes, output)
+        logger.info("%d genes (over %d cells) -> %s", len(genes.tokens), len(cells), output)
+        result["n_genes"] = len(genes.tokens)
+        return result
+    emb = embed_cells(am.model, cells, specials=specials, mode=emb_mode, emb_layer=emb_layer, batch_size=batch_size,
+                      device=dev, precision=precision, progress=True)
+    write_cell_embeddings(CellEmbeddings(emb, cells.obs(), info), output)
+    logger.info("%d cell embeddings (%d dims) -> %s", *emb.shape, output)
+    if labels:
+        metrics = {c: embedding_quality(emb, cells.column(c), seed=seed) for c in labels}
+        metrics_file = Path(metrics_output) if metrics_output else output.parent / METRICS_FILE
+        write_json(metrics_file, {**info, "output": str(output), "labels": metrics})
+        result.update(metrics=metrics, metrics_file=metrics_file)
+        if plots:
+            coords = umap_coordinates(emb, seed=seed)
+            for c in labels:
+                stem = output.with_suffix("").name
+                if coords is not None:
+                    path = plot_umap(coords, cells.column(c), output.parent / f"{stem}.umap.{_safe_name(c)}.png",
+                                     label_name=c, title=f"UMAP of {emb_mode} embeddings\n{title}")
+                    result["plots"].append(path)
+                path = plot_label_heatmap(emb, cells.column(c), output.parent / f"{stem}.heatmap.{_safe_name(c)}.png",
+                                          label_name=c, title=f"Mean {emb_mode} embedding per {c}\n{title}")
+                result["plots"].append(path)
+        result["plots"] = [p for p in result["plots"] if p is not None]
+    return result
+
+
+def gene_tokens(genes: Sequence[str], token_dictionary: dict[str, int] | None, source: str | None) -> list[int]:
+    """Token ids of gene ids; an unknown id (or a special token) is a clear error naming it."""
+    if token_dictionary is None:
+        raise DataError("--genes lists gene ids, but no token dictionary was found; pass --token_dictionary "
+                        "(the checkpoint's token_dictionary.pkl)")
+    unknown = [g for g in genes if g not in token_dictionary]
+    special = [g for g in genes if g.startswith("<") and g.endswith(">")]
+    if unknown or special:
+        raise DataError(f"--genes: {unknown + special} {'is' if len(unknown + special) == 1 else 'are'} not "
+                        f"gene ids of the token dictionary {source}; expected Ensembl ids such as "
+                        f"{next((k for k in token_dictionary if not k.startswith('<')), 'ENSG...')}")
+    if len(set(genes)) != len(genes):
+        raise DataError(f"--genes lists a gene twice: {genes}")
+    return [int(token_dictionary[g]) for g in genes]
+
+
+def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], perturb_type: str = "delete",
+                base_model=None, token_dictionary=None, filters: Sequence[str] | None = None,
+                cell_states_to_model=None, emb_mode: str = "cell", emb_layer: int = -1,
+                max_ncells: int | None = None, rank_shift: float = 0.25, combination: bool = False,
+                n_null: int = 20, seed: int = 0, chunk_cells: int = 50, batch_size: int = 64, device: str = "auto",
+                precision: str = "auto", min_cells: int = 3, class_probabilities: bool = True,
+                plots: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Run a perturbation scan and write its outputs under ``output_dir``.
+
+    Returns
+    -------
+    dict
+        ``stats`` (ranked DataFrame), ``summary`` (dict) and the written paths.
+    """
+    output_dir = Path(output_dir)
+    dev = resolve_device(device)
+    am = load_analysis_model(model_path, base_model)
+    resolve_emb_layer(emb_layer, am.num_layers)
+    tokens, token_path = resolve_token_dictionary(token_dictionary, model_path, base_model)
+    every = [g.lower() for g in genes] == ["all"]
+    token_ids = None if every else gene_tokens(list(genes), tokens, str(token_path))
+    states = parse_cell_states(cell_states_to_model)
+    settings = PerturbationSettings(perturb_type=perturb_type, genes=None if every else tuple(token_ids),
+                                    combination=combination, emb_mode=emb_mode, emb_layer=emb_layer,
+                                    rank_shift=rank_shift, n_null=n_null, seed=seed, chunk_cells=chunk_cells,
+                                    batch_size=batch_size, cell_states=states,
+                                    class_probabilities=class_probabilities)
+    dataset = load_saved_dataset(input_path)
+    chosen = list(filters or [])
+    if states is not None:
+        if states.state_key not in dataset.column_names:
+            raise DataError(f"--cell_states_to_model: {input_path} has no column {states.state_key!r}; expected one "
+                            f"of {[c for c in dataset.column_names if c != 'input_ids']}")
+        chosen.append(f"{states.state_key}={states.start_state}")
+    rows = select_rows(dataset, filters=chosen, max_ncells=max_ncells, source=str(input_path))
+    cells = TokenizedCells(dataset, rows, max_length=am.max_input_size, name=str(input_path))
+    state_cells = TokenizedCells(dataset, max_length=am.max_input_size, name=str(input_path)) if states else None
+    token_to_gene = {v: k for k, v in tokens.items()} if tokens else None
+    provenance = {"model_path": str(model_path), "base_model": None if base_model is None else str(base_model),
+                  "input": str(input_path), "filters": chosen, "max_ncells": max_ncells}
+    scan = PerturbationScan(am, cells, specials=SpecialTokens.from_dictionary(tokens), settings=settings,
+                            output_dir=output_dir, device=dev, precision=precision, token_to_gene=token_to_gene,
+                            state_cells=state_cells, provenance=provenance, progress=True)
+    summary = scan.run(overwrite=overwrite)
+    results = scan.results()
+    measure = f"shift_to_{states.goal_state}" if states else "cosine_sim"
+    listed = None if every else (["+".join(genes)] if combination else list(genes))
+    stats = perturbation_statistics(results, measure=measure, min_cells=min_cells,
+                                    n_cells_absent=None if every else summary.n_cells_absent, listed=listed)
+    paths = {"results": output_dir / "perturbations.parquet", "stats": output_dir / "gene_stats.csv",
+             "summary": output_dir / "summary.json"}
+    with atomic_file(paths["results"], suffix=".parquet") as tmp:
+        results.to_parquet(tmp, index=False)
+    with atomic_file(paths["stats"], suffix=".csv") as tmp:
+        stats.to_csv(tmp, index=False)
+    shifts = scan.gene_shifts()
+    if shifts is not None:
+        paths["gene_shifts"] = output_dir / "gene_shifts.csv"
+        with atomic_file(paths["gene_shifts"], suffix=".csv") as tmp:
+            shifts.to_csv(tmp, index=False)
+    if plots:
+        effect_label = (f"mean shift toward {states.goal_state} minus random-gene null" if states else
+                        "mean cosine similarity minus random-gene null (negative: moves cells more)")
+        what = "every gene" if every else ", ".join(genes)
+        title = (f"{perturb_type} of {what if len(what) <= 60 else what[:57] + '...'}\n{_model_name(am)}, "
+                 f"emb_layer {emb_layer}")
+        volcano = plot_volcano(stats, output_dir / "volcano.png", effect_column="effect", effect_label=effect_label,
+                               title=title)
+        if volcano is not None:
+            paths["volcano"] = volcano
+    summary_dict = {**asdict(summary), "measure": measure, "layers_run": scan.reader.layers_run,
+                    "num_hidden_layers": am.num_layers, "model_kind": am.kind,
+                    "class_probabilities": scan.class_names, "settings": settings.fingerprint(),
+                    "provenance": provenance, "version": analysis_version(),
+                    "n_tested_genes": int(stats["p_value"].notna().sum()),
+                    "n_fdr_below_0.05": int((stats["fdr"] < 0.05).sum())}
+    write_json(paths["summary"], summary_dict)
+    return {"stats": stats, "summary": summary_dict, "paths": paths, "results": results}

@@ -1,0 +1,81 @@
+"""Extract cell or gene embeddings of tokenized cells, with a quality report and plots.
+
+--model_path is a pretrained Geneformer checkpoint, a fold folder of a fine-tuning run, or,
+with --base_model, a fold's PEFT-only weights. --emb_layer counts as Geneformer's: 0 the
+last layer, -1 (default) the second-to-last ... Only the layers up to it run.
+
+Modes: cell (mean over the cell's gene tokens; padding and <cls>/<eos> excluded), cls
+(the <cls> position of V2 inputs), gene (per gene, its mean contextual embedding over the
+cells expressing it, with their number; --gene_per_label also per label).
+
+Output: .h5ad (AnnData: obsm["X_geneformer"] and obs for cells; X over genes for genes;
+uns["geneformer_peft"] the provenance), or .csv / .parquet tables. For cell / cls modes
+with a label column: embedding_metrics.json beside the output (kNN accuracy, 5-fold, and
+silhouette width per label column), a UMAP per label column (needs umap-learn) and a
+heatmap of per-label mean embeddings.
+
+Example:
+  geneformer-peft embed --model_path Pretrain_ckpts/geneformer-tiny-example \\
+      --input example_py/data/synthetic/0/synthetic_test0.dataset --output emb/tiny.h5ad
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HELP = "cell or gene embeddings of tokenized cells (h5ad / csv / parquet), quality report and plots"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument
+    p("--model_path", required=True, type=Path, help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
+    p("--base_model", type=Path, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
+    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output", required=True, type=Path, help="Output file: .h5ad, .csv or .parquet.")
+    p("--emb_mode", default="cell", choices=["cell", "cls", "gene"], help="What to embed (%(default)s).")
+    p("--emb_layer", type=int, default=-1,
+      help="0: last layer, -1: second-to-last (default), ... (Geneformer's numbering).")
+    p("--label_column", action="append", default=None, dest="label_columns",
+      help="Label column for metrics and plots; repeat for several (default: cell_type when present).")
+    p("--gene_per_label", action="store_true", help="Gene mode: also the means per value of the first label column.")
+    p("--max_ncells", type=int, default=None, help="Use the first N cells of the input.")
+    p("--batch_size", type=int, default=64, help="Cells per batch (%(default)s).")
+    p("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+      help="auto: bf16 on CUDA, fp32 on CPU (%(default)s).")
+    p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
+    p("--token_dictionary", type=Path, default=None,
+      help="Token dictionary (default: the one in --model_path or --base_model).")
+    p("--metrics_output", type=Path, default=None,
+      help="Quality report (default: embedding_metrics.json beside --output).")
+    p("--no_plots", action="store_true", help="Skip the UMAP and heatmap plots.")
+    p("--random_init", action="store_true", help="Use --model_path's architecture with random weights (a baseline).")
+    p("--seed", type=int, default=0, help="Seed of kNN folds, UMAP and --random_init (%(default)s).")
+    p("--overwrite", action="store_true", help="Replace an existing --output.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.analysis.runs import run_embed
+    from geneformer_peft.commands._common import check_output_path
+
+    check_output_path(args.output, overwrite=args.overwrite)
+    result = run_embed(args.model_path, args.input, args.output, base_model=args.base_model,
+                       emb_mode=args.emb_mode, emb_layer=args.emb_layer,
+                       label_columns=args.label_columns or ["cell_type"], max_ncells=args.max_ncells,
+                       batch_size=args.batch_size, device=args.device, precision=args.precision,
+                       token_dictionary=args.token_dictionary, gene_per_label=args.gene_per_label,
+                       plots=not args.no_plots, metrics_output=args.metrics_output,
+                       random_init=args.random_init, seed=args.seed)
+    print(f"embeddings -> {result['output']}")
+    for column, m in result["metrics"].items():
+        knn = "n/a" if m["knn_accuracy"] is None else f"{m['knn_accuracy']:.4f} ± {m['knn_accuracy_std']:.4f}"
+        sil = "n/a" if m["silhouette"] is None else f"{m['silhouette']:.4f}"
+        print(f"{column}: kNN accuracy ({m['n_folds']}-fold, k={m['knn_k']}) {knn}, silhouette {sil}, "
+              f"{m['n_classes']} classes (majority share {m['majority_class_share']:.3f})")
+    if result["metrics_file"]:
+        print(f"metrics -> {result['metrics_file']}")
+    for path in result["plots"]:
+        print(f"plot -> {path}")
+    return 0

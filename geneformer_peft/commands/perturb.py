@@ -1,0 +1,95 @@
+"""In silico perturbation: delete, overexpress, inhibit or activate genes and measure where
+the cells move.
+
+Perturbations act on the rank value encoding: delete removes the gene's token; overexpress
+moves it to the first gene position (after <cls>; an unexpressed gene is inserted there and
+the cell cut back to the model's input size); inhibit / activate move it down / up by
+--rank_shift x the cell's number of genes. With --combination the listed genes are perturbed
+together. Genes a cell does not express are skipped for that cell (counted).
+
+Measures (at --emb_layer; only the layers needed run): cosine similarity of the cell
+embedding before and after; with --emb_mode cell_and_gene the shift of every other gene's
+embedding (gene_shifts.csv); with --cell_states_to_model the shift toward the goal state
+and each alternative; on a fine-tuned classifier the change of each class's probability.
+
+Statistics: per gene against random-gene perturbations of the same cells (Mann-Whitney U,
+Benjamini-Hochberg FDR): gene_stats.csv (ranked) and volcano.png. Results are written in
+chunks under --output_dir/chunks; run the same command again to resume.
+
+Example:
+  geneformer-peft perturb --model_path Pretrain_ckpts/geneformer-tiny-example \\
+      --input example_py/data/synthetic/0/synthetic_test0.dataset --perturb_type delete --genes all \\
+      --max_ncells 20 --output_dir perturb/delete_all
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HELP = "in silico perturbation (delete / overexpress / inhibit / activate) with statistics"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument
+    p("--model_path", required=True, type=Path, help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
+    p("--base_model", type=Path, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
+    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output_dir", required=True, type=Path, help="Folder for the results (resumable).")
+    p("--perturb_type", required=True, choices=["delete", "overexpress", "inhibit", "activate"])
+    p("--genes", required=True, nargs="+", help="Ensembl ids to perturb, or 'all' (every gene each cell expresses).")
+    p("--combination", action="store_true", help="Perturb the listed genes together (one perturbation per cell).")
+    p("--rank_shift", type=float, default=0.25,
+      help="inhibit / activate: move by this fraction of the cell's genes (%(default)s).")
+    p("--token_dictionary", type=Path, default=None,
+      help="Token dictionary (default: the one in --model_path or --base_model).")
+    p("--filter", action="append", default=None, dest="filters", metavar="COLUMN=VALUE[,VALUE]",
+      help="Perturb only cells with these values; repeat for several columns.")
+    p("--cell_states_to_model", default=None, metavar="JSON",
+      help='JSON (or a file): {"state_key": "cell_type", "start_state": "A", "goal_state": "B", '
+           '"alt_states": ["C"]}; start-state cells are perturbed, shifts toward goal / alternatives measured.')
+    p("--emb_mode", default="cell", choices=["cell", "cls", "cell_and_gene"], help="%(default)s")
+    p("--emb_layer", type=int, default=-1, help="0: last layer, -1: second-to-last (default), ...")
+    p("--max_ncells", type=int, default=None, help="Perturb the first N selected cells.")
+    p("--n_null", type=int, default=20, help="Random-gene null perturbations per cell (%(default)s).")
+    p("--min_cells", type=int, default=3, help="Fewest cells for a gene's test (%(default)s).")
+    p("--no_class_probabilities", action="store_true",
+      help="On a classifier, skip the class-probability readout (then only the layers to --emb_layer run).")
+    p("--chunk_cells", type=int, default=50, help="Cells per written chunk (%(default)s).")
+    p("--batch_size", type=int, default=64, help="Perturbed cells per forward pass (%(default)s).")
+    p("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+      help="auto: bf16 on CUDA, fp32 on CPU (%(default)s).")
+    p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
+    p("--seed", type=int, default=0, help="Seed of the null draws (%(default)s).")
+    p("--no_plots", action="store_true", help="Skip the volcano plot.")
+    p("--overwrite", action="store_true", help="Discard a previous scan in --output_dir instead of resuming it.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.analysis.runs import run_perturb
+
+    out = run_perturb(args.model_path, args.input, args.output_dir, genes=args.genes,
+                      perturb_type=args.perturb_type, base_model=args.base_model,
+                      token_dictionary=args.token_dictionary, filters=args.filters,
+                      cell_states_to_model=args.cell_states_to_model, emb_mode=args.emb_mode,
+                      emb_layer=args.emb_layer, max_ncells=args.max_ncells, rank_shift=args.rank_shift,
+                      combination=args.combination, n_null=args.n_null, seed=args.seed,
+                      chunk_cells=args.chunk_cells, batch_size=args.batch_size, device=args.device,
+                      precision=args.precision, min_cells=args.min_cells,
+                      class_probabilities=not args.no_class_probabilities, plots=not args.no_plots,
+                      overwrite=args.overwrite)
+    summary, stats = out["summary"], out["stats"]
+    print(f"{summary['n_perturbations']} perturbations of {summary['n_cells']} cells "
+          f"(+{summary['n_null_perturbations']} null); {summary['n_tested_genes']} genes tested, "
+          f"{summary['n_fdr_below_0.05']} with FDR < 0.05 ({summary['measure']})")
+    for gene in summary["absent_everywhere"]:
+        print(f"note: {gene} is expressed by none of the cells ({summary['absent_action']})")
+    shown = stats.head(10)
+    if len(shown):
+        print(shown[["rank", "gene", "n_cells", f"mean_{summary['measure']}", "effect", "p_value", "fdr"]]
+              .to_string(index=False))
+    for name, path in out["paths"].items():
+        print(f"{name} -> {path}")
+    return 0
