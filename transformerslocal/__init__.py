@@ -8,6 +8,8 @@ from .modeling_bert import (
     BertForTokenClassification,
     BertModel,
 )
+from .configuration_performer import PerformerConfig
+from .modeling_performer import PerformerForMaskedLM, PerformerForSequenceClassification, PerformerModel
 from .peft import (
     load_peft_model,
     load_peft_weights,
@@ -26,7 +28,7 @@ _peft_io.set_default_model_class(BertForSequenceClassification)
 
 __all__ = [
     "PEFT_METHODS", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification",
-    "BertModel",
+    "BertModel", "PerformerConfig", "PerformerForMaskedLM", "PerformerForSequenceClassification", "PerformerModel",
     "load_peft_model", "load_peft_weights", "mark_trainable", "merge_lora", "merge_peft",
     "parameter_report", "save_peft_weights", "trainable_parameter_names",
 ]

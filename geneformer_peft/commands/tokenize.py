@@ -13,6 +13,9 @@ Cell filters: cells with obs[--filter_column] != 1 are skipped when that column 
 --obs_filter col=value (repeatable; value may be a comma-separated list) keeps only cells
 whose obs[col] equals one of the values, e.g. --obs_filter demuxlet_cls=SNG.
 
+scBERT: --encoding binned --gene_panel PANEL.txt|.npy [--gene2vec FILE.npy] writes one
+position per panel gene (binned log2 expression, uint8) instead; see docs/scbert.md.
+
 Example:
   geneformer-peft tokenize --input cells.h5ad --output cells.dataset \\
       --token_dictionary token_dictionary.pkl --gene_median_dictionary gene_median_dictionary.pkl \\
@@ -25,6 +28,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands import _binned_tokenize
 from geneformer_peft.commands._common import check_output_path
 from geneformer_peft.errors import DataError
 
@@ -51,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
+    _binned_tokenize.add_arguments(parser)
 
 
 def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
@@ -66,6 +71,9 @@ def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tokenize``."""
+    if args.encoding == "binned":
+        return _binned_tokenize.run(args)
+    _binned_tokenize.refuse_binned_options(args)
     from geneformer_peft.data.dataset_io import save_dataset_atomically
     from geneformer_peft.data.rank_value import tokenize_anndata
     from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries

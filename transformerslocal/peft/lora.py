@@ -63,6 +63,7 @@ def lora_linear(base: nn.Linear, config: Any) -> LoRALinear:
     layer = LoRALinear(
         base.in_features,
         base.out_features,
+        bias=base.bias is not None,
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=float(config.lora_dropout),

@@ -5,7 +5,9 @@ The trainable set is the UNION over the methods in ``prompt_type`` plus the task
 loop per method, each freezing all but its own keyword, so only the last listed method
 trained, and it left the randomly initialised pooler frozen; both are fixed here.
 Full fine-tuning (``prompt_type`` empty) trains everything; with ``freeze_layers`` N > 0
-the embeddings and the first N layers stay frozen (Geneformer's Classifier option).
+the embeddings and the first N layers stay frozen (Geneformer's Classifier option); a config
+of another model family (scBERT's ``PerformerConfig``) says itself what full fine-tuning
+freezes (``frozen_in_full_finetuning``, with its ``freeze_preset``).
 Which method owns a parameter is the registry's answer (each method's
 ``trainable_fragments``; ``docs/peft_keys.md`` §4).
 """
@@ -45,6 +47,9 @@ def is_trainable(name: str, config, head_prefixes: tuple[str, ...] = _DEFAULT_HE
     """Whether the parameter called ``name`` trains under ``config``."""
     methods = config.peft_methods
     if not methods:
+        family_rule = getattr(config, "frozen_in_full_finetuning", None)  # another model family's layout
+        if family_rule is not None:
+            return not family_rule(name)
         return not _frozen_by_freeze_layers(name, config.freeze_layers)
     if name.startswith(head_prefixes):
         return True
