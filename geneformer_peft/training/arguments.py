@@ -25,6 +25,8 @@ class TrainingArguments:
     warmup_steps: int = 0
     warmup_ratio: float = 0.05
     lr_schedule: str = "linear"
+    layer_decay: float | None = None
+    lr_end: float = 0.0
     early_stopping_patience: int = 5
     sampler: str = "balanced"
     class_weighting: str = "reference"
@@ -50,6 +52,13 @@ class TrainingArguments:
         check("weight_decay", self.weight_decay >= 0, "a number >= 0")
         check("warmup_steps", self.warmup_steps >= 0, "an integer >= 0")
         check("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {list(LR_SCHEDULES)}")
+        check("warmup_ratio", isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1,
+              "a number in [0, 1)")
+        check("layer_decay", self.layer_decay is None or (isinstance(self.layer_decay, (int, float))
+                                                          and 0 < self.layer_decay <= 1),
+              "None or a number in (0, 1], e.g. 0.65")
+        check("lr_end", isinstance(self.lr_end, (int, float)) and 0 <= self.lr_end < self.lr,
+              f"a number >= 0 below --lr {self.lr}, e.g. 1e-10")
         check("early_stopping_patience", self.early_stopping_patience >= 0, "an integer >= 0 (0 switches it off)")
         check("sampler", self.sampler in SAMPLERS, f"one of {list(SAMPLERS)}")
         check("class_weighting", self.class_weighting in CLASS_WEIGHTINGS, f"one of {list(CLASS_WEIGHTINGS)}")

@@ -1,0 +1,75 @@
+"""Hyperparameter search over the fine-tuning job (Optuna TPE, median pruning per epoch),
+stored in <output_dir>/study.db: rerun the same command to add trials to the same study, or
+start a second process on the same folder to share it.
+
+Every training flag of `finetune` (--epoch, --batch_size, --config, --prompt_type, ...) sets
+what the space does not vary. The objective is validation macro-F1 averaged over --folds;
+the test split is never read during the search. --refit then runs the best setting on all
+folds and reports the test metrics once.
+
+Example (the shipped example):
+  geneformer-peft search --dataset_name synthetic --data_path example_py/data \\
+      --model_path Pretrain_ckpts/geneformer-tiny-example --space docs/search_space_example.json \\
+      --n_trials 20 --folds 0 --epoch 5 --output_dir save/search --refit
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from geneformer_peft.commands import finetune
+
+logger = logging.getLogger(__name__)
+
+HELP = "Hyperparameter search (Optuna TPE + median pruning), resumable from SQLite; --refit on all folds"
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    finetune.add_arguments(parser, defaults)
+    for action in parser._actions:  # the study folder is --output_dir; refit runs go below it
+        if "--output_path" in action.option_strings:
+            action.help = argparse.SUPPRESS
+    p = parser.add_argument
+    p("--space", type=Path, required=True,
+      help="JSON search space {parameter: {low, high[, log, step, type]} | {choices: [...]} | value}; "
+           "see docs/recipes.md.")
+    p("--output_dir", type=Path, required=True,
+      help="Study folder: study.db, trials.csv, best_config.json, plots, refit/.")
+    p("--n_trials", type=int, default=10, help="Trials to add to the study in this run (%(default)s).")
+    p("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
+    p("--study_name", default="search", help="Study name inside study.db (%(default)s).")
+    p("--no_pruning", action="store_true", help="Run every trial to the end (no median pruner).")
+    p("--pruner_startup_trials", type=int, default=2,
+      help="Trials that finish before the median pruner stops any (%(default)s).")
+    p("--pruner_warmup_epochs", type=int, default=0,
+      help="Epochs a trial runs before it may be pruned (%(default)s).")
+    p("--sampler_seed", type=int, default=None,
+      help="Seed of the TPE sampler: the same seed and study size draw the same parameters (default: --seed "
+           "plus a per-process number, so that processes sharing a study draw differently).")
+    p("--refit", action="store_true",
+      help="After the search, train the best setting on all folds and report its test metrics.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.training.search import SearchSettings, load_search_space, refit_best, run_search
+
+    if args.n_trials is not None and args.n_trials < 0:
+        raise ValueError(f"--n_trials {args.n_trials}: expected an integer >= 0")
+    if not Path(args.data_path).is_dir():
+        raise FileNotFoundError(f"--data_path {args.data_path} does not exist; expected the folder holding "
+                                f"{args.dataset_name}/<i>/")
+    opts = finetune.options_from_args(args)
+    space = load_search_space(args.space, base_training=opts.training)
+    settings = SearchSettings(run=opts, space=space, output_dir=args.output_dir, n_trials=args.n_trials,
+                              timeout=args.timeout, study_name=args.study_name, pruning=not args.no_pruning,
+                              pruner_startup_trials=args.pruner_startup_trials,
+                              pruner_warmup_epochs=args.pruner_warmup_epochs, sampler_seed=args.sampler_seed)
+    if args.n_trials or args.timeout:
+        study = run_search(settings)
+        logger.info("study %r: %d trials in %s", args.study_name, len(study.trials), settings.storage_path)
+    if args.refit:
+        summary = refit_best(settings)
+        if not logging.getLogger("geneformer_peft").isEnabledFor(logging.INFO):
+            print(f"Refit over folds {summary['fold_ids']} ({summary['run_dir']}):\n{summary['table']}")
+    return 0
