@@ -1,0 +1,193 @@
+"""Checks of every selected fold before the first one trains, and each fold's provenance.
+
+A run over K folds can take hours per fold on real data; a bad file in the last fold must
+not wait for the first K-1 to finish. :func:`check_folds` reads every selected fold's three
+splits (Arrow columns only, memory-mapped: no token is copied) and reports all problems of
+all folds in one :class:`~geneformer_peft.errors.DataError`:
+
+- a split folder missing, not a saved dataset, unreadable or empty;
+- the label column missing or holding missing values; no ``input_ids`` column;
+- cells without a gene token; token ids negative or not below the model's ``vocab_size``
+  (within the first ``max_length`` tokens, the ones the model reads);
+- ``--max_length`` above the model's ``max_position_embeddings``.
+
+Labels of val or test that train lacks are not an error (the model cannot predict them,
+but the other classes' results stand); they are listed per fold in one warning up front
+and repeated in ``summary.json`` (``labels_absent_from_train``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geneformer_peft.data.dataset_io import load_saved_dataset
+from geneformer_peft.data.folds import SPLITS, fold_paths
+from geneformer_peft.errors import DataError
+from geneformer_peft.models.loading import resolve_config
+from geneformer_peft.training import provenance as prov
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FoldCheck", "check_folds", "fold_config", "label_ids", "vocabulary_source"]
+
+
+@dataclass
+class FoldCheck:
+    """What :func:`check_folds` learnt about one fold."""
+
+    fold: int
+    provenance: dict | None = None
+    absent_from_train: dict[str, list[str]] = field(default_factory=dict)  # split -> labels
+    problems: list[str] = field(default_factory=list)
+
+
+def vocabulary_source(opts) -> Path | None:
+    """The gene vocabulary of the run: ``--token_dictionary``, else the checkpoint's tokenizer.json."""
+    if opts.token_dictionary is not None:
+        return Path(opts.token_dictionary)
+    candidate = Path(opts.model_path) / "tokenizer.json"
+    return candidate if candidate.is_file() else None
+
+
+def label_ids(labels) -> dict[str, int]:
+    """Label name -> id, in sorted order of the names (as :func:`~geneformer_peft.data.folds.label_mapping`)."""
+    return {str(label): i for i, label in enumerate(sorted(labels))}
+
+
+def fold_config(opts, label2id: dict[str, int]):
+    """The fold's model config: the resolved checkpoint config with the fold's labels and
+    the ``finetune_max_length`` that prediction reuses."""
+    config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
+                            use_prompt=opts.use_prompt, label2id=label2id, overrides=opts.config_overrides)
+    return config.copy(finetune_max_length=opts.training.max_length or config.max_position_embeddings)
+
+
+def _token_problems(dataset, where: str, *, vocab_size: int, max_length: int) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "input_ids" not in dataset.column_names:
+        return [(f"{where}: no 'input_ids' column; expected a tokenized dataset, found columns "
+                 f"{dataset.column_names}")]
+    column = dataset.data.column("input_ids")
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    problems = []
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    empty = np.flatnonzero(lengths == 0)
+    if len(empty):
+        problems.append(f"{where}: {len(empty)} cells have no gene token (empty input_ids, e.g. rows "
+                        f"{empty[:5].tolist()}); filter them out before splitting")
+    values = pc.list_flatten(pc.list_slice(column, 0, max_length))
+    if len(values):
+        low, high = (v.as_py() for v in pc.min_max(values).values())
+        if low is not None and low < 0:
+            problems.append(f"{where}: holds negative token id {low}; token ids must be in [0, {vocab_size - 1}]")
+        if high is not None and high >= vocab_size:
+            problems.append(f"{where}: holds token id {high}, but the model has vocab_size {vocab_size}; tokenize "
+                            "with the checkpoint's own token dictionary (or remap the checkpoint to yours: "
+                            "geneformer-peft remap-vocab)")
+    return problems
+
+
+def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict | None,
+                token_dictionary: dict | None, environment: dict) -> FoldCheck:
+    check = FoldCheck(fold)
+    name = opts.dataset_name
+    paths = fold_paths(opts.data_path, name, fold)
+    datasets: dict[str, Any] = {}
+    for split in SPLITS:
+        try:
+            datasets[split] = load_saved_dataset(paths[split])
+        except DataError as error:
+            check.problems.append(str(error))
+    if check.problems:
+        return check
+    column = opts.label_column
+    found: dict[str, set] = {}
+    for split, dataset in datasets.items():
+        where = f"{split} split {paths[split]}"
+        if len(dataset) == 0:
+            check.problems.append(f"{where}: holds no cells; expected at least one cell in every split")
+        if column not in dataset.column_names:
+            check.problems.append(f"{where}: label column {column!r} does not exist; expected one of "
+                                  f"{dataset.column_names} (set --label_column)")
+            continue
+        found[split] = set(dataset.unique(column))
+        if None in found[split]:
+            check.problems.append(f"{where}: label column {column!r} holds missing values (None); expected a "
+                                  "label per cell")
+    if check.problems:
+        return check
+    for split in ("val", "test"):
+        absent = sorted(map(str, found[split] - found["train"]))
+        if absent:
+            check.absent_from_train[split] = absent
+    try:
+        config = fold_config(opts, label_ids(set().union(*found.values())))
+    except (DataError, ValueError, FileNotFoundError) as error:
+        check.problems.append(str(error))
+        return check
+    max_length = opts.training.max_length or config.max_position_embeddings
+    if max_length > config.max_position_embeddings:
+        check.problems.append(f"--max_length {max_length} exceeds the model's max_position_embeddings "
+                              f"{config.max_position_embeddings}")
+        return check
+    for split, dataset in datasets.items():
+        check.problems += _token_problems(dataset, f"{split} split {paths[split]}", vocab_size=config.vocab_size,
+                                          max_length=max_length)
+    if check.problems or checkpoint is None:
+        return check
+    data = prov.data_fingerprint(paths, datasets, column)
+    check.provenance = prov.fold_provenance(opts, fold, config=config.to_dict(), data=data, checkpoint=checkpoint,
+                                            token_dictionary=token_dictionary, environment=environment)
+    return check
+
+
+def check_folds(opts, folds: list[int], *, hash_cache: Path | None = None,
+                environment: dict | None = None) -> list[FoldCheck]:
+    """Check every fold of ``folds`` and build its provenance record.
+
+    Parameters
+    ----------
+    opts
+        The run's ``RunOptions``.
+    folds
+        Fold numbers to check.
+    hash_cache
+        File of the :class:`~geneformer_peft.training.provenance.FileHashCache`.
+    environment
+        Recorded (not compared) in each provenance: library versions, device.
+
+    Raises
+    ------
+    DataError
+        Listing every problem of every fold (nothing has trained yet).
+    """
+    hashes = prov.FileHashCache(hash_cache)
+    checkpoint = prov.checkpoint_fingerprint(opts.model_path, hashes)
+    vocabulary = vocabulary_source(opts)
+    token_dictionary = None
+    if vocabulary is not None and vocabulary.is_file():
+        token_dictionary = {"path": str(vocabulary.resolve()), "size": vocabulary.stat().st_size,
+                            "sha256": hashes.sha256(vocabulary)}
+    checks = [_check_fold(opts, fold, hashes=hashes, checkpoint=checkpoint, token_dictionary=token_dictionary,
+                          environment=environment or {}) for fold in folds]
+    hashes.save()
+    bad = [c for c in checks if c.problems]
+    if bad:
+        lines = [f"fold {c.fold}: {problem}" for c in bad for problem in c.problems]
+        raise DataError(f"dataset {opts.dataset_name!r} under {opts.data_path}: {len(lines)} problem"
+                        f"{'s' if len(lines) != 1 else ''} in fold{'s' if len(bad) != 1 else ''} "
+                        f"{', '.join(str(c.fold) for c in bad)}, found before training any fold:\n  "
+                        + "\n  ".join(lines))
+    absent = {c.fold: c.absent_from_train for c in checks if c.absent_from_train}
+    if absent:
+        logger.warning("labels absent from train (the model cannot predict them; they count as errors in the "
+                       "metrics): %s", "; ".join(f"fold {fold}: " + ", ".join(f"{split} has {labels}"
+                                                                               for split, labels in by_split.items())
+                                                 for fold, by_split in absent.items()))
+    return checks
