@@ -14,6 +14,7 @@ setup(
         "loralib>=0.1.2",
         "datasets>=2.14",
         "scikit-learn>=1.2",
+        "scipy>=1.9",
         "numpy>=1.23",
         "pandas>=1.5",
         "tokenizers>=0.13",
@@ -22,10 +23,13 @@ setup(
         "anndata>=0.9",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.30", "peft>=0.6", "hypothesis>=6", "anndata>=0.9", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "transformers>=4.30", "peft>=0.6", "hypothesis>=6", "anndata>=0.9", "matplotlib>=3.5",
+                 "optuna>=3.0", "performer-pytorch==1.1.4"],
+        "search": ["optuna>=3.0", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
         "loom": ["loompy>=3.0"],
-        "bench": ["transformers>=4.30", "peft>=0.6", "psutil>=5"],
+        "umap": ["umap-learn>=0.5"],
+        "bench": ["transformers>=4.30", "peft>=0.6", "psutil>=5", "performer-pytorch==1.1.4", "optuna>=3.0"],
     },
     entry_points={"console_scripts": ["geneformer-peft=geneformer_peft.cli:main"]},
 )

@@ -2,6 +2,10 @@
 checkpoint and from the same architecture randomly initialised (does pretraining help?).
 
     python benchmarks/example_methods.py [--folds 0,1,2,3,4] [--epochs 10] [--out docs/example_methods.md]
+    python benchmarks/example_methods.py --quick     # one fold, 2 epochs, LoRA only, to /tmp
+
+Every run also fits the job's logistic-regression baseline on the same folds (docs/baseline.md):
+the table gains its row and, per method, the paired difference model minus baseline.
 
 Runs the main job (geneformer_peft.training.cross_validation) once per method and initialisation,
 same seed, data, epochs and learning rate, and writes a markdown table and JSON.
@@ -36,7 +40,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--methods", default=None, help="';'-separated prompt types (default: all eight)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "example_methods.md")
+    parser.add_argument("--quick", action="store_true", help="fold 0, 2 epochs, LoRA only; writes under /tmp")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.folds, args.epochs, args.methods = "0", 2, "lora"
+        args.out = Path(tempfile.gettempdir()) / "example_methods_quick.md"
     logging.basicConfig(level=logging.WARNING)
     folds = [int(f) for f in args.folds.split(",")]
     methods = args.methods.split(";") if args.methods is not None else METHODS
@@ -59,6 +67,14 @@ def main(argv=None) -> int:
                              "accuracy_mean": m["accuracy"]["mean"],
                              "trainable_percent": m["trainable_percent"]["mean"],
                              "seconds": time.perf_counter() - t0})
+                b, c = summary["baseline"]["metrics"], summary["comparison"]
+                rows[-1].update({"baseline_macro_f1_mean": b["macro_f1"]["mean"],
+                                 "baseline_macro_f1_std": b["macro_f1"]["std"],
+                                 "baseline_accuracy_mean": b["accuracy"]["mean"],
+                                 "diff_macro_f1_mean": c["metrics"]["macro_f1"]["diff_mean"],
+                                 "diff_macro_f1_std": c["metrics"]["macro_f1"]["diff_std"],
+                                 "model_better_folds": c["metrics"]["macro_f1"]["model_better"],
+                                 "comparison": c["sentence"]})
                 print(f"{rows[-1]['method']:24s} {rows[-1]['init']:10s} macro-F1 {rows[-1]['macro_f1_mean']:.3f} "
                       f"± {rows[-1]['macro_f1_std']:.3f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     command = "python benchmarks/example_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -66,13 +82,26 @@ def main(argv=None) -> int:
              f"Command: `{command.strip()}`; folds {folds}, {args.epochs} epochs, lr {args.lr} "
              f"(full fine-tuning {args.lr_full}), "
              f"batch {args.batch_size}, seed 0; {platform.processor() or platform.machine()}, CPU.", "",
-             "| method | trainable % | macro-F1 pretrained | macro-F1 random init | accuracy pretrained |",
-             "|---|---|---|---|---|"]
+             "| method | trainable % | macro-F1 pretrained | minus baseline (paired) | macro-F1 random init "
+             "| minus baseline (paired) | accuracy pretrained |",
+             "|---|---|---|---|---|---|---|"]
     by = {(r["method"], r["init"]): r for r in rows}
+    n = len(folds)
+
+    def paired(row):
+        return (f"{row['diff_macro_f1_mean']:+.3f} ± {row['diff_macro_f1_std']:.3f} "
+                f"(better in {row['model_better_folds']}/{n})")
+
     for method in dict.fromkeys(r["method"] for r in rows):
         p, r = by[(method, "pretrained")], by[(method, "random")]
         lines.append(f"| {method} | {p['trainable_percent']:.2f} | {p['macro_f1_mean']:.3f} ± {p['macro_f1_std']:.3f} "
-                     f"| {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} | {p['accuracy_mean']:.3f} |")
+                     f"| {paired(p)} | {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} | {paired(r)} "
+                     f"| {p['accuracy_mean']:.3f} |")
+    b = rows[0]  # the baseline does not depend on the method: the same folds, seed and class weights
+    lines.append(f"| logistic regression (baseline) | - | {b['baseline_macro_f1_mean']:.3f} ± "
+                 f"{b['baseline_macro_f1_std']:.3f} | 0 | (same) | 0 | {b['baseline_accuracy_mean']:.3f} |")
+    lines += ["", "Paired comparison (macro-F1, pretrained):", ""]
+    lines += [f"- {r['comparison']}" for r in rows if r["init"] == "pretrained"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2), encoding="utf-8")

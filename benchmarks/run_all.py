@@ -27,7 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-MODULES = ["model_step", "mfu", "end_to_end", "batching", "frozen_cache", "memory", "tokenizer_memory"]
+MODULES = ["model_step", "mfu", "end_to_end", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
+           "embeddings", "perturbation", "v2", "search"]
 
 
 def run_module(name: str, args, workdir: Path, jsons: Path) -> dict:
@@ -329,10 +330,48 @@ def section_tokenizer(r: dict, targets: list) -> list[str]:
     return md + [""]
 
 
+def section_threads(r: dict, targets: list) -> list[str]:
+    from bench_threads import render_section  # the module renders its own section
+
+    return render_section(r, targets)
+
+
+def section_performer(r: dict, targets: list) -> list[str]:
+    from bench_performer import render_section  # scBERT: the module renders its own section
+
+    return render_section(r, targets)
+
+
+def section_embeddings(r: dict, targets: list) -> list[str]:
+    from bench_embeddings import render_section  # the module renders its own section
+
+    return render_section(r, targets)
+
+
+def section_perturbation(r: dict, targets: list) -> list[str]:
+    from bench_perturbation import render_section  # the module renders its own section
+
+    return render_section(r, targets)
+
+
+def section_v2(r: dict, targets: list) -> list[str]:
+    from bench_v2 import render_section  # the module renders its own section
+
+    return render_section(r, targets)
+
+
+def section_search(r: dict, targets: list) -> list[str]:
+    from bench_search import render_section  # the module renders its own section
+
+    return render_section(r, targets)
+
+
 SECTIONS = {"model_step": section_model_step, "end_to_end": section_e2e, "mfu": section_mfu,
             "batching": section_batching, "frozen_cache": section_cache, "memory": section_memory,
-            "tokenizer_memory": section_tokenizer}
-ORDER = ["model_step", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory"]
+            "tokenizer_memory": section_tokenizer, "performer": section_performer, "threads": section_threads,
+            "embeddings": section_embeddings, "perturbation": section_perturbation, "v2": section_v2, "search": section_search}
+ORDER = ["model_step", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
+         "embeddings", "perturbation", "v2", "search"]
 
 
 def render(results: dict, command: str, meta: dict) -> str:

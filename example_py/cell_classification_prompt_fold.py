@@ -8,7 +8,11 @@ On your data:
         --data_path ./example_py/data --output_path ./save/ --epoch 3 --batch_size 32 --lr 5e-5 \\
         --model_path /path/to/gf-12L-30M-i2048 --config Pretrain_ckpts/geneformer-12L-30M-prompt/config.json
 
-`--help` lists every flag. This is `geneformer-peft finetune` with the example's defaults.
+`--help` lists every flag. This is `geneformer-peft finetune` with the example's defaults, which
+differ from the command's in exactly these flags (EXAMPLE_DEFAULTS): --dataset_name synthetic,
+--data_path example_py/data and --model_path Pretrain_ckpts/geneformer-tiny-example (the command
+requires all three), and --lr 1e-2 (the command: 5e-4, set for the Geneformer checkpoints; 1e-2
+suits the tiny example checkpoint). Every other default is the same.
 """
 import sys
 from pathlib import Path

@@ -37,6 +37,11 @@ COMMANDS: dict[str, str] = {
     "finetune": "geneformer_peft.commands.finetune",
     "predict": "geneformer_peft.commands.predict",
     "remap-vocab": "geneformer_peft.commands.remap_vocab",
+    "convert-scbert": "geneformer_peft.commands.convert_scbert",
+    "embed": "geneformer_peft.commands.embed",
+    "perturb": "geneformer_peft.commands.perturb",
+    "search": "geneformer_peft.commands.search",
+    "classify-genes": "geneformer_peft.commands.classify_genes",
 }
 
 #: error class -> exit code, first match wins. Bad input of any kind (a file that is missing,
@@ -100,8 +105,8 @@ def _execute(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        logger.error("interrupted; rerun the same command to resume where it stopped")
+    except KeyboardInterrupt as error:  # a RunInterrupted says where, e.g. "interrupted during fold 1 epoch 3; ..."
+        logger.error("%s", str(error) or "interrupted; rerun the same command to resume where it stopped")
         return 130
     except Exception as error:  # noqa: BLE001 - mapped below, anything else re-raised
         code = exit_code(error)

@@ -1,6 +1,6 @@
 """The project's error classes; :mod:`geneformer_peft.cli` maps each to an exit code."""
 
-__all__ = ["DataError", "TrainingDiverged"]
+__all__ = ["DataError", "RunInterrupted", "TrainingDiverged"]
 
 
 class DataError(ValueError):
@@ -13,3 +13,8 @@ class DataError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite (exit code 3); finished folds keep their outputs."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run (exit code 130); the message says where, e.g.
+    "interrupted during fold 1 epoch 3"."""

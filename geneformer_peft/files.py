@@ -21,7 +21,43 @@ import numpy as np
 
 __all__ = ["atomic_directory", "atomic_file", "write_json", "write_pickle", "write_text"]
 
-_FILE_MODE = 0o644
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a new file under the user's umask (``0o666 & ~umask``: 644 with the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def directory_mode() -> int:
+    """Mode of a new folder under the user's umask (``0o777 & ~umask``)."""
+    return 0o777 & ~_umask()
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes of files created normally (``mkdtemp``
+    makes 0700 folders and ``mkstemp`` 0600 files, awkward on a shared lab server)."""
+    files, dirs = file_mode(), directory_mode()
+    os.chmod(folder, dirs)
+    for root, subdirs, names in os.walk(folder):
+        for name in subdirs:
+            os.chmod(os.path.join(root, name), dirs)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, files)
 
 
 # ----------------------------------------------------------------------------- files
@@ -30,14 +66,15 @@ _FILE_MODE = 0o644
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary file name beside ``path``; on success it is moved onto ``path``
-    (mode 644), on failure removed, so ``path`` is never half-written."""
+    (mode ``0o666 & ~umask``, as a file created normally), on failure removed, so ``path`` is
+    never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield tmp_name
-        os.chmod(tmp_name, _FILE_MODE)
+        os.chmod(tmp_name, file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -171,10 +208,12 @@ def atomic_directory(final_path: str | os.PathLike, *, overwrite: bool = False) 
     tmp_dir = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.tmp-"))
     try:
         yield tmp_dir
+        _apply_umask(tmp_dir)
         if final_path.exists():
             if not overwrite:
                 raise FileExistsError(
-                    f"{final_path} appeared while it was being written; pass overwrite=True"
+                    f"{final_path} appeared while it was being written (another job writing the same output?); "
+                    "its new content was not kept"
                 )
             old = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.old-"))
             os.rmdir(old)

@@ -143,3 +143,29 @@ def assert_probabilities(frame, labels) -> np.ndarray:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(frame["confidence"].to_numpy(), probs.max(axis=1), atol=1e-6)
     return probs
+
+
+# ----------------------------------------------------------------------------- altered copies
+
+
+def copy_job_data(data: JobData, root: Path) -> JobData:
+    """A copy of ``data``'s folds (the checkpoint is shared) that a test may alter."""
+    import shutil
+    from dataclasses import replace
+
+    shutil.copytree(data.data_path, Path(root) / "folds")
+    return replace(data, data_path=Path(root) / "folds")
+
+
+def rewrite_split(data: JobData, fold: int, split: str, change) -> Path:
+    """Replace one saved split by ``change(columns)``: ``columns`` is the split as a dict of
+    lists, altered in place or returned anew (``datasets.Dataset.from_dict`` of the result)."""
+    import datasets
+
+    from geneformer_peft.data.dataset_io import save_dataset_atomically
+
+    path = data.fold_file(fold, split)
+    columns = datasets.load_from_disk(str(path)).to_dict()
+    columns = change(columns) or columns
+    save_dataset_atomically(datasets.Dataset.from_dict(columns), path)
+    return path

@@ -54,10 +54,16 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(index["weight_map"].values())):
             state.update(read_state_dict(file.parent / shard))
         return state
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # SafetensorError, PytorchStreamReader's RuntimeError, UnpicklingError, EOFError
+        raise ValueError(f"{file}: truncated or not a checkpoint ({type(error).__name__}: {error}); "
+                         "expected a complete weight file: copy or download it again") from error
 
 
 def write_state_dict(state: dict[str, torch.Tensor], directory: Path, *, safe_serialization: bool = True) -> Path:

@@ -4,7 +4,11 @@ Reads <data_path>/<dataset_name>/<i>/<dataset_name>_{train,val,test}<i>.dataset,
 each fold with the method of config.json (prompt_type) or --prompt_type, and writes
 <output_path>/<out_prefix><prompt types joined by _>/<dataset_name>/<i>/ (predictions.csv,
 metrics.json, model, peft_model.safetensors, plots) plus summary.json / summary.csv.
-Finished folds are skipped on a re-run; an interrupted fold resumes from its last epoch.
+Finished folds are skipped on a re-run and an interrupted fold resumes from its last epoch,
+both only with the settings that made them (each fold folder records them in provenance.json;
+other settings are refused: pass --overwrite or another --output_path / --out_prefix). One job at
+a time may use a run folder, and every selected fold's data is checked before the first trains
+(docs/run_safety.md).
 
 Example:
   geneformer-peft finetune --dataset_name NSCLC --data_path ./example_py/data \\
@@ -61,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--use_prompt", type=parse_bool, nargs="?", const=True, default=None,
       help="true/false: false switches every PEFT module off (if_use_prompt); default: the config's.")
     p("--epoch", "--epochs", dest="epochs", type=int, default=d.get("epochs", 10), help="Epochs per fold (%(default)s).")
-    p("--lr", type=float, default=d.get("lr", 5e-4), help="Peak learning rate, a float (%(default)s).")
+    p("--lr", type=float, default=d.get("lr", 5e-4),
+      help="Peak learning rate, a float (%(default)s). `geneformer-peft finetune` defaults to 5e-4, set for the "
+           "Geneformer checkpoints; the example script to 1e-2, set for its tiny example checkpoint.")
     p("--batch_size", type=int, default=d.get("batch_size", 32), help="Cells per batch (%(default)s).")
     p("--eval_batch_size", type=int, default=None, help="Cells per batch in evaluation (default: --batch_size).")
     p("--folds", type=parse_folds, default=None, help="Folds to run, e.g. 0,1 (default: all found).")
@@ -70,9 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--device", default="auto", help="auto, cpu, cuda or cuda:N (%(default)s).")
     p("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
       help="fp32, or mixed precision bf16 (CUDA; optional on CPU) / fp16 (CUDA, with loss scaling).")
-    p("--warmup_steps", type=int, default=0, help="Linear warmup steps (0: 5%% of all steps).")
+    p("--warmup_steps", type=int, default=0, help="Linear warmup steps (0: --warmup_ratio of all steps).")
+    p("--warmup_ratio", type=float, default=0.05, help="Warmup fraction of all steps when --warmup_steps is 0 "
+                                                       "(%(default)s).")
     p("--weight_decay", type=float, default=0.001, help="AdamW weight decay (%(default)s).")
     p("--lr_schedule", default="linear", choices=["linear", "cosine", "constant"], help="After warmup (%(default)s).")
+    p("--layer_decay", type=float, default=None,
+      help="Layer-wise learning-rate decay D in (0, 1], e.g. 0.65: head at --lr, encoder layer i of N at "
+           "lr*D^(N-i), embeddings at lr*D^(N+1) (default: off, every parameter at --lr).")
+    p("--lr_end", type=float, default=0.0,
+      help="Rate at the end of the linear/cosine schedule instead of 0, e.g. 1e-10 (%(default)s).")
     p("--early_stopping_patience", type=int, default=5,
       help="Stop after this many epochs without better validation macro-F1; 0 = never (%(default)s).")
     p("--sampler", default="balanced", choices=["balanced", "length", "random"],
@@ -83,8 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--max_length", type=int, default=None, help="Keep each cell's first N genes (default: model's maximum).")
     p("--num_workers", type=int, default=0, help="DataLoader workers (%(default)s).")
     p("--num_threads", type=int, default=None,
-      help="CPU threads of torch (default: torch's). On a CPU shared with other jobs, 1 avoids threads "
-           "spinning against each other, which can slow a small model many times over.")
+      help="CPU threads of torch (default: one per core not kept busy by other processes, measured at the "
+           "start and logged in run.log as 'torch threads: N (reason)'; never more than torch's default). "
+           "Fix it for bit-identical reruns on machines whose load differs.")
     p("--gradient_checkpointing", action="store_true", help="Recompute activations in backward (less memory).")
     p("--no_frozen_cache", action="store_true",
       help="Do not cache the outputs of frozen, unprompted leading layers between epochs.")
@@ -95,21 +109,26 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
            "every fold folder as tokenizer.json (default: the checkpoint's tokenizer.json, if any).")
     p("--random_init", action="store_true",
       help="Ablation: same architecture and method, random weights instead of the checkpoint's.")
-    p("--overwrite", action="store_true", help="Redo folds that finished earlier (default: skip them).")
+    p("--overwrite", action="store_true",
+      help="Redo folds that finished earlier, and interrupted folds started with other settings (default: skip "
+           "finished folds whose recorded settings match, refuse those whose settings differ).")
+    p("--baselines", default="logreg", choices=["logreg", "none"],
+      help="logreg: per fold, a logistic regression on the same splits (C chosen on val, test read once), "
+           "compared with the model in the summary; none: no baseline (%(default)s). See docs/baseline.md.")
+    p("--baseline_features", default="tokens", choices=["tokens", "expression"],
+      help="Baseline features: tokens (gene tokens weighted by 1/sqrt(rank)) or expression (log1p of counts "
+           "normalised to 10,000; needs the columns expression_ids and expression_values) (%(default)s).")
     p("--no_progress", action="store_true", help="No progress bars.")
 
 
 def options_from_args(args: argparse.Namespace):
-    if args.num_threads:
-        import torch
-
-        torch.set_num_threads(args.num_threads)
     from geneformer_peft.training.arguments import TrainingArguments
     from geneformer_peft.training.cross_validation import RunOptions
 
     training = TrainingArguments(
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
+        layer_decay=args.layer_decay, lr_end=args.lr_end, warmup_ratio=args.warmup_ratio,
         early_stopping_patience=args.early_stopping_patience, sampler=args.sampler,
         class_weighting=args.class_weighting, max_length=args.max_length, num_workers=args.num_workers,
         seed=args.seed, device=args.device, precision=args.precision,
@@ -119,7 +138,9 @@ def options_from_args(args: argparse.Namespace):
                       model_path=args.model_path, out_prefix=args.out_prefix, config_path=args.config,
                       prompt_type=args.prompt_type, use_prompt=args.use_prompt, label_column=args.label_column,
                       folds=args.folds, overwrite=args.overwrite, save_format=args.save_format,
-                      random_init=args.random_init, token_dictionary=args.token_dictionary, training=training)
+                      random_init=args.random_init, token_dictionary=args.token_dictionary, training=training,
+                      num_threads=args.num_threads, baselines=args.baselines,
+                      baseline_features=args.baseline_features)
 
 
 def run(args: argparse.Namespace) -> int:

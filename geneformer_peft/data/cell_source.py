@@ -54,8 +54,16 @@ class CellSource:
             suffix = path.suffix.lower()
             if suffix == ".h5ad":
                 import anndata
+                import h5py
 
-                self._adata = anndata.read_h5ad(path, backed="r")
+                if not h5py.is_hdf5(path):
+                    raise DataError(f"{self.name}: not an HDF5 file (so not an .h5ad); expected an AnnData file "
+                                    "written by anndata's write_h5ad")
+                try:
+                    self._adata = anndata.read_h5ad(path, backed="r")
+                except (OSError, KeyError, ValueError) as error:
+                    raise DataError(f"{self.name}: could not be read as an .h5ad ({type(error).__name__}: "
+                                    f"{error}); expected an AnnData file written by anndata's write_h5ad") from None
                 self._owns_file = True
             elif suffix == ".loom":
                 self._open_loom(path)

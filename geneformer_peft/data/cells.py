@@ -21,16 +21,22 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncodedCells", "collate_cells"]
+__all__ = ["CELL_ID_COLUMN", "EncodedCells", "collate_cells"]
+
+#: dataset column holding each cell's identifier (e.g. its barcode); copied into predictions.csv
+CELL_ID_COLUMN = "cell_id"
 
 
 class EncodedCells(Dataset):
     """Cells of one split: ``input_ids`` slices, ``lengths`` (after ``max_length``),
-    optional label ids, and each cell's row number in the source dataset (``index``)."""
+    optional label ids, each cell's row number in the source dataset (``index``) and, when
+    the dataset has a ``cell_id`` column, each cell's identifier (``cell_ids``, else ``None``)."""
 
     def __init__(self, flat: np.ndarray, offsets: np.ndarray, *, labels: np.ndarray | None = None,
-                 max_length: int | None = None, index: np.ndarray | None = None, name: str = "cells") -> None:
+                 max_length: int | None = None, index: np.ndarray | None = None, name: str = "cells",
+                 cell_ids: list | None = None) -> None:
         self.flat, self.offsets = flat, offsets
+        self.cell_ids = cell_ids
         full = np.diff(offsets)
         self.lengths = np.minimum(full, max_length) if max_length else full
         self.labels = labels
@@ -68,7 +74,8 @@ class EncodedCells(Dataset):
                 labels = np.array([label2id[v] for v in values], dtype=np.int64)
             else:
                 labels = np.asarray(values, dtype=np.int64)
-        return cls(flat, offsets, labels=labels, max_length=max_length, name=name)
+        cell_ids = list(dataset[CELL_ID_COLUMN]) if CELL_ID_COLUMN in dataset.column_names else None
+        return cls(flat, offsets, labels=labels, max_length=max_length, name=name, cell_ids=cell_ids)
 
     def __len__(self) -> int:
         return len(self.lengths)

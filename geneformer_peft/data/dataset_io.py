@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -31,7 +32,19 @@ def load_saved_dataset(path: str | Path):
             f"{path}: directory is not a dataset saved with save_to_disk (no state.json / "
             "dataset_info.json); expected a saved datasets.Dataset"
         )
-    return datasets.load_from_disk(str(path))
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: state.json is unreadable ({error}); expected a dataset saved with save_to_disk") \
+            from None
+    if isinstance(state, dict) and not state.get("_data_files"):
+        raise DataError(f"{path}: the dataset holds no cells (saved with zero data files); expected at least one "
+                        "cell in every split")
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, IndexError, KeyError) as error:
+        raise DataError(f"{path}: could not be read as a saved dataset ({type(error).__name__}: {error}); "
+                        "expected a complete folder written by save_to_disk") from None
 
 
 def save_dataset_atomically(dataset, path: str | Path) -> None:

@@ -32,6 +32,13 @@ _WHERE = {
     "plot_confusion_matrix": "plots",
     "plot_training_curves": "plots",
     "predict_cells": "prediction",
+    "BaselineResult": "baseline",
+    "token_features": "baseline",
+    "expression_features": "baseline",
+    "fold_baseline": "baseline",
+    "paired_comparison": "comparison",
+    "format_comparison_table": "comparison",
+    "plot_per_class_f1": "comparison_plots",
 }
 
 __getattr__, __dir__, __all__ = lazy_face(__name__, _WHERE)

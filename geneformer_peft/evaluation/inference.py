@@ -8,7 +8,6 @@ from tqdm.auto import tqdm
 from geneformer_peft.data.cells import EncodedCells, collate_cells
 from geneformer_peft.models.device import autocast
 
-
 __all__ = ["predict_logits", "softmax"]
 
 @torch.no_grad()

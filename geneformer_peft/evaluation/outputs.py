@@ -75,6 +75,7 @@ def predictions_frame(
     pred_ids: Sequence[int] | np.ndarray,
     probabilities: np.ndarray,
     true_ids: Sequence[int] | np.ndarray | None = None,
+    cell_ids: Sequence[Any] | None = None,
 ) -> pd.DataFrame:
     """Build the per-cell predictions table written by :func:`write_predictions_csv`.
 
@@ -107,6 +108,11 @@ def predictions_frame(
     preds = checked_ids(preds, "pred_ids")
     names = np.asarray(label_names, dtype=object)
     columns: dict[str, Any] = {"index": index}
+    if cell_ids is not None:
+        cell_ids = list(cell_ids)
+        if len(cell_ids) != n_cells:
+            raise ValueError(f"cell_ids has {len(cell_ids)} entries; expected {n_cells} to match cell_index")
+        columns["cell_id"] = cell_ids
     if true_ids is not None:
         truth = np.asarray(true_ids)
         if truth.shape != (n_cells,):
@@ -138,10 +144,12 @@ def write_predictions_csv(
     pred_ids: Sequence[int] | np.ndarray,
     probabilities: np.ndarray,
     true_ids: Sequence[int] | np.ndarray | None = None,
+    cell_ids: Sequence[Any] | None = None,
 ) -> Path:
     """Write one row per cell with its prediction, atomically.
 
-    Columns, in order: ``index``, ``gt_celltype``, ``pred_celltype``, ``gt_cellcode``,
+    Columns, in order: ``index``, ``cell_id`` (only with ``cell_ids``), ``gt_celltype``,
+    ``pred_celltype``, ``gt_cellcode``,
     ``pred_cellcode``, ``confidence`` (the largest class probability), then
     ``prob_<label name>`` for every label in id order. Without ``true_ids`` the two
     ground-truth columns are left out.
@@ -160,6 +168,8 @@ def write_predictions_csv(
         Class probabilities (softmax of the logits).
     true_ids : array-like of int, shape (n_cells,), optional
         True label ids.
+    cell_ids : sequence, optional
+        Each cell's identifier from the dataset's ``cell_id`` column (e.g. its barcode).
 
     Returns
     -------
@@ -177,6 +187,7 @@ def write_predictions_csv(
         pred_ids=pred_ids,
         probabilities=probabilities,
         true_ids=true_ids,
+        cell_ids=cell_ids,
     )
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
@@ -342,13 +353,21 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], fold_ids: Sequenc
 
 
 def summary_frame(summary: Mapping[str, Any]) -> pd.DataFrame:
-    """The summary as a table: one row per metric; columns ``fold_*``, ``mean``, ``std``."""
+    """The summary as a table: one row per metric; columns ``fold_*``, ``mean``, ``std``.
+
+    With a baseline, ``baseline_<metric>`` and ``diff_<metric>`` (model minus baseline)
+    rows follow (:func:`~geneformer_peft.evaluation.comparison.comparison_rows`)."""
     rows = {
         name: {**entry["values"], "mean": entry["mean"], "std": entry["std"]}
         for name, entry in summary["metrics"].items()
     }
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*summary["folds"], "mean", "std"])
     frame.index.name = "metric"
+    if summary.get("comparison"):
+        from geneformer_peft.evaluation.comparison import comparison_rows
+
+        frame = pd.concat([frame, comparison_rows(summary)])
+        frame.index.name = "metric"
     return frame
 
 
@@ -399,21 +418,31 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
     Returns
     -------
     str
-        A header line naming the number of folds, then one line per metric.
+        A header line naming the number of folds, then one line per metric. A metric
+        measured on one fold only, or equal on every fold, is shown without a spread
+        (``± 0.0000`` would suggest a measured variability).
     """
     metrics = summary["metrics"]
     n_folds = summary.get("n_folds", len(summary.get("folds", [])))
     header_name = "metric"
     name_width = max([len(header_name), *(len(name) for name in metrics)])
     means = {name: _format_number(entry["mean"]) for name, entry in metrics.items()}
-    stds = {name: _format_number(entry["std"]) for name, entry in metrics.items()}
+    stds = {name: _format_number(entry["std"]) for name, entry in metrics.items() if _has_spread(entry)}
     mean_width = max([4, *(len(text) for text in means.values())])
     std_width = max([3, *(len(text) for text in stds.values())])
+    std_header = f"   {'std':<{std_width}}" if stds else ""
     header = (
-        f"{header_name:<{name_width}}  {'mean':>{mean_width}}   {'std':<{std_width}}"
+        f"{header_name:<{name_width}}  {'mean':>{mean_width}}{std_header}"
         f"   ({n_folds} fold{'s' if n_folds != 1 else ''})"
     )
     lines = [header, "-" * len(header)]
     for name in metrics:
-        lines.append(f"{name:<{name_width}}  {means[name]:>{mean_width}} ± {stds[name]:<{std_width}}".rstrip())
+        spread = f" ± {stds[name]:<{std_width}}" if name in stds else ""
+        lines.append(f"{name:<{name_width}}  {means[name]:>{mean_width}}{spread}".rstrip())
     return "\n".join(lines)
+
+
+def _has_spread(entry: Mapping[str, Any]) -> bool:
+    """Whether a summarised metric has two or more values that are not all equal."""
+    present = [v for v in entry.get("values", {}).values() if v is not None]
+    return len(present) >= 2 and len(set(present)) > 1

@@ -19,7 +19,7 @@ import numpy as np
 
 from geneformer_peft.files import atomic_file
 
-__all__ = ["plotting_available", "plot_confusion_matrix", "plot_training_curves"]
+__all__ = ["plotting_available", "plot_confusion_matrix", "plot_training_curves", "starred_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +176,29 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
     return epochs, values
 
 
+def starred_epoch(history: Sequence[Mapping[str, Any]], best_epoch: int | None = None) -> float | None:
+    """The epoch the training-curve plot stars: ``best_epoch`` when it has a finite
+    validation macro-F1, else the trainer's choice (highest macro-F1; among ties the lower
+    validation loss, then the earlier epoch)."""
+    epochs, values = _series(history, "val_macro_f1")
+    if not values:
+        return None
+    if best_epoch is not None and float(best_epoch) in epochs:
+        return float(best_epoch)
+    losses = {float(r["epoch"]): float(r["val_loss"]) if r.get("val_loss") is not None else math.inf
+              for r in history}
+    top = max(values)
+    tied = [e for e, v in zip(epochs, values) if v == top]
+    return min(tied, key=lambda e: (losses.get(e, math.inf), e))
+
+
 def plot_training_curves(
     history: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
     *,
     title: str | None = None,
     dpi: int = 150,
+    best_epoch: int | None = None,
 ) -> Path | None:
     """Draw losses (left) and validation macro-F1 (right) per epoch.
 
@@ -196,6 +213,10 @@ def plot_training_curves(
         Figure title.
     dpi : int, default 150
         Resolution of raster output.
+    best_epoch : int, optional
+        The epoch whose weights were kept (``metrics.json`` ``best_epoch``); it gets the star.
+        Default: :func:`starred_epoch`'s choice (highest macro-F1, a tie to the lower
+        validation loss, as the trainer selects).
 
     Returns
     -------
@@ -233,7 +254,7 @@ def plot_training_curves(
     epochs, values = _series(history, "val_macro_f1")
     if values:
         f1_axes.plot(epochs, values, "o-", color="tab:green", markersize=4, label="validation macro-F1")
-        best = int(np.argmax(values))
+        best = epochs.index(starred_epoch(history, best_epoch))
         f1_axes.plot([epochs[best]], [values[best]], "*", color="tab:red", markersize=12,
                      label=f"best {values[best]:.3f} (epoch {epochs[best]:g})")
         f1_axes.legend(loc="lower right")

@@ -10,6 +10,9 @@ from geneformer_peft._lazy import lazy_face
 _WHERE = {
     "autocast": "device",
     "resolve_device": "device",
+    "check_checkpoint_data": "generation",
+    "check_data_version": "generation",
+    "model_version": "generation",
     "SHAPE_KEYS": "loading",
     "check_head_labels": "loading",
     "load_classifier": "loading",

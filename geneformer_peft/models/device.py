@@ -5,7 +5,6 @@ import contextlib
 
 import torch
 
-
 __all__ = ["autocast", "resolve_device"]
 
 def resolve_device(name: str) -> torch.device:

@@ -6,11 +6,15 @@ Layout (every file is described in ``docs/outputs.md``)::
         run.log  summary.json  summary.csv
         <i>/  predictions.csv  predictions.pickle  metrics.json  config.json  tokenizer.json
               pytorch_model.bin (or model.safetensors)  peft_model.safetensors
-              confusion_matrix.png  training_curves.png  fold_done.json
-        .resume/<i>/epoch_checkpoint.pt     (while a fold is unfinished)
+              confusion_matrix.png  training_curves.png  provenance.json  fold_done.json
+        .resume/<i>/epoch_checkpoint.pt  provenance.json     (while a fold is unfinished)
+        .lock                                                (while a job runs here)
 
 A fold folder appears only complete (built under a temporary name, renamed at the end);
-a finished fold is skipped on the next run unless ``overwrite`` is set.
+a finished fold is skipped on the next run unless ``overwrite`` is set, and only when its
+recorded settings (``provenance.json``) equal the new run's; otherwise the run is refused.
+Every selected fold's data is checked before the first fold trains (``preflight.py``), and
+one job at a time holds the run folder (``run_lock.py``). See ``docs/run_safety.md``.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from geneformer_peft.data.folds import (
 )
 from geneformer_peft.data.samplers import class_weights as reference_class_weights
 from geneformer_peft.data.vocab import load_token_dictionary, save_tokenizer_json
-from geneformer_peft.errors import DataError, TrainingDiverged
+from geneformer_peft.errors import DataError, RunInterrupted, TrainingDiverged
 from geneformer_peft.evaluation.inference import predict_logits, softmax
 from geneformer_peft.evaluation.metrics import classification_metrics
 from geneformer_peft.evaluation.outputs import (
@@ -52,10 +56,27 @@ from geneformer_peft.evaluation.outputs import (
 from geneformer_peft.evaluation.plots import plot_confusion_matrix, plot_training_curves
 from geneformer_peft.log_format import attach_log_file, detach_log_file
 from geneformer_peft.models.device import resolve_device
+from geneformer_peft.models.generation import check_checkpoint_data
 from geneformer_peft.models.loading import load_classifier, resolve_config
-from geneformer_peft.training import distributed
+from geneformer_peft.training import baseline_job, distributed
 from geneformer_peft.training.arguments import TrainingArguments
-from geneformer_peft.training.trainer import FoldTrainer, set_seed
+from geneformer_peft.training.preflight import (
+    FoldCheck,
+    check_folds,
+    fold_config,
+    vocabulary_source,
+)
+from geneformer_peft.training.provenance import (
+    PROVENANCE_FILE,
+    SettingsChanged,
+    compare_settings,
+    differing_keys_message,
+    read_provenance,
+    summary_settings,
+)
+from geneformer_peft.training.run_lock import acquire_run_lock, release_run_lock
+from geneformer_peft.training.threads import apply_num_threads
+from geneformer_peft.training.trainer import CHECKPOINT_NAME, FoldTrainer, set_seed
 from transformerslocal import (
     BertForSequenceClassification,
     mark_trainable,
@@ -89,6 +110,9 @@ class RunOptions:
     token_dictionary: Path | None = None
     training: TrainingArguments = field(default_factory=TrainingArguments)
     config_overrides: dict = field(default_factory=dict)
+    num_threads: int | None = None  # torch CPU threads; None: chosen from the free cores (training/threads.py)
+    baselines: str = "logreg"  # linear baseline per fold: "logreg" or "none" (training/baseline_job.py)
+    baseline_features: str = "tokens"  # "tokens" (rank-weighted bag of genes) or "expression"
 
 
 def run_directory(opts: RunOptions, prompt_type: str) -> Path:
@@ -120,18 +144,27 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     folds = opts.folds if opts.folds is not None else discover_folds(opts.data_path, opts.dataset_name)
     check_fold_files(opts.data_path, opts.dataset_name,
                      [f for f in folds if opts.overwrite or not is_fold_done(run_dir / str(f))])
-    handler, root_level = attach_log_file(run_dir / "run.log") if distributed.is_main_process() else (None, None)
+    baseline_job.check_baseline_data(opts, [f for f in folds if opts.overwrite or not is_fold_done(run_dir / str(f))])
+    lock = acquire_run_lock(run_dir) if distributed.is_main_process() else None  # one job per run folder
+    handler, root_level, fold = None, None, None
     try:
+        if distributed.is_main_process():
+            handler, root_level = attach_log_file(run_dir / "run.log")
+        threads = apply_num_threads(opts.num_threads)
         settings = {"run_dir": str(run_dir), "dataset_name": opts.dataset_name, "data_path": str(opts.data_path),
                     "model_path": str(opts.model_path), "config_path": str(opts.config_path or ""),
                     "prompt_type": prompt_type, "folds": folds, "label_column": opts.label_column,
                     "device": str(device), "random_init": opts.random_init, "training": args.to_dict(),
-                    "versions": library_versions()}
+                    "torch_threads": threads.num_threads, "versions": library_versions()}
         logger.info("run settings: %s", json.dumps(settings, indent=1, default=str))
         if vocabulary_source(opts) is None:
             logger.warning("no gene vocabulary: %s has no tokenizer.json and --token_dictionary was not given, "
                            "so the fold folders will not say which gene each token id is", opts.model_path)
-        fold_metrics, fold_ids = [], []
+        checks = check_folds(opts, folds, hash_cache=run_dir / ".cache" / "file_hashes.json",
+                             environment={"versions": settings["versions"], "device": str(device)})
+        refuse_changed_settings(opts, run_dir, checks)
+        provenance = {c.fold: c.provenance for c in checks}
+        fold_metrics, fold_ids, fold_baselines = [], [], []
         for fold in folds:
             fold_dir = run_dir / str(fold)
             if fold_dir.exists() and opts.overwrite and distributed.is_main_process():
@@ -145,21 +178,116 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
                 raise FileExistsError(f"{fold_dir} exists but is not a finished fold (no valid fold_done.json); "
                                       "remove it or pass --overwrite")
             else:
+                record_resume_provenance(run_dir, fold, provenance[fold])
                 metrics = train_fold(opts, fold, fold_dir, device)
             fold_metrics.append(metrics)
             fold_ids.append(fold)
+            fold_baselines.append(baseline_job.read_fold_baseline(fold_dir) if opts.baselines != "none" else None)
+        fold = None
         summary = summarize_folds(fold_metrics, fold_ids)
-        summary["settings"] = settings
+        summary.update(recorded_settings(run_dir, fold_ids, settings, checks))
+        comparison_table = baseline_job.add_baseline_summary(summary, fold_metrics, fold_baselines, fold_ids,
+                                                             prompt_type)
         if distributed.is_main_process():
             write_summary(run_dir, summary)
-        table = format_summary_table(summary)
+        table = format_summary_table(summary) + (f"\n\n{comparison_table}" if comparison_table else "")
         logger.info("summary over %d folds (%s):\n%s", len(fold_ids), run_dir, table)
         summary["table"] = table
         summary["run_dir"] = str(run_dir)
         return summary
+    except KeyboardInterrupt as error:
+        if not isinstance(error, RunInterrupted):
+            where = f"during fold {fold}" if fold is not None else "before training"
+            error = RunInterrupted(f"interrupted {where}; rerun the same command to resume")
+        _log_to_file(handler, error)
+        raise error from None
+    except BaseException as error:
+        _log_to_file(handler, error)
+        raise
     finally:
         if handler is not None:
             detach_log_file(handler, root_level)
+        if lock is not None:
+            release_run_lock(lock)
+
+
+def _log_to_file(handler: logging.Handler | None, error: BaseException) -> None:
+    """Write the error that ends the run as the last line of run.log (the console shows it
+    through the CLI, so it goes to the file only)."""
+    if handler is None:
+        return
+    known = isinstance(error, (DataError, KeyboardInterrupt, TrainingDiverged, OSError, ValueError))
+    text = str(error) if known and str(error) else f"{type(error).__name__}: {error}"
+    handler.handle(logging.LogRecord(logger.name, logging.ERROR, __file__, 0, "run stopped: %s", (text,), None))
+
+
+def refuse_changed_settings(opts: RunOptions, run_dir: Path, checks: list[FoldCheck]) -> None:
+    """Compare each selected fold's recorded settings (finished folds, and interrupted ones
+    with a resume checkpoint) with this run's; refuse any difference unless ``--overwrite``.
+
+    Raises
+    ------
+    SettingsChanged
+        Naming each fold, every differing key with both values, and the two ways forward.
+    """
+    refusals = []
+    for check in checks:
+        fold_dir, resume_dir = run_dir / str(check.fold), run_dir / RESUME_DIR / str(check.fold)
+        if is_fold_done(fold_dir):
+            where, folder = f"fold {check.fold} (finished, {fold_dir})", fold_dir
+            if opts.overwrite:
+                continue
+        elif (resume_dir / CHECKPOINT_NAME).is_file():
+            where, folder = f"fold {check.fold} (interrupted, resume checkpoint in {resume_dir})", resume_dir
+        else:
+            continue
+        recorded = read_provenance(folder)
+        if recorded is None:
+            logger.warning("%s has no %s (written by an older version): its settings cannot be checked against "
+                           "this run's", where, PROVENANCE_FILE)
+            continue
+        diffs = compare_settings(recorded["settings"], check.provenance["settings"])
+        if not diffs:
+            continue
+        if opts.overwrite:  # an interrupted fold with other settings: start it afresh
+            logger.warning("%s was started with other settings; --overwrite: training it from the start", where)
+            if distributed.is_main_process():
+                shutil.rmtree(resume_dir, ignore_errors=True)
+            continue
+        refusals.append(f"  {where}:\n{differing_keys_message(diffs)}")
+    if refusals:
+        raise SettingsChanged(
+            f"{run_dir} holds results made with other settings than this command's; refusing to mix them "
+            f"({len(refusals)} fold{'s' if len(refusals) != 1 else ''}):\n" + "\n".join(refusals) +
+            "\nEither pass --overwrite to redo these folds with the new settings, or write the new run elsewhere "
+            "with another --output_path or --out_prefix (the existing results stay as they are).")
+
+
+def record_resume_provenance(run_dir: Path, fold: int, record: dict | None) -> None:
+    """Write the fold's provenance beside its resume checkpoint before it trains (a resume
+    compares against it; :func:`write_fold_outputs` moves it into the fold folder)."""
+    if record is None or not distributed.is_main_process():
+        return
+    resume_dir = run_dir / RESUME_DIR / str(fold)
+    if not (resume_dir / CHECKPOINT_NAME).is_file() or read_provenance(resume_dir) is None:
+        write_json(resume_dir / PROVENANCE_FILE, record)
+
+
+def recorded_settings(run_dir: Path, fold_ids: list[int], settings: dict, checks: list[FoldCheck]) -> dict:
+    """The summary's settings, read from each fold's own ``provenance.json`` (so a table
+    always carries the settings that produced its numbers), this invocation's facts under
+    ``run``, and the folds whose val/test labels are absent from train."""
+    records = {fold: read_provenance(run_dir / str(fold)) for fold in fold_ids}
+    out = summary_settings(records)
+    if out["settings_differ_between_folds"]:
+        logger.warning("the folds of this summary were made with different settings: %s",
+                       json.dumps(out["settings_differ_between_folds"], default=str))
+    if out["folds_without_provenance"]:
+        logger.warning("folds %s have no %s (older version); the summary's settings cover the other folds only",
+                       out["folds_without_provenance"], PROVENANCE_FILE)
+    out["run"] = {k: v for k, v in settings.items() if k != "training"}
+    out["labels_absent_from_train"] = {str(c.fold): c.absent_from_train for c in checks if c.absent_from_train}
+    return out
 
 
 def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device) -> dict[str, Any]:
@@ -169,10 +297,8 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     train_ds, val_ds, test_ds = load_fold(opts.data_path, opts.dataset_name, fold)
     label2id, _ = label_mapping(train_ds, val_ds, test_ds, opts.label_column)
     label2id = {str(k): v for k, v in label2id.items()}
-    config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
-                            use_prompt=opts.use_prompt, label2id=label2id, overrides=opts.config_overrides)
-    # recorded in the fold's config.json, so that prediction keeps the same genes per cell
-    config = config.copy(finetune_max_length=args.max_length or config.max_position_embeddings)
+    # finetune_max_length is recorded in the fold's config.json, so that prediction keeps the same genes per cell
+    config = fold_config(opts, label2id)
     if opts.random_init:  # ablation: the same architecture without the pretrained weights
         model = BertForSequenceClassification(config)
         logger.info("fold %d: --random_init: weights randomly initialised, %s not loaded", fold, opts.model_path)
@@ -195,6 +321,7 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
                                                  max_length=max_length, name=f"fold {fold} {name}")
     for split in splits.values():
         check_vocabulary(split, config.vocab_size, opts)
+        check_checkpoint_data(split, config, opts.model_path, opts.token_dictionary)  # V1/V2 mismatch
     weights = None
     if args.class_weighting == "reference":
         weights = reference_class_weights(splits["train"].labels, config.num_labels, id2label=config.id2label)
@@ -209,6 +336,9 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     except TrainingDiverged:
         logger.error("fold %d stopped: training diverged; finished folds keep their outputs", fold)
         raise
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"interrupted during fold {fold} epoch {trainer.epoch}; rerun the same command to "
+                             "resume (from the last finished epoch)") from None
 
     t0 = time.perf_counter()
     logits = predict_logits(model, splits["test"], batch_size=args.eval_batch_size or args.batch_size,
@@ -227,20 +357,15 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
         "test_cells_per_second": len(truth) / max(test_seconds, 1e-9), "epochs_run": fit.epochs_run,
         "best_epoch": fit.best_epoch, "best_val_macro_f1": fit.best_val_macro_f1, "stopped_early": fit.stopped_early,
     })
+    baseline = baseline_job.compute_fold_baseline(opts, fold, splits, {"train": train_ds, "val": val_ds,
+                                                  "test": test_ds}, config, weights, fit.train_seconds)
     if distributed.is_main_process():
-        write_fold_outputs(opts, fold, fold_dir, model, config, splits["test"], logits, metrics, fit.history)
+        write_fold_outputs(opts, fold, fold_dir, model, config, splits["test"], logits, metrics, fit.history,
+                           baseline=baseline)
     distributed.barrier()
     logger.info("fold %d: test accuracy %.4f, macro-F1 %.4f, micro-F1 %.4f -> %s", fold, metrics["accuracy"],
                 metrics["macro_f1"], metrics["micro_f1"], fold_dir)
     return metrics
-
-
-def vocabulary_source(opts: RunOptions) -> Path | None:
-    """The gene vocabulary of the run: ``--token_dictionary``, else the checkpoint's tokenizer.json."""
-    if opts.token_dictionary is not None:
-        return Path(opts.token_dictionary)
-    candidate = Path(opts.model_path) / "tokenizer.json"
-    return candidate if candidate.is_file() else None
 
 
 def check_vocabulary(cells: EncodedCells, vocab_size: int, opts: RunOptions) -> None:
@@ -261,14 +386,15 @@ def check_vocabulary(cells: EncodedCells, vocab_size: int, opts: RunOptions) -> 
 
 
 def write_fold_outputs(opts: RunOptions, fold: int, fold_dir: Path, model, config, test: EncodedCells,
-                       logits: np.ndarray, metrics: dict, history: list) -> None:
-    """Every file of a finished fold, built under a temporary name and renamed at the end."""
+                       logits: np.ndarray, metrics: dict, history: list, baseline=None) -> None:
+    """Every file of a finished fold, built under a temporary name and renamed at the end
+    (with ``baseline``, a :class:`~geneformer_peft.evaluation.baseline.BaselineResult`, its files too)."""
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
     names = [config.id2label[i] for i in range(config.num_labels)]
     with atomic_directory(fold_dir) as tmp:
         write_predictions_csv(tmp / "predictions.csv", cell_index=test.index, label_names=names,
-                              pred_ids=preds, probabilities=probs, true_ids=test.labels)
+                              pred_ids=preds, probabilities=probs, true_ids=test.labels, cell_ids=test.cell_ids)
         write_pickle(tmp / "predictions.pickle", {
             "label_names": names, "labels": test.labels, "predictions": preds, "logits": logits,
             "probabilities": probs, "metrics": metrics, "history": history})
@@ -282,6 +408,11 @@ def write_fold_outputs(opts: RunOptions, fold: int, fold_dir: Path, model, confi
         write_json(tmp / "history.json", history)
         plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, tmp / "confusion_matrix.png",
                               title=f"{opts.dataset_name} fold {fold} ({metrics['prompt_type'] or 'full'})")
-        plot_training_curves(history, tmp / "training_curves.png")
+        plot_training_curves(history, tmp / "training_curves.png", best_epoch=metrics.get("best_epoch"))
+        if baseline is not None:
+            baseline_job.write_fold_baseline(tmp, baseline, test, names, metrics,
+                                             title=f"{opts.dataset_name} fold {fold}: per-class F1")
+        if (Path(fold_dir).parent / RESUME_DIR / str(fold) / PROVENANCE_FILE).is_file():
+            shutil.copy2(Path(fold_dir).parent / RESUME_DIR / str(fold) / PROVENANCE_FILE, tmp / PROVENANCE_FILE)
         mark_fold_done(tmp, info={"fold": fold, "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"]})
     shutil.rmtree(Path(fold_dir).parent / RESUME_DIR / str(fold), ignore_errors=True)

@@ -151,16 +151,21 @@ class FoldTrainer:
         Where the per-epoch checkpoint for resuming goes; ``None`` disables it.
     encoder_cache
         A :class:`~geneformer_peft.training.frozen_cache.FrozenPrefixCache` or ``None``.
+    epoch_callback
+        Called as ``epoch_callback(epoch, record)`` after each epoch (``record``: that epoch's
+        history entry); an exception it raises (e.g. a hyperparameter search pruning the
+        trial) ends :meth:`fit` and propagates.
     """
 
     def __init__(self, model, train: EncodedCells, val: EncodedCells, args: TrainingArguments, *,
                  class_weights: torch.Tensor | None, device: torch.device, checkpoint_dir: Path | None = None,
-                 encoder_cache=None, desc: str = "fold") -> None:
+                 encoder_cache=None, desc: str = "fold", epoch_callback=None) -> None:
         self.model, self.train_cells, self.val_cells, self.args = model, train, val, args
         self.device = device
         self.class_weights = class_weights.to(device) if class_weights is not None else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.encoder_cache = encoder_cache
+        self.epoch_callback = epoch_callback
         self.sampler = make_sampler(train, args, num_replicas=distributed.world_size(), rank=distributed.rank())
         self.runner = model
         if distributed.is_distributed():
@@ -169,12 +174,15 @@ class FoldTrainer:
             ids = [device.index] if device.type == "cuda" else None
             self.runner = DistributedDataParallel(model, device_ids=ids)
         self.desc = desc
+        self.epoch = 0
         self.loader = DataLoader(train, batch_size=args.batch_size, sampler=self.sampler,
                                  collate_fn=self._collate, num_workers=args.num_workers)
-        self.optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
+                                        layer_decay=args.layer_decay)
         self.total_steps = args.epochs * len(self.loader)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup_steps=args.warmup_steps,
-                                        warmup_ratio=args.warmup_ratio, schedule=args.lr_schedule)
+                                        warmup_ratio=args.warmup_ratio, schedule=args.lr_schedule,
+                                        lr_end=args.lr_end)
         self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
 
     def _collate(self, items):
@@ -246,9 +254,11 @@ class FoldTrainer:
             result.train_seconds, result.train_cells = resumed["train_seconds"], resumed["train_cells"]
             result.epochs_run = resumed["epoch"]
             result.stopped_early = resumed.get("stopped_early", False)
+        self.epoch = start_epoch  # the epoch in progress (named when a run is interrupted)
         for epoch in range(start_epoch, self.args.epochs + 1):
             if result.stopped_early:
                 break
+            self.epoch = epoch
             train_loss, seen, epoch_seconds = self._train_epoch(epoch)
             result.train_seconds += epoch_seconds
             result.train_cells += seen
@@ -269,6 +279,8 @@ class FoldTrainer:
             self._save_checkpoint(epoch, {
                 "best": best.to_dict(), "history": result.history, "train_seconds": result.train_seconds,
                 "train_cells": result.train_cells, "stopped_early": result.stopped_early})
+            if self.epoch_callback is not None:
+                self.epoch_callback(epoch, record)
         best.restore(self.model)
         result.best_epoch, result.best_val_macro_f1 = best.epoch, best.score
         self.model.eval()

@@ -81,7 +81,8 @@ def test_nan_loss_stops_the_fold_and_keeps_finished_folds(job_data, tmp_path, ex
     assert example_script.main([*argv, "--folds", "0"]) == 0
     run = jf.run_dir(tmp_path, "lora", job_data)
     before = {p.name: p.stat().st_mtime_ns for p in (run / "0").iterdir()}
-    diverging = [*argv, "--lr", "1e30"]  # the last --lr wins
+    # the last --lr wins; fold 1 alone, since a rerun with another lr over finished fold 0 is refused
+    diverging = [*argv, "--lr", "1e30", "--folds", "1"]
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         assert example_script.main(diverging) == 3

@@ -295,10 +295,19 @@ def test_write_summary_and_table(tmp_path):
     for name in summary["metrics"]:
         assert any(line.startswith(name) for line in lines)
     assert "0.8500 ± 0.0500" in table
-    assert "1234.5 ± 0.0000" in table
+    # a constant (equal on every fold) is shown without a spread
+    assert "1234.5" in table and "1234.5 ±" not in table and "± 0.0000" not in table
     # Aligned: every "±" sits in the same column.
     columns = {line.index("±") for line in lines if "±" in line}
     assert len(columns) == 1
     assert leftovers(tmp_path) == []
     assert math.isfinite(row["std"])
     assert os.path.basename(json_path) == "summary.json"
+
+
+def test_single_fold_table_has_no_spread():
+    summary = summarize_folds(fold_metrics()[:1], [3])
+    table = format_summary_table(summary)
+    assert "1 fold)" in table.splitlines()[0]
+    assert "±" not in table and "std" not in table
+    assert "0.8000" in table and "0.7000" in table

@@ -74,3 +74,17 @@ def test_without_matplotlib_returns_none_and_logs_once(tmp_path, monkeypatch, ca
         assert plots.plot_training_curves(history(), tmp_path / "c.png") is None
     assert sum("matplotlib is not installed" in r.getMessage() for r in caplog.records) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_star_marks_the_restored_epoch():
+    """Tied best macro-F1 at epochs 5 and 6: the trainer keeps the one with the lower
+    validation loss (6, as metrics.json's best_epoch says), and so does the plot."""
+    from geneformer_peft.evaluation.plots import starred_epoch
+
+    history = [{"epoch": e, "val_macro_f1": f, "val_loss": loss}
+               for e, f, loss in [(4, 0.7, 0.9), (5, 0.8, 0.6), (6, 0.8, 0.5), (7, 0.75, 0.4)]]
+    assert starred_epoch(history, best_epoch=6) == 6
+    assert starred_epoch(history) == 6  # without best_epoch: the trainer's rule
+    assert starred_epoch([{**h, "val_loss": 0.5} for h in history]) == 5  # full tie: the earlier epoch
+    assert starred_epoch(history, best_epoch=99) == 6  # an epoch not in the history falls back
+    assert starred_epoch([{"epoch": 1, "train_loss": 1.0}]) is None
