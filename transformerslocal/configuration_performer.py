@@ -75,6 +75,7 @@ PEFT_SHARED_DEFAULTS: dict[str, Any] = {
     "if_use_prompt": True,
     "freeze_layers": 0,
     "freeze_preset": None,
+    "finetune_max_length": None,  # the job records the input length; for scBERT always max_seq_len
 }
 #: ``freeze_preset`` values: ``"scbert"`` trains the final LayerNorm, the second-to-last layer
 #: and the head, the scBERT release's fine-tuning recipe.
@@ -112,8 +113,9 @@ class PerformerConfig:
 
     Notes
     -----
-    ``hidden_size``, ``num_hidden_layers`` and ``num_attention_heads`` are read-only aliases
-    of ``dim``, ``depth`` and ``heads``, so that code written against the BERT config
+    ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``vocab_size`` and
+    ``max_position_embeddings`` are read-only aliases of ``dim``, ``depth``, ``heads``,
+    ``num_tokens`` and ``max_seq_len``, so that code written against the BERT config
     (adapter widths, per-layer lists) reads a Performer config alike.
     """
 
@@ -122,7 +124,7 @@ class PerformerConfig:
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
-        for alias in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+        for alias in _ALIASES:
             if alias in kwargs:
                 raise _bad(alias, kwargs[alias], f"no such key in a {MODEL_TYPE} config (it reads "
                            f"{_ALIASES[alias]!r}; set that instead)", self._source)
@@ -166,6 +168,16 @@ class PerformerConfig:
     def num_attention_heads(self) -> int:
         return self.heads
 
+    @property
+    def vocab_size(self) -> int:
+        """The token vocabulary (``num_tokens``), read as the BERT config's."""
+        return self.num_tokens
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The input length (``max_seq_len``), read as the BERT config's."""
+        return self.max_seq_len
+
     # ------------------------------------------------------------------ PEFT
     @property
     def peft_methods(self) -> tuple[str, ...]:
@@ -204,6 +216,10 @@ class PerformerConfig:
         check_config(self, methods if self.if_use_prompt else (), src)
         if not _is_int(self.freeze_layers) or not 0 <= self.freeze_layers <= self.depth:
             raise _bad("freeze_layers", self.freeze_layers, f"an integer in [0, {self.depth}]", src)
+        length = self.finetune_max_length
+        if length is not None and length != self.max_seq_len:
+            raise _bad("finetune_max_length", length, f"null or max_seq_len ({self.max_seq_len}): a scBERT cell "
+                       "holds every panel position, it is not truncated", src)
         preset = self.freeze_preset
         if preset is not None:
             if preset not in FREEZE_PRESETS:
@@ -349,7 +365,8 @@ class PerformerConfig:
         return f"PerformerConfig {self.to_json_string()}"
 
 
-_ALIASES = {"hidden_size": "dim", "num_hidden_layers": "depth", "num_attention_heads": "heads"}
+_ALIASES = {"hidden_size": "dim", "num_hidden_layers": "depth", "num_attention_heads": "heads",
+            "vocab_size": "num_tokens", "max_position_embeddings": "max_seq_len"}
 
 
 def _merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--batch_size", type=int, default=64, help="Cells per batch (%(default)s).")
     p("--max_length", type=int, default=None,
       help="Keep each cell's first N genes (default: the fold's max_length from its config.json).")
+    p("--unassign_threshold", type=float, default=None,
+      help="Label a cell 'Unassigned' when its top class probability is below this (scBERT's recipe; any model).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--overwrite", action="store_true", help="Replace an existing --output.")
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_saved_dataset(args.input)
     frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
                                    label_column=args.label_column, batch_size=args.batch_size, device=args.device,
-                                   max_length=args.max_length)
+                                   max_length=args.max_length, unassign_threshold=args.unassign_threshold)
     print(f"{len(frame)} cells -> {args.output}")
     if metrics is not None:
         print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")

@@ -3,6 +3,9 @@
 15% of each cell's genes are chosen; 80% of those become <mask>, 10% a random gene, 10%
 stay. Batches are grouped by length; AdamW with linear warmup and decay. The output folder
 (config.json, model.safetensors, tokenizer.json) loads in `transformers` as BertForMaskedLM.
+A scBERT config or checkpoint (`model_type: "scbert"`) on binned cells (`tokenize --encoding
+binned`) is pretrained with scBERT's masked expression modelling (15% of the non-zero positions,
+90% of those masked, 10% kept).
 
 Example:
   geneformer-peft pretrain --input cells.dataset --output_dir my_ckpt --config Pretrain_ckpts/geneformer-6L-30M/config.json \\
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.data.dataset_io import load_saved_dataset
     from geneformer_peft.data.vocab import load_token_dictionary
     from geneformer_peft.training.pretrain import pretrain
-    from transformerslocal import BertConfig
+    from geneformer_peft.models.families import FAMILIES, model_type_of
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
     cells = EncodedCells.from_dataset(load_saved_dataset(args.input), name=str(args.input))
@@ -51,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
     if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
         vocab_source = args.model_path / "tokenizer.json"
     token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
-    config = BertConfig.from_pretrained(args.config) if args.config else None
+    config = None
+    if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
+        model_type = model_type_of(args.config)
+        if model_type not in FAMILIES:
+            raise ValueError(f"--config {args.config}: model_type {model_type!r}; expected one of {sorted(FAMILIES)}")
+        config = FAMILIES[model_type].config_class.from_pretrained(args.config)
     result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
                       token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import io
+
+import numpy as np
 import pandas as pd
 
 from geneformer_peft.data.cells import EncodedCells
@@ -11,23 +14,37 @@ from geneformer_peft.errors import DataError
 from geneformer_peft.evaluation.inference import predict_logits, softmax
 from geneformer_peft.evaluation.metrics import classification_metrics
 from geneformer_peft.evaluation.outputs import predictions_frame, write_predictions_csv
+from geneformer_peft.files import write_text
 from geneformer_peft.models.device import resolve_device
+from geneformer_peft.models.families import check_input_lengths, family_of_config
 from geneformer_peft.models.loading import load_fold_model
-from transformerslocal import BertConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["predict_cells"]
+__all__ = ["UNASSIGNED", "predict_cells"]
+
+#: the label of a cell whose top probability is below ``unassign_threshold``
+UNASSIGNED = "Unassigned"
 
 
 def predict_cells(model_path, dataset, *, output: str | Path | None = None, base_model=None,
                   label_column: str | None = "cell_type", batch_size: int = 64, device: str = "auto",
-                  max_length: int | None = None) -> tuple[pd.DataFrame, dict | None]:
+                  max_length: int | None = None, unassign_threshold: float | None = None
+                  ) -> tuple[pd.DataFrame, dict | None]:
     """Predict every cell of ``dataset``; return the prediction table and, when the dataset
-    has ``label_column``, the metrics against it."""
+    has ``label_column``, the metrics against it.
+
+    With ``unassign_threshold``, a cell whose largest class probability is below it gets the
+    label ``Unassigned`` (``pred_celltype``; ``pred_cellcode`` -1), as scBERT's prediction
+    does; the metrics are those of the arg-max labels of all cells (an unassigned cell has no
+    class id), and the count of unassigned cells is logged. Both model families.
+    """
+    if unassign_threshold is not None and not 0.0 <= float(unassign_threshold) <= 1.0:
+        raise ValueError(f"unassign_threshold is {unassign_threshold!r}; expected a probability in [0, 1]")
     dev = resolve_device(device)
     model = load_fold_model(model_path, base_model).to(dev)
-    config: BertConfig = model.config
+    config = model.config
+    family = family_of_config(config)
     names = [config.id2label[i] for i in range(config.num_labels)]
     has_labels = label_column is not None and label_column in dataset.column_names
     mapping = None
@@ -39,15 +56,26 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
                             f"model labels: {names}")
         mapping = {v: config.label2id[str(v)] for v in dataset.unique(label_column)}
     cells = EncodedCells.from_dataset(dataset, label_column=label_column if has_labels else None, label2id=mapping,
-                                      max_length=max_length or config.finetune_max_length
-                                      or config.max_position_embeddings, name="input")
+                                      max_length=max_length or family.input_length(config), name="input")
+    check_input_lengths(config, np.diff(cells.offsets), source="input")
     logits = predict_logits(model, cells, batch_size=batch_size, device=dev, progress=True)
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
     truth = cells.labels if has_labels else None
     kwargs = dict(cell_index=cells.index, label_names=names, pred_ids=preds, probabilities=probs, true_ids=truth)
-    if output is not None:
-        write_predictions_csv(output, **kwargs)
     frame = predictions_frame(**kwargs)
+    if unassign_threshold is not None:
+        below = probs.max(axis=1) < float(unassign_threshold)
+        frame["pred_celltype"] = frame["pred_celltype"].astype(object)
+        frame.loc[below, "pred_celltype"] = UNASSIGNED
+        frame.loc[below, "pred_cellcode"] = -1
+        logger.info("%d of %d cells below unassign_threshold=%g -> %s", int(below.sum()), len(frame),
+                    float(unassign_threshold), UNASSIGNED)
+    if output is not None and unassign_threshold is None:
+        write_predictions_csv(output, **kwargs)
+    elif output is not None:  # the same table, with the relabelled cells
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False)
+        write_text(output, buffer.getvalue())
     metrics = classification_metrics(truth, preds, label_names=names, probabilities=probs) if has_labels else None
     return frame, metrics

@@ -300,7 +300,8 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     # finetune_max_length is recorded in the fold's config.json, so that prediction keeps the same genes per cell
     config = fold_config(opts, label2id)
     if opts.random_init:  # ablation: the same architecture without the pretrained weights
-        model = BertForSequenceClassification(config)
+        from geneformer_peft.models.families import family_of_config
+        model = family_of_config(config).classifier_class(config)  # the checkpoint's model family
         logger.info("fold %d: --random_init: weights randomly initialised, %s not loaded", fold, opts.model_path)
     else:
         model = load_classifier(opts.model_path, config)

@@ -20,8 +20,11 @@ __all__ = ["FrozenPrefixCache", "frozen_prefix_depth"]
 
 
 def frozen_prefix_depth(model) -> int:
-    """How many leading encoder layers (after frozen embeddings) have nothing to train."""
-    bert = model.bert
+    """How many leading encoder layers (after frozen embeddings) have nothing to train
+    (0 for a model without a BERT encoder: scBERT's Performer has no prefix cache)."""
+    bert = getattr(model, "bert", None)
+    if bert is None:
+        return 0
     if any(p.requires_grad for p in bert.embeddings.parameters()):
         return 0
     if bert.adapter is not None and any(p.requires_grad for p in bert.adapter.parameters()):

@@ -66,6 +66,23 @@ def fold_config(opts, label2id: dict[str, int]):
     return config.copy(finetune_max_length=opts.training.max_length or config.max_position_embeddings)
 
 
+def _fixed_length_problems(dataset, where: str, config) -> list[str]:
+    """For a fixed-length model family (scBERT), cells of another number of tokens than the model's."""
+    import pyarrow as pa
+
+    from geneformer_peft.models.families import check_input_lengths, family_of_config
+
+    if not family_of_config(config).fixed_length or "input_ids" not in dataset.column_names:
+        return []
+    column = dataset.data.column("input_ids")
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    try:
+        check_input_lengths(config, np.diff(column.offsets.to_numpy()), source=where)
+    except DataError as error:
+        return [str(error)]
+    return []
+
+
 def _token_problems(dataset, where: str, *, vocab_size: int, max_length: int) -> list[str]:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -139,6 +156,7 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
     for split, dataset in datasets.items():
         check.problems += _token_problems(dataset, f"{split} split {paths[split]}", vocab_size=config.vocab_size,
                                           max_length=max_length)
+        check.problems += _fixed_length_problems(dataset, f"{split} split {paths[split]}", config)
     if check.problems or checkpoint is None:
         return check
     data = prov.data_fingerprint(paths, datasets, column)

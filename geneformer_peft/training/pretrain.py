@@ -1,6 +1,10 @@
 """Masked-gene pretraining, Geneformer's objective: 15% of genes chosen, 80% masked,
 10% replaced by a random gene, 10% kept; length-grouped batches; AdamW with linear
-warmup and decay. Writes a checkpoint that ``transformers`` loads as ``BertForMaskedLM``."""
+warmup and decay. Writes a checkpoint that ``transformers`` loads as ``BertForMaskedLM``.
+
+A scBERT (``model_type: "scbert"``) config or checkpoint is pretrained with scBERT's masked
+expression modelling instead (:class:`~geneformer_peft.data.binned_collator.BinnedMaskingCollator`:
+15% of the non-zero positions, 90% of those masked, the rest kept) on binned cells."""
 from __future__ import annotations
 
 import logging
@@ -14,15 +18,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from geneformer_peft.data.binned_collator import BinnedMaskingCollator
 from geneformer_peft.data.cells import EncodedCells
 from geneformer_peft.data.collator import MaskedLMCollator
 from geneformer_peft.data.samplers import LengthGroupedSampler
 from geneformer_peft.data.vocab import save_tokenizer_json
 from geneformer_peft.errors import TrainingDiverged
 from geneformer_peft.models.device import autocast, resolve_device
+from geneformer_peft.models.families import check_input_lengths, family_of, family_of_config
 from geneformer_peft.training.schedules import make_optimizer, make_scheduler
 from geneformer_peft.training.trainer import set_seed
-from transformerslocal import BertConfig, BertForMaskedLM
+from transformerslocal import BertConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +42,11 @@ class PretrainResult:
     seconds: float
 
 
-def frequency_baseline_loss(cells: EncodedCells, vocab_size: int) -> float:
+def frequency_baseline_loss(cells: EncodedCells, vocab_size: int, *, min_token: int = 0) -> float:
     """Cross-entropy of guessing each masked gene from gene frequencies alone (the entropy of
-    the token distribution): what a model that ignores the context reaches."""
-    counts = np.bincount(cells.flat[cells.flat >= 0], minlength=vocab_size).astype(np.float64)
+    the token distribution): what a model that ignores the context reaches. ``min_token``: the
+    smallest token that can be masked (1 for binned cells, whose zeros are never masked)."""
+    counts = np.bincount(cells.flat[cells.flat >= min_token], minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -66,23 +73,32 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
         raise ValueError("pretrain needs exactly one of config (from scratch) or model_path (continue)")
     set_seed(seed)
     dev = resolve_device(device)
+    family = family_of(model_path) if model_path is not None else family_of_config(config)
     if model_path is not None:
-        model = BertForMaskedLM.from_pretrained(model_path)
+        model = family.masked_lm_class.from_pretrained(model_path)
     else:
-        model = BertForMaskedLM(config)
+        model = family.masked_lm_class(config)
     model.train().to(dev)
     config = model.config
-    too_long = int((cells.lengths > config.max_position_embeddings).sum())
-    if too_long:
-        raise ValueError(f"{too_long} cells are longer than max_position_embeddings={config.max_position_embeddings}")
-    collator = MaskedLMCollator(token_dictionary, vocab_size=None if token_dictionary else config.vocab_size,
-                                mlm_probability=mlm_probability, seed=seed)
+    binned = family.fixed_length  # scBERT: binned cells, masked expression modelling
+    if binned:
+        check_input_lengths(config, np.diff(cells.offsets), source="pretraining cells")
+        collator = BinnedMaskingCollator(bin_num=config.bin_num, mask_prob=mlm_probability, seed=seed)
+        ignore_label = config.mask_token_id
+    else:
+        too_long = int((cells.lengths > config.max_position_embeddings).sum())
+        if too_long:
+            raise ValueError(f"{too_long} cells are longer than max_position_embeddings="
+                             f"{config.max_position_embeddings}")
+        collator = MaskedLMCollator(token_dictionary, vocab_size=None if token_dictionary else config.vocab_size,
+                                    mlm_probability=mlm_probability, seed=seed)
+        ignore_label = -100
     sampler = LengthGroupedSampler(cells.lengths, batch_size, seed=seed)
     loader = DataLoader(cells, batch_size=batch_size, sampler=sampler, collate_fn=collator)
     total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
     optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
     scheduler = make_scheduler(optimizer, total, warmup_ratio=warmup_ratio)
-    floor = frequency_baseline_loss(cells, config.vocab_size)
+    floor = frequency_baseline_loss(cells, config.vocab_size, min_token=1 if binned else 0)
     logger.info("MLM loss of predicting every masked gene by its frequency alone: %.4f (uniform: %.4f); "
                 "below it, the model uses the cell's other genes", floor, math.log(config.vocab_size))
     history, step, t0 = [], 0, time.perf_counter()
@@ -95,10 +111,13 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
                 break
             ids = batch["input_ids"].to(dev)
             labels = batch["labels"].to(dev)
-            if not bool((labels != -100).any()):
+            if not bool((labels != ignore_label).any()):
                 continue  # nothing chosen in this batch (tiny batches only)
             with autocast(dev, precision):
-                loss = model.masked_lm_loss(ids, batch["attention_mask"].to(dev), labels)
+                if binned:
+                    loss = model.masked_lm_loss(ids, labels)
+                else:
+                    loss = model.masked_lm_loss(ids, batch["attention_mask"].to(dev), labels)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"pretraining loss is {loss.item()} at step {step}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
