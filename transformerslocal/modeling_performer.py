@@ -52,7 +52,13 @@ from torch.utils.checkpoint import checkpoint
 from .configuration_performer import PerformerConfig
 from .dropout import Dropout
 from .modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
-from .modeling_utils import find_weights_file, read_state_dict, write_state_dict
+from .modeling_utils import _layer_pattern as layer_pattern
+from .modeling_utils import (
+    find_weights_file,
+    log_loading_report,
+    read_state_dict,
+    write_state_dict,
+)
 from .peft.registry import owner_of, peft_linear, peft_module
 
 logger = logging.getLogger(__name__)
@@ -412,12 +418,7 @@ def _is_head_key(key: str) -> bool:
 
 def _layer_pattern(keys) -> list[str]:
     """``performer.net.layers.0.x``, ``...layers.1.x`` -> ``performer.net.layers.{0,1}.x``."""
-    groups: dict[str, list[int]] = {}
-    for key in keys:
-        m = re.search(r"\.layers\.(\d+)\.", key)
-        pattern = key[:m.start()] + ".layers.{}." + key[m.end():] if m else key
-        groups.setdefault(pattern, []).append(int(m.group(1)) if m else -1)
-    return [p.replace("{}", "{" + ",".join(map(str, sorted(v))) + "}") for p, v in sorted(groups.items())]
+    return layer_pattern(keys, layer_word="layers")
 
 
 class PerformerPreTrainedModel(nn.Module):
@@ -520,22 +521,8 @@ class PerformerPreTrainedModel(nn.Module):
         return self.loading_info
 
     def _report_loading(self, source: str) -> None:
-        info = self.loading_info
-        lines = []
-        if info["missing_keys"]:
-            lines.append(f"newly initialised (not in the checkpoint): {_layer_pattern(info['missing_keys'])}")
-        if info["mismatched_keys"]:
-            lines.append("re-initialised (other shape in the checkpoint): "
-                         + ", ".join(f"{k} {a}->{b}" for k, a, b in info["mismatched_keys"]))
-        if info["discarded_head_keys"]:
-            lines.append(f"not used (another head's weights): {info['discarded_head_keys']}")
-        if not lines:
-            logger.info("loaded %s into %s: every key matched", source, type(self).__name__)
-            return
-        surprising = [k for k in info["missing_keys"] if not k.startswith(self.head_prefixes)
-                      and owner_of(k, self.config.peft_methods) is None]
-        level = logging.WARNING if surprising or info["mismatched_keys"] else logging.INFO
-        logger.log(level, "loaded %s into %s;\n  %s", source, type(self).__name__, "\n  ".join(lines))
+        log_loading_report(self, source, self.loading_info, layer_word="layers", is_surprising=lambda k: (
+            not k.startswith(self.head_prefixes) and owner_of(k, self.config.peft_methods) is None))
 
 
 # ----------------------------------------------------------------------------- PerformerModel

@@ -92,13 +92,14 @@ def write_state_dict(state: dict[str, torch.Tensor], directory: Path, *, safe_se
     return file
 
 
-def _layer_pattern(keys) -> list[str]:
-    """Compress ``...layer.0.x``, ``...layer.1.x`` into ``...layer.{0,1}.x`` for readable reports."""
+def _layer_pattern(keys, *, layer_word: str = "layer") -> list[str]:
+    """Compress ``...layer.0.x``, ``...layer.1.x`` into ``...layer.{0,1}.x`` for readable reports
+    (``layer_word``: the ModuleList's name, ``layer`` in BERT, ``layers`` in the Performer)."""
     groups: dict[str, list[int]] = defaultdict(list)
     for key in keys:
-        m = re.search(r"\.layer\.(\d+)\.", key)
+        m = re.search(rf"\.{layer_word}\.(\d+)\.", key)
         if m:
-            groups[key[:m.start()] + ".layer.{}." + key[m.end():]].append(int(m.group(1)))
+            groups[key[:m.start()] + f".{layer_word}.{{}}." + key[m.end():]].append(int(m.group(1)))
         else:
             groups[key].append(-1)
     out = []
@@ -108,6 +109,31 @@ def _layer_pattern(keys) -> list[str]:
         else:
             out.append(pattern)
     return out
+
+
+def log_loading_report(model: nn.Module, source: str, info: dict, *, is_surprising, layer_word: str = "layer") -> None:
+    """One log message saying which keys a checkpoint load initialised anew, re-initialised,
+    discarded or dropped: a warning when ``is_surprising(key)`` holds for a new key (a backbone
+    weight, not a head or PEFT module) or a shape differed, else info."""
+    lines = []
+    if info["missing_keys"]:
+        lines.append(f"newly initialised (not in the checkpoint): "
+                     f"{_layer_pattern(info['missing_keys'], layer_word=layer_word)}")
+    if info["mismatched_keys"]:
+        lines.append("re-initialised (other shape in the checkpoint): "
+                     + ", ".join(f"{k} {a}->{b}" for k, a, b in info["mismatched_keys"]))
+    if info.get("discarded_head_keys"):
+        lines.append(f"not used (another head's weights): "
+                     f"{_layer_pattern(info['discarded_head_keys'], layer_word=layer_word)}")
+    if info.get("unexpected_keys"):
+        lines.append(f"dropped (no place in the model): "
+                     f"{_layer_pattern(info['unexpected_keys'], layer_word=layer_word)}")
+    if not lines:
+        logger.info("loaded %s into %s: every key matched", source, type(model).__name__)
+        return
+    surprising = [k for k in info["missing_keys"] if is_surprising(k)]
+    level = logging.WARNING if surprising or info["mismatched_keys"] else logging.INFO
+    logger.log(level, "loaded %s into %s;\n  %s", source, type(model).__name__, "\n  ".join(lines))
 
 
 class BertPreTrainedModel(nn.Module):
@@ -266,25 +292,9 @@ class BertPreTrainedModel(nn.Module):
         return self.loading_info
 
     def _report_loading(self, source: str) -> None:
-        info = self.loading_info
-        lines = []
-        if info["missing_keys"]:
-            lines.append(f"newly initialised (not in the checkpoint): {_layer_pattern(info['missing_keys'])}")
-        if info["mismatched_keys"]:
-            lines.append("re-initialised (other shape in the checkpoint): "
-                         + ", ".join(f"{k} {a}->{b}" for k, a, b in info["mismatched_keys"]))
-        if info["discarded_head_keys"]:
-            lines.append(f"not used (another head's weights): {_layer_pattern(info['discarded_head_keys'])}")
-        if info["unexpected_keys"]:
-            lines.append(f"dropped (no place in the model): {_layer_pattern(info['unexpected_keys'])}")
-        if not lines:
-            logger.info("loaded %s into %s: every key matched", source, type(self).__name__)
-            return
         # New backbone weights are suspicious; new heads and PEFT modules are expected.
-        surprising = [k for k in info["missing_keys"]
-                      if not any(h in k for h in self.head_prefixes) and owner_of(k) is None]
-        level = logging.WARNING if surprising or info["mismatched_keys"] else logging.INFO
-        logger.log(level, "loaded %s into %s;\n  %s", source, type(self).__name__, "\n  ".join(lines))
+        log_loading_report(self, source, self.loading_info, is_surprising=lambda k: not any(
+            h in k for h in self.head_prefixes) and owner_of(k) is None)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | os.PathLike, *, safe_serialization: bool = True,
