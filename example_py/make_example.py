@@ -10,6 +10,13 @@
    under example_py/data/synthetic/ (the reference layout).
 4. A tiny BERT (3 layers, hidden 64, cells cut to their top 256 genes) pretrained on the unlabelled cells with Geneformer's
    masked-gene objective, written to Pretrain_ckpts/geneformer-tiny-example/.
+5. scBERT (docs/scbert.md): a 255-gene panel (the most variable genes of the unlabelled cells'
+   log-normalised expression), both sets binned on it (256 positions), the labelled cells split
+   into the same 5 folds as step 3 under example_py/data/synthetic_binned/, and a tiny scBERT
+   (2 layers, dim 32, fixed random gene vectors) pretrained with masked expression modelling,
+   written to Pretrain_ckpts/scbert-tiny-example/.
+
+    python example_py/make_example.py --only scbert     # step 5 alone (steps 1 and 5 run)
 """
 import argparse
 import logging
@@ -23,6 +30,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from datasets import Sequence, Value  # noqa: E402
 
 from geneformer_peft.data.cells import EncodedCells  # noqa: E402
@@ -31,7 +39,8 @@ from geneformer_peft.data.rank_value import tokenize_anndata  # noqa: E402
 from geneformer_peft.data.synthetic import generate_counts, generate_unlabelled_counts  # noqa: E402
 from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries  # noqa: E402
 from geneformer_peft.training.pretrain import pretrain  # noqa: E402
-from transformerslocal import BertConfig  # noqa: E402
+from geneformer_peft.data.binned import tokenize_binned, write_panel_files  # noqa: E402
+from transformerslocal import BertConfig, PerformerConfig, PerformerForMaskedLM  # noqa: E402
 
 logger = logging.getLogger("make_example")
 
@@ -39,6 +48,83 @@ TINY_CONFIG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, i
                    max_position_embeddings=256, hidden_act="relu", hidden_dropout_prob=0.02,
                    attention_probs_dropout_prob=0.02, initializer_range=0.02, layer_norm_eps=1e-12,
                    type_vocab_size=2, pad_token_id=0)
+
+
+#: the tiny scBERT: 2 layers, dim 32, 4 heads of 8; no feature redraw, so the PEFT methods' frozen
+#: backbone keeps its random features (docs/scbert.md, "Feature redraw")
+SCBERT_PANEL_SIZE = 255
+SCBERT_CONFIG = dict(num_tokens=7, dim=32, depth=2, heads=4, dim_head=8, feature_redraw_interval=None,
+                     pos_embedding="gene2vec", pos_embedding_seed=0)
+
+
+def variable_genes(adata, n_genes: int) -> list[str]:
+    """The ``n_genes`` genes of largest variance of ``log1p(count * 1e4 / total)`` over the cells
+    (unsupervised: the unlabelled cells give the panel), in descending order of variance (ties by
+    gene order)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(adata.X, dtype=np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    norm = sp.diags(1e4 / np.maximum(totals, 1.0)) @ counts
+    norm.data = np.log1p(norm.data)
+    mean = np.asarray(norm.mean(axis=0)).ravel()
+    variance = np.asarray(norm.multiply(norm).mean(axis=0)).ravel() - mean ** 2
+    order = np.lexsort((np.arange(len(variance)), -variance))
+    return [str(g) for g in np.asarray(adata.var_names)[order[:n_genes]]]
+
+
+def load_fold_split(data_dir: Path, name: str, fold: int, split: str):
+    """One split of one fold in the reference layout."""
+    from datasets import load_from_disk
+
+    return load_from_disk(str(data_dir / name / str(fold) / f"{name}_{split}{fold}.dataset"))
+
+
+def make_scbert(unlabelled, labelled, *, data_dir: Path, checkpoint_dir: Path, epochs: int, seed: int) -> None:
+    """Step 5: binned folds (the same cells per fold as the rank-value folds) and the tiny scBERT."""
+    import json
+
+    panel = variable_genes(unlabelled, SCBERT_PANEL_SIZE)
+    # min_genes=1: no cell is dropped (a 255-gene panel has fewer than scBERT's 200 expressed genes
+    # in some cells), so the labelled set keeps its 500 cells in order and split_folds, a pure
+    # function of the labels, the seed and the fractions, gives the rank-value folds' cells
+    pretrain_cells = tokenize_binned(unlabelled, gene_panel=panel, min_genes=1, show_progress=False)
+    cells = tokenize_binned(labelled, gene_panel=panel, label_column="cell_type", min_genes=1, show_progress=False)
+    if len(cells) != labelled.n_obs or len(pretrain_cells) != unlabelled.n_obs:
+        raise RuntimeError(f"binned tokenization dropped cells ({len(cells)} of {labelled.n_obs} labelled, "
+                           f"{len(pretrain_cells)} of {unlabelled.n_obs} unlabelled); expected none")
+    if (data_dir / "synthetic_binned").exists():
+        shutil.rmtree(data_dir / "synthetic_binned")
+    split_folds(cells, dataset_name="synthetic_binned", output_dir=data_dir, n_folds=5, label_column="cell_type",
+                seed=seed)
+    write_panel_files(data_dir / "synthetic_binned", panel, None)
+    reference = data_dir / "synthetic" / "split_info.json"
+    if reference.is_file():  # the rank-value folds of the same cells: the same sizes and labels, cell by cell
+        ours = json.loads((data_dir / "synthetic_binned" / "split_info.json").read_text())
+        theirs = json.loads(reference.read_text())
+        same = ours["folds"] == theirs["folds"] and ours["class_counts"] == theirs["class_counts"]
+        for fold in range(5):
+            for split in ("train", "val", "test"):
+                binned = load_fold_split(data_dir, "synthetic_binned", fold, split)
+                rank = load_fold_split(data_dir, "synthetic", fold, split)
+                same = same and binned["cell_type"] == rank["cell_type"]
+        if not same:
+            raise RuntimeError(f"the binned folds differ from those of {reference.parent}; expected the same split")
+
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    config = PerformerConfig(max_seq_len=len(panel) + 1, **SCBERT_CONFIG, architectures=["PerformerForMaskedLM"])
+    torch.manual_seed(seed)
+    # a fixed random N(0, 1) gene embedding (pos_embedding_seed 0): the synthetic genes have no gene2vec
+    PerformerForMaskedLM(config, warn_random_positions=False).save_pretrained(checkpoint_dir)
+    result = pretrain(EncodedCells.from_dataset(pretrain_cells), checkpoint_dir, model_path=checkpoint_dir,
+                      epochs=epochs, batch_size=16, lr=3e-3, seed=seed, device="cpu", progress=False)
+    write_panel_files(checkpoint_dir, panel, None)
+    PerformerConfig.from_pretrained(checkpoint_dir).copy(prompt_type="lora").save_pretrained(checkpoint_dir)
+    for record in result.history:
+        logger.info("scBERT pretraining epoch %d: MLM loss %.4f (frequency-only baseline %.4f)", record["epoch"],
+                    record["mlm_loss"], record["frequency_baseline_loss"])
 
 
 def compact(dataset):
@@ -54,12 +140,27 @@ def main(argv=None) -> int:
     parser.add_argument("--n_unlabelled", type=int, default=4000)
     parser.add_argument("--pretrain_epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scbert_checkpoint_dir", type=Path,
+                        default=ROOT / "Pretrain_ckpts" / "scbert-tiny-example")
+    parser.add_argument("--scbert_pretrain_epochs", type=int, default=5)
+    parser.add_argument("--only", choices=["geneformer", "scbert"], default=None,
+                        help="make one model family's part only (default: both, Geneformer first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     world_seed = args.seed  # genes and cell-type programs; both sets share them
     unlabelled = generate_unlabelled_counts(n_cells=args.n_unlabelled, seed=world_seed, cell_seed=world_seed + 1)
     labelled = generate_counts(n_cells=args.n_labelled, seed=world_seed, cell_seed=world_seed + 2)
+    if args.only != "scbert":
+        make_geneformer(unlabelled, labelled, args)
+    if args.only != "geneformer":
+        make_scbert(unlabelled, labelled, data_dir=args.data_dir, checkpoint_dir=args.scbert_checkpoint_dir,
+                    epochs=args.scbert_pretrain_epochs, seed=args.seed)
+    return 0
+
+
+def make_geneformer(unlabelled, labelled, args) -> None:
+    """Steps 2-4: the vocabulary, the rank-value folds and the tiny Geneformer."""
     token_dictionary, medians = build_vocabulary(unlabelled, show_progress=False)
     logger.info("vocabulary: %d tokens", len(token_dictionary))
 
@@ -86,7 +187,6 @@ def main(argv=None) -> int:
     for record in result.history:
         logger.info("pretraining epoch %d: MLM loss %.4f (frequency-only baseline %.4f)", record["epoch"],
                     record["mlm_loss"], record["frequency_baseline_loss"])
-    return 0
 
 
 if __name__ == "__main__":
