@@ -129,3 +129,42 @@ def test_reference_lora_key_names_load(tmp_path, rename_all):
     loaded = BertForSequenceClassification.from_pretrained(tmp_path)
     assert loaded.loading_info["missing_keys"] == []
     assert torch.equal(logits(loaded, ids, mask), expected)
+
+
+@pytest.mark.parametrize("shape", [(5, 32), (3, 7, 32)])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lora_forward_equals_loralib_formula_and_gradients(shape, dropout):
+    """Our in-place accumulation of the low-rank product gives loralib's output and the same
+    gradients for x, W, b, A and B (dropout masks drawn alike through the same seed)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(32, 24, r=4, lora_alpha=8, lora_dropout=dropout, merge_weights=False)
+    layer.train()  # loralib's train() returns None
+    layer.weight.requires_grad_(True)  # as in full fine-tuning + LoRA (loralib freezes it)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(*shape, requires_grad=True)
+    grads = {}
+    for name, forward in (("ours", layer.forward), ("loralib", lambda t: super(LoRALinear, layer).forward(t))):
+        torch.manual_seed(1)
+        out = forward(x)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads[name] = [out.detach()] + [t.grad.clone() for t in (x, layer.weight, layer.bias, layer.lora_A,
+                                                                   layer.lora_B)]
+        for t in (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B):
+            t.grad = None
+    for ours, ref in zip(grads["ours"], grads["loralib"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_forward_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = LoRALinear(32, 24, r=4, lora_alpha=8, merge_weights=False)
+    layer.eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.linear(x, layer.weight + layer.delta_weight(), layer.bias)
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
