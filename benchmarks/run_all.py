@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-MODULES = ["model_step", "mfu", "end_to_end", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
+MODULES = ["model_step", "inference", "mfu", "end_to_end", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
            "embeddings", "perturbation", "v2", "search"]
 
 
@@ -342,6 +342,11 @@ def section_performer(r: dict, targets: list) -> list[str]:
     return render_section(r, targets)
 
 
+def section_inference(r: dict, targets: list) -> list[str]:
+    from bench_inference import render_section  # the module renders its own section
+    return render_section(r, targets)
+
+
 def section_embeddings(r: dict, targets: list) -> list[str]:
     from bench_embeddings import render_section  # the module renders its own section
 
@@ -369,8 +374,8 @@ def section_search(r: dict, targets: list) -> list[str]:
 SECTIONS = {"model_step": section_model_step, "end_to_end": section_e2e, "mfu": section_mfu,
             "batching": section_batching, "frozen_cache": section_cache, "memory": section_memory,
             "tokenizer_memory": section_tokenizer, "performer": section_performer, "threads": section_threads,
-            "embeddings": section_embeddings, "perturbation": section_perturbation, "v2": section_v2, "search": section_search}
-ORDER = ["model_step", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
+            "embeddings": section_embeddings, "inference": section_inference, "perturbation": section_perturbation, "v2": section_v2, "search": section_search}
+ORDER = ["model_step", "inference", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
          "embeddings", "perturbation", "v2", "search"]
 
 

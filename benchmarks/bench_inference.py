@@ -1,0 +1,130 @@
+"""Plain inference: ours vs ``transformers`` (SDPA) + ``peft`` LoRA, unmerged and merged.
+
+Both embedding extraction and in silico perturbation are made of this forward pass, so it
+must be at least as fast as what a user would otherwise run. Model:
+``BertForSequenceClassification`` of a V1 shape with LoRA r=8, alpha=1 on query/value (LoRA B
+nonzero, so the update is really computed), the same weights on both sides
+(``common.build_hf_like``), eval mode, ``torch.no_grad``.
+
+- **unmerged**: ours with loralib layers (``W x + s B A x``) against a ``peft`` model;
+- **merged**: ours after ``transformerslocal.merge_lora`` (a plain BERT) against
+  ``peft``'s ``merge_and_unload()`` (a plain ``transformers`` BERT).
+
+Batches are unpadded (every cell at the full length, an all-ones attention mask), as the
+issue states the comparison; a padded case (one cell at the full length, the rest 85-100%
+of it) is timed too. The candidates are timed in alternation (A B B A ...) after a warm-up;
+ratio = transformers time / ours (> 1: ours faster), of the medians and of the minima, and
+of process CPU time. The target is judged on the lower of the median and minimum ratios on
+CPU (outside load only adds time there) and on the medians on CUDA.
+
+    python benchmarks/bench_inference.py --json out.json [--quick] [--device cpu|cuda] [--precision bf16]
+"""
+from __future__ import annotations
+
+import torch
+
+from common import (LORA, base_parser, batch_lengths, build_hf_like, build_ours, interleaved_medians, machine_info,
+                    make_infer_step, padded_batch, resolve, write_json)
+
+
+def plan(quick: bool, device: torch.device) -> list[dict]:
+    """(shape, batch, length, padded) cases: the issue's two shapes at 6L-256 on CPU; the
+    V1 input size (2,048) on CUDA."""
+    if device.type == "cuda" and not quick:
+        return [dict(shape=s, batch=b, length=n, padded=p)
+                for s, b in (("6L-256", 16), ("12L-512", 8)) for n in (2048,) for p in (False, True)]
+    cases = [dict(shape="6L-256", batch=8, length=256, padded=False),
+             dict(shape="6L-256", batch=4, length=1024, padded=False),
+             dict(shape="6L-256", batch=8, length=256, padded=True)]
+    if not quick:
+        cases.append(dict(shape="12L-512", batch=2, length=2048, padded=False))
+    return cases
+
+
+def build_pairs(shape: str) -> dict:
+    """Our unmerged and merged models and their transformers + peft counterparts, with the
+    max |logits difference| of each pair on a probe batch."""
+    from transformerslocal import merge_lora
+
+    ours = build_ours(shape, **LORA).eval()
+    hf, diff_unmerged = build_hf_like(ours)
+    hf = hf.eval()
+    ours_merged = merge_lora(ours).eval()
+    hf_merged = hf.merge_and_unload().eval()
+    return {"unmerged": (ours, hf, diff_unmerged), "merged": (ours_merged, hf_merged, None)}
+
+
+def run_case(case: dict, pairs: dict, device: torch.device, precision: str, warmup: int, repeats: int) -> dict:
+    vocab = pairs["unmerged"][0].config.vocab_size
+    lengths = batch_lengths(case["batch"], case["length"]) if case["padded"] else [case["length"]] * case["batch"]
+    ids, mask = padded_batch(vocab, lengths, seed=1, device=device)
+    out = dict(case, precision=precision, rows=[])
+    for variant, (ours, hf, _) in pairs.items():
+        ours.to(device)
+        hf.to(device)
+        fns = {"ours": make_infer_step(ours, ids, mask, hf=False, device=device, precision=precision),
+               "transformers+peft": make_infer_step(hf, ids, mask, hf=True, device=device, precision=precision)}
+        diff = (fns["ours"]().float() - fns["transformers+peft"]().float()).abs().max().item()
+        t = interleaved_medians(fns, device, warmup=warmup, repeats=repeats)
+        o, h = t["ours"], t["transformers+peft"]
+        row = {"variant": variant, "ours_median_s": o["median_s"], "ours_min_s": o["min_s"],
+               "hf_median_s": h["median_s"], "hf_min_s": h["min_s"],
+               "ratio_median": h["median_s"] / o["median_s"], "ratio_min": h["min_s"] / o["min_s"],
+               "ratio_cpu": h["median_cpu_s"] / o["median_cpu_s"] if o["median_cpu_s"] > 0 else None,
+               "max_abs_logits_diff": diff}
+        row["ratio_judged"] = row["ratio_median"] if device.type == "cuda" else min(row["ratio_median"],
+                                                                                    row["ratio_min"])
+        print(f"{case['shape']} {case['batch']}x{case['length']} {'padded' if case['padded'] else 'unpadded'} "
+              f"{variant}: ours {o['median_s'] * 1e3:.1f} ms, transformers+peft {h['median_s'] * 1e3:.1f} ms, "
+              f"ratio median {row['ratio_median']:.3f} min {row['ratio_min']:.3f} (|diff| {diff:.1e})", flush=True)
+        out["rows"].append(row)
+    return out
+
+
+def main(argv=None) -> int:
+    p = base_parser(__doc__)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per candidate (default 20; 30 on CUDA)")
+    args = p.parse_args(argv)
+    device = resolve(args.device)
+    repeats = args.repeats or (30 if device.type == "cuda" else 20)
+    warmup = 3
+    cases, built = [], {}
+    for case in plan(args.quick, device):
+        if case["shape"] not in built:
+            built = {case["shape"]: build_pairs(case["shape"])}  # one shape's models in memory at a time
+        cases.append(run_case(case, built[case["shape"]], device, args.precision, warmup, repeats))
+    write_json(args.json, {"bench": "inference", "machine": machine_info(device), "warmup": warmup,
+                           "repeats": repeats, "lora": LORA, "precision": args.precision, "cases": cases})
+    return 0
+
+
+def render_section(r: dict, targets: list) -> list[str]:
+    md = ["## Plain inference: ours vs transformers (SDPA) + peft, LoRA unmerged and merged", "",
+          f"`BertForSequenceClassification`, LoRA r=8, alpha=1 on query/value, same weights, eval mode, no_grad, "
+          f"{r['precision']}; unmerged = loralib layers vs a `peft` model, merged = `merge_lora` vs "
+          f"`merge_and_unload()`. {r['warmup']} warm-up calls, then {r['repeats']} calls of each timed in "
+          "alternation. Ratio = transformers+peft time / ours (> 1: ours faster).", "",
+          "| shape | batch x length | batches | LoRA | ours ms (median / min) | transformers+peft ms (median / min) | "
+          "ratio median | ratio min | CPU-time ratio | max abs logits diff |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    worst = None
+    for c in r["cases"]:
+        for row in c["rows"]:
+            cpu = f"{row['ratio_cpu']:.3f}" if row.get("ratio_cpu") else "n/a"
+            md.append(f"| {c['shape']} | {c['batch']} x {c['length']} | {'padded' if c['padded'] else 'unpadded'} | "
+                      f"{row['variant']} | {row['ours_median_s'] * 1e3:.1f} / {row['ours_min_s'] * 1e3:.1f} | "
+                      f"{row['hf_median_s'] * 1e3:.1f} / {row['hf_min_s'] * 1e3:.1f} | {row['ratio_median']:.3f} | "
+                      f"{row['ratio_min']:.3f} | {cpu} | {row['max_abs_logits_diff']:.1e} |")
+            if worst is None or row["ratio_judged"] < worst[0]:
+                worst = (row["ratio_judged"], f"{c['shape']} {c['batch']}x{c['length']} {row['variant']}")
+    md.append("")
+    if worst is not None:
+        basis = "median" if r["machine"]["device"].startswith("cuda") else "lower of median and min (shared CPU)"
+        targets.append(("Plain inference (LoRA unmerged and merged) at least as fast as transformers+peft",
+                        worst[0] >= 1.0, f"worst ratio ({basis}) {worst[0]:.3f} at {worst[1]}"))
+    return md
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
