@@ -13,6 +13,9 @@ Features (``docs/baseline.md``):
     tokens gets the value ``1 / sqrt(r)``; special tokens (``<pad>``, ``<mask>``, ``<cls>``,
     ``<eos>``) are left out and do not count towards the rank. The cell's tokens are the
     ones the model sees (after ``max_length``).
+    On binned inputs (scBERT: position = panel gene, token = binned expression) the same
+    option means the cell's binned expression itself: the value at column ``j`` is the
+    token at position ``j`` (a bag of bin values would say nothing about the genes).
 ``expression`` (when the dataset carries raw expression)
     ``log1p(counts / total * 10,000)``, the CellTypist recipe. A dataset carries raw
     expression in two list columns, ``expression_ids`` (feature ids, e.g. the genes'
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASELINE_FEATURES",
+    "BASELINE_ENCODINGS",
     "BASELINE_METHODS",
     "DEFAULT_C_GRID",
     "EXPRESSION_IDS",
@@ -51,11 +55,15 @@ __all__ = [
     "run_logreg_baseline",
     "select_and_fit",
     "special_token_ids",
+    "binned_features",
     "token_features",
 ]
 
 BASELINE_METHODS = ("logreg", "none")
 BASELINE_FEATURES = ("tokens", "expression")
+#: how ``tokens`` features read a cell: ``rank`` (Geneformer's rank-value encoding) or
+#: ``binned`` (scBERT's fixed panel of binned expression)
+BASELINE_ENCODINGS = ("rank", "binned")
 #: regularisation strengths tried on the validation split (inverse of the L2 penalty)
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 EXPRESSION_IDS = "expression_ids"
@@ -332,8 +340,46 @@ def run_logreg_baseline(train_X: sp.csr_matrix, train_y: np.ndarray, val_X: sp.c
     return BaselineResult(probabilities=probs, predictions=preds, metrics=metrics, C=C, val_scores=scores)
 
 
+def binned_features(cells: EncodedCells, n_positions: int) -> sp.csr_matrix:
+    """The binned expression of each cell as a sparse matrix over panel positions.
+
+    Parameters
+    ----------
+    cells : EncodedCells
+        Binned cells (one token per panel position: the gene's expression bin).
+    n_positions : int
+        Number of columns; every cell must have exactly this many tokens.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (n_cells, n_positions), float64
+        Row i, column j: the token of cell i at position j.
+
+    Raises
+    ------
+    DataError
+        If a cell's length is not ``n_positions``.
+    """
+    lengths = np.asarray(cells.lengths)
+    if lengths.size and (lengths.min() != n_positions or lengths.max() != n_positions):
+        bad = int(np.flatnonzero(lengths != n_positions)[0])
+        raise DataError(f"{cells.name}: cell {bad} has {int(lengths[bad])} binned tokens; expected "
+                        f"{n_positions} (one per panel position)")
+    rows, cols, vals = [], [], []
+    for i in range(len(cells)):  # only the nonzero bins: most of a panel is unexpressed
+        tokens = cells.tokens(i)
+        nonzero = np.flatnonzero(tokens)
+        rows.append(np.full(nonzero.shape[0], i, dtype=np.int64))
+        cols.append(nonzero)
+        vals.append(tokens[nonzero].astype(np.float64))
+    if not rows:
+        return sp.csr_matrix((0, n_positions))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(len(cells), n_positions))
+
+
 def fold_baseline(cells: Mapping[str, EncodedCells], *, label_names: Sequence[str], features: str = "tokens",
-                  n_features: int | None = None, special_ids: Iterable[int] = (0, 1),
+                  encoding: str = "rank", n_features: int | None = None, special_ids: Iterable[int] = (0, 1),
                   datasets: Mapping[str, Any] | None = None, class_weight: Sequence[float] | None = None,
                   c_grid: Sequence[float] = DEFAULT_C_GRID, seed: int = 0,
                   num_threads: int | None = 1) -> BaselineResult:
@@ -347,9 +393,13 @@ def fold_baseline(cells: Mapping[str, EncodedCells], *, label_names: Sequence[st
         Name of each label id.
     features : {"tokens", "expression"}
         Feature kind (see the module docstring).
+    encoding : {"rank", "binned"}, default "rank"
+        How ``tokens`` features read the cells: a rank-weighted bag of gene tokens, or the
+        binned expression per panel position (:func:`binned_features`).
     n_features : int, optional
-        Width of the token features (the vocabulary size; default: the largest token id
-        of the three splits + 1). For ``expression`` the width comes from train and val.
+        Width of the rank-value token features (the vocabulary size; default: the largest
+        token id of the three splits + 1). For ``binned`` the width is the cells' length,
+        for ``expression`` it comes from train and val.
     special_ids : iterable of int
         Token ids left out of the ``tokens`` features.
     datasets : mapping, optional
@@ -378,7 +428,14 @@ def fold_baseline(cells: Mapping[str, EncodedCells], *, label_names: Sequence[st
     for split in ("train", "val", "test"):
         if cells[split].labels is None:
             raise ValueError(f"{cells[split].name}: the baseline needs label ids")
-    if features == "tokens":
+    if encoding not in BASELINE_ENCODINGS:
+        raise ValueError(f"baseline encoding {encoding!r}: expected one of {list(BASELINE_ENCODINGS)}")
+    if features == "tokens" and encoding == "binned":
+        n_positions = int(np.asarray(cells["train"].lengths).max()) if len(cells["train"]) else 0
+
+        def build(split: str) -> sp.csr_matrix:
+            return binned_features(cells[split], n_positions)
+    elif features == "tokens":
         if n_features is None:
             n_features = 1 + max(int(c.flat.max()) if len(c.flat) else 0 for c in cells.values())
         special = tuple(special_ids)

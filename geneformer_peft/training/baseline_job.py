@@ -130,14 +130,19 @@ def compute_fold_baseline(opts, fold: int, cells: Mapping[str, EncodedCells], da
     specials = special_token_ids(load_token_dictionary(vocabulary) if vocabulary is not None else None)
     names = [config.id2label[i] for i in range(config.num_labels)]
     weights = None if class_weight is None else np.asarray(class_weight.detach().cpu().numpy(), dtype=np.float64)
-    result = fold_baseline(cells, label_names=names, features=features, n_features=config.vocab_size,
+    from geneformer_peft.models.families import family_of_config
+
+    # a fixed-length family (scBERT) reads binned expression, one token per panel gene
+    encoding = "binned" if family_of_config(config).fixed_length else "rank"
+    result = fold_baseline(cells, label_names=names, features=features, encoding=encoding,
+                           n_features=getattr(config, "vocab_size", None),
                            special_ids=specials, datasets=datasets, class_weight=weights,
                            seed=opts.training.seed + fold)
     seconds = result.metrics["baseline_seconds"]
     share = f" = {100 * seconds / train_seconds:.1f}% of the model's training time {train_seconds:.1f} s" \
         if train_seconds else ""
-    logger.info("fold %d: logistic-regression baseline (%s features, C=%g chosen on val) took %.2f s%s; "
-                "test macro-F1 %.4f", fold, features, result.C, seconds, share, result.metrics["macro_f1"])
+    logger.info("fold %d: logistic-regression baseline (%s features, %s encoding, C=%g chosen on val) took %.2f s%s; "
+                "test macro-F1 %.4f", fold, features, encoding, result.C, seconds, share, result.metrics["macro_f1"])
     return result
 
 

@@ -21,7 +21,7 @@ N_GENES = 200
 FLAGS = ["--batch_size", "8", "--no_progress", "--lr", "3e-3", "--device", "cpu", "--prompt_type", "lora"]
 FOLD_FILES = {"config.json", "metrics.json", "predictions.csv", "predictions.pickle", "history.json",
               "fold_done.json", "peft_model.safetensors", "provenance.json", "confusion_matrix.png",
-              "training_curves.png"}
+              "training_curves.png", "baseline_metrics.json", "baseline_predictions.csv"}
 
 
 class Interrupted(Exception):
@@ -82,6 +82,8 @@ def test_scbert_job_outputs_resume_and_predict(scbert_job, tmp_path, monkeypatch
     with caplog.at_level(logging.INFO):
         assert main(_argv(root, tmp_path / "out", *argv)) == 0
     assert "fold 0: finished earlier, skipped" in caplog.text and "resuming after epoch 2" in caplog.text
+    # the linear baseline reads the binned expression per panel gene, not a bag of bin values
+    assert "tokens features, binned encoding" in caplog.text
     assert _metrics(run, 1) == _metrics(reference, 1)
 
     assert {"summary.csv", "summary.json", "run.log"} <= {p.name for p in run.iterdir()}
