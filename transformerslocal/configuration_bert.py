@@ -9,18 +9,15 @@ module holds only the keys every method shares (``docs/peft_keys.md`` §2).
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
+from .configuration_utils import ConfigBase
 from .peft.base import config_error as _bad
 from .peft.registry import PEFT_METHODS, check_config, config_defaults
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
 
 CLASSIFIER_POOLINGS = ("first", "mean", "cls")  # "cls": V2, the <cls> token at position 0, as "first"
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
@@ -65,7 +62,7 @@ TASK_DEFAULTS: dict[str, Any] = {
 }
 
 
-class BertConfig:
+class BertConfig(ConfigBase):
     """Configuration of a BERT encoder with optional PEFT modules.
 
     Parameters
@@ -93,30 +90,6 @@ class BertConfig:
             setattr(self, key, value)
         self._set_labels(id2label, label2id, num_labels)
         self.validate()
-
-    # ------------------------------------------------------------------ labels
-    def _set_labels(self, id2label, label2id, num_labels) -> None:
-        if id2label is not None:
-            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
-            if num_labels is not None and int(num_labels) != len(id2label):
-                raise _bad("num_labels", num_labels, f"{len(id2label)} (the size of id2label)", self._source)
-        else:
-            n = 2 if num_labels is None else int(num_labels)
-            if n < 1:
-                raise _bad("num_labels", num_labels, "an integer >= 1", self._source)
-            id2label = {i: f"LABEL_{i}" for i in range(n)}
-        self.id2label = id2label
-        self.label2id = {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {
-            v: k for k, v in id2label.items()}
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-    @num_labels.setter
-    def num_labels(self, n: int) -> None:
-        if int(n) != len(self.id2label):  # as HF: the same number keeps the label names
-            self._set_labels(None, None, n)
 
     # ------------------------------------------------------------------ PEFT
     @property
@@ -170,67 +143,8 @@ class BertConfig:
         for key in list(BERT_DEFAULTS) + list(PEFT_DEFAULTS) + self._extra_keys:
             out[key] = copy.deepcopy(getattr(self, key))
         out.update({key: getattr(self, key) for key in TASK_DEFAULTS if getattr(self, key) is not None})
-        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
-        out["label2id"] = dict(self.label2id)
+        out.update(self._label_dict())
         return dict(sorted(out.items()))
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> "BertConfig":
-        """Build from a dict (as read from ``config.json``); ``overrides`` win."""
-        return cls(**_merge_overrides(config_dict, overrides))
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} holds a {type(data).__name__}; expected a JSON object of config keys")
-        return cls(**_merge_overrides(data, overrides), _source=str(path))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
-        """Read ``config.json`` from a checkpoint folder, or a JSON file given directly."""
-        path = Path(path)
-        file = path / CONFIG_NAME if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no config found: looked for {file}")
-        return cls.from_json_file(file, **overrides)
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        file = directory / CONFIG_NAME
-        tmp = file.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json_string(), encoding="utf-8")
-        os.replace(tmp, file)
-        return file
-
-    def copy(self, **overrides: Any) -> "BertConfig":
-        return BertConfig.from_dict(self.to_dict(), **overrides)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BertConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return f"BertConfig {self.to_json_string()}"
-
-
-def _merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with ``overrides`` applied; ``num_labels`` alone replaces the label maps when it
-    differs from their size, and keeps the label names when it equals it (as HF)."""
-    merged = {**data, **overrides}
-    if "num_labels" in overrides and "id2label" not in overrides:
-        current = data.get("id2label")
-        if current is None or len(current) != int(overrides["num_labels"]):
-            merged.pop("id2label", None)
-            merged.pop("label2id", None)
-    return merged
 
 
 def parse_prompt_type(prompt_type: Any, *, source: str | None = None) -> tuple[str, ...]:

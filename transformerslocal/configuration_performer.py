@@ -13,19 +13,18 @@ Sizes of the released scBERT (``panglao_pretrain.pth``): ``num_tokens = bin_num 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from .configuration_bert import parse_prompt_type
+from .configuration_utils import ConfigBase, merge_label_overrides
+from .peft.base import config_error as _bad
 from .peft.registry import check_config, config_defaults
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
 MODEL_TYPE = "scbert"
 
 #: How the key features are stabilised before ``exp`` (see ``docs/scbert.md``, "Kernel"):
@@ -87,16 +86,11 @@ UNSUPPORTED_PEFT = ("prefix_prompt",)
 _UNSUPPORTED = {"generalized_attention": False, "ff_glu": False, "local_attn_heads": 0}
 
 
-def _bad(key: str, value: Any, expected: str, source: str | None = None) -> ValueError:
-    where = f" in {source}" if source else ""
-    return ValueError(f"config key '{key}'{where} has value {value!r}; expected {expected}")
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class PerformerConfig:
+class PerformerConfig(ConfigBase):
     """Configuration of a scBERT model (performer-pytorch's ``PerformerLM``, non-causal).
 
     Parameters
@@ -234,30 +228,6 @@ class PerformerConfig:
                 raise _bad("freeze_preset", preset, f"null when prompt_type lists PEFT methods "
                            f"({self.prompt_type!r}); the preset is a full fine-tuning recipe", src)
 
-    # ------------------------------------------------------------------ labels
-    def _set_labels(self, id2label, label2id, num_labels) -> None:
-        if id2label is not None:
-            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
-            if num_labels is not None and int(num_labels) != len(id2label):
-                raise _bad("num_labels", num_labels, f"{len(id2label)} (the size of id2label)", self._source)
-        else:
-            n = 2 if num_labels is None else int(num_labels)
-            if n < 1:
-                raise _bad("num_labels", num_labels, "an integer >= 1", self._source)
-            id2label = {i: f"LABEL_{i}" for i in range(n)}
-        self.id2label = id2label
-        self.label2id = {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {
-            v: k for k, v in id2label.items()}
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label)
-
-    @num_labels.setter
-    def num_labels(self, n: int) -> None:
-        if int(n) != len(self.id2label):
-            self._set_labels(None, None, n)
-
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Resolve ``nb_features`` and check every key; raise ``ValueError`` when off."""
@@ -311,58 +281,18 @@ class PerformerConfig:
         out: dict[str, Any] = {}
         for key in list(PERFORMER_DEFAULTS) + list(PEFT_SHARED_DEFAULTS) + list(config_defaults()) + self._extra_keys:
             out[key] = copy.deepcopy(getattr(self, key))
-        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
-        out["label2id"] = dict(self.label2id)
+        out.update(self._label_dict())
         return dict(sorted(out.items()))
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    @staticmethod
+    def _merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        return _merge_overrides(data, overrides)
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> PerformerConfig:
-        """Build from a dict (as read from ``config.json``); ``overrides`` win."""
-        return cls(**_merge_overrides(config_dict, overrides))
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> PerformerConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} holds a {type(data).__name__}; expected a JSON object of config keys")
+    def _check_file_data(cls, path: Path, data: dict[str, Any]) -> None:
         if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ValueError(f"{path}: model_type is {data.get('model_type')!r}; expected {MODEL_TYPE!r} "
                              "(a BERT / Geneformer checkpoint is read with BertConfig)")
-        return cls(**_merge_overrides(data, overrides), _source=str(path))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> PerformerConfig:
-        """Read ``config.json`` from a checkpoint folder, or a JSON file given directly."""
-        path = Path(path)
-        file = path / CONFIG_NAME if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no config found: looked for {file}")
-        return cls.from_json_file(file, **overrides)
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        file = directory / CONFIG_NAME
-        tmp = file.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json_string(), encoding="utf-8")
-        os.replace(tmp, file)
-        return file
-
-    def copy(self, **overrides: Any) -> PerformerConfig:
-        return PerformerConfig.from_dict(self.to_dict(), **overrides)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PerformerConfig) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return f"PerformerConfig {self.to_json_string()}"
 
 
 _ALIASES = {"hidden_size": "dim", "num_hidden_layers": "depth", "num_attention_heads": "heads",
@@ -380,9 +310,4 @@ def _merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[st
                              ("space_adapter_conf", [1] * old_depth)):
             if key not in overrides and merged.get(key) == default:
                 merged.pop(key)
-    if "num_labels" in overrides and "id2label" not in overrides:
-        current = data.get("id2label")
-        if current is None or len(current) != int(overrides["num_labels"]):
-            merged.pop("id2label", None)
-            merged.pop("label2id", None)
-    return merged
+    return merge_label_overrides(merged, overrides)
