@@ -2,7 +2,6 @@
 Geneformer V1 dictionaries, fine-tuned from a tiny random checkpoint of the V1 vocabulary size."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -24,7 +23,6 @@ def test_cellbench_fold_beats_chance(tmp_path):
     from geneformer_peft.data.vocab import load_token_dictionary
 
     datasets.disable_progress_bars()
-    start = time.perf_counter()
     cells = tokenize_anndata(H5AD, token_dictionary=TOKENS, gene_median_dictionary=MEDIANS, label_column="cell_type",
                              obs_filter={"demuxlet_cls": "SNG"}, model_input_size=256, show_progress=False)
     assert len(cells) == 571 and max(cells["length"]) <= 256
@@ -39,8 +37,6 @@ def test_cellbench_fold_beats_chance(tmp_path):
             "--epoch", "4", "--lr", "3e-3", "--batch_size", "16", "--no_progress", "--device", "cpu"]
     assert jf.run_finetune(argv) == 0
     metrics = jf.read_json(tmp_path / "out" / "full_finetune" / "cellbench" / "0" / "metrics.json")
-    elapsed = time.perf_counter() - start
     assert metrics["n_cells"] > 180
     # 5 classes: chance macro-F1 is about 0.2
     assert metrics["macro_f1"] > 0.5, metrics["per_class"]
-    assert elapsed < 90, f"took {elapsed:.0f} s"
