@@ -6,7 +6,8 @@ must be at least as fast as what a user would otherwise run. Model:
 nonzero, so the update is really computed), the same weights on both sides
 (``common.build_hf_like``), eval mode, ``torch.no_grad``.
 
-- **unmerged**: ours with loralib layers (``W x + s B A x``) against a ``peft`` model;
+- **unmerged**: ours with its LoRA layers (``W x + s B A x``, the rank-r product added into the
+  base output by one in-place ``addmm``) against a ``peft`` model;
 - **merged**: ours after ``transformerslocal.merge_lora`` (a plain BERT) against
   ``peft``'s ``merge_and_unload()`` (a plain ``transformers`` BERT).
 
@@ -81,6 +82,26 @@ def run_case(case: dict, pairs: dict, device: torch.device, precision: str, warm
     return out
 
 
+def op_profile(pairs: dict, case: dict, device: torch.device, precision: str, calls: int = 5) -> dict:
+    """Where the time goes: self CPU time per aten op (torch.profiler, ``calls`` forwards each)
+    of both unmerged models on one case; the ops that differ between them say what to close."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours, hf, _ = pairs["unmerged"]
+    ids, mask = padded_batch(ours.config.vocab_size, [case["length"]] * case["batch"], seed=1, device=device)
+    out = {}
+    for name, model, is_hf in (("ours", ours, False), ("transformers+peft", hf, True)):
+        step = make_infer_step(model, ids, mask, hf=is_hf, device=device, precision=precision)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                step()
+        ops = {e.key: {"self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in prof.key_averages()}
+        out[name] = {"total_self_cpu_ms": sum(o["self_cpu_ms"] for o in ops.values()),
+                     "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["self_cpu_ms"])[:12])}
+    return dict(case, calls=calls, sides=out)
+
+
 def main(argv=None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -94,15 +115,22 @@ def main(argv=None) -> int:
         if case["shape"] not in built:
             built = {case["shape"]: build_pairs(case["shape"])}  # one shape's models in memory at a time
         cases.append(run_case(case, built[case["shape"]], device, args.precision, warmup, repeats))
+    # profile the issue's longest shape (6L-256, 4 x 1,024, unmerged) on CPU
+    profiled = None
+    if device.type == "cpu":
+        shape_case = dict(shape="6L-256", batch=4, length=1024, padded=False)
+        pairs = built.get("6L-256") or build_pairs("6L-256")
+        profiled = op_profile(pairs, shape_case, device, args.precision)
     write_json(args.json, {"bench": "inference", "machine": machine_info(device), "warmup": warmup,
-                           "repeats": repeats, "lora": LORA, "precision": args.precision, "cases": cases})
+                           "repeats": repeats, "lora": LORA, "precision": args.precision, "cases": cases,
+                           "profile": profiled})
     return 0
 
 
 def render_section(r: dict, targets: list) -> list[str]:
     md = ["## Plain inference: ours vs transformers (SDPA) + peft, LoRA unmerged and merged", "",
           f"`BertForSequenceClassification`, LoRA r=8, alpha=1 on query/value, same weights, eval mode, no_grad, "
-          f"{r['precision']}; unmerged = loralib layers vs a `peft` model, merged = `merge_lora` vs "
+          f"{r['precision']}; unmerged = our `LoRALinear` (the rank-r product added into the base output by one in-place addmm) vs a `peft` model, merged = `merge_lora` vs "
           f"`merge_and_unload()`. {r['warmup']} warm-up calls, then {r['repeats']} calls of each timed in "
           "alternation. Ratio = transformers+peft time / ours (> 1: ours faster).", "",
           "| shape | batch x length | batches | LoRA | ours ms (median / min) | transformers+peft ms (median / min) | "
@@ -119,6 +147,20 @@ def render_section(r: dict, targets: list) -> list[str]:
             if worst is None or row["ratio_judged"] < worst[0]:
                 worst = (row["ratio_judged"], f"{c['shape']} {c['batch']}x{c['length']} {row['variant']}")
     md.append("")
+    prof = r.get("profile")
+    if prof:
+        o, h = prof["sides"]["ours"], prof["sides"]["transformers+peft"]
+        names = list(dict.fromkeys(list(o["ops"]) + list(h["ops"])))[:14]
+        md += [f"Where the time goes ({prof['shape']}, {prof['batch']} x {prof['length']}, unmerged; torch.profiler "
+               f"self CPU time over {prof['calls']} forwards): total ours {o['total_self_cpu_ms']:.0f} ms, "
+               f"transformers+peft {h['total_self_cpu_ms']:.0f} ms (profiler totals are noisy on a shared CPU; "
+               "`-`: not among that side's 12 costliest ops).", "",
+               "| op | ours ms (calls) | transformers+peft ms (calls) |", "|---|---:|---:|"]
+        for n in names:
+            a, b = o["ops"].get(n), h["ops"].get(n)
+            cell = lambda x: f"{x['self_cpu_ms']:.1f} ({x['calls']})" if x else "-"  # noqa: E731
+            md.append(f"| `{n}` | {cell(a)} | {cell(b)} |")
+        md.append("")
     if worst is not None:
         basis = "median" if r["machine"]["device"].startswith("cuda") else "lower of median and min (shared CPU)"
         targets.append(("Plain inference (LoRA unmerged and merged) at least as fast as transformers+peft",

@@ -4,8 +4,8 @@ search's best, against the unpruned search's whole wall time (target: at most ha
 
 Both searches run the same space (``docs/search_space_example.json``), the same TPE sampler
 seed, the same number of trials and epochs, one after the other in this process, on fold 0
-of ``example_py/data/synthetic`` with ``Pretrain_ckpts/geneformer-tiny-example`` (LoRA, the
-example's method). Times are wall-clock from each study's first trial start to the finish of
+of ``example_py/data/synthetic`` with ``Pretrain_ckpts/geneformer-tiny-example`` and LoRA (the
+space searches ``lora_r`` and ``lora_alpha``), whatever the checkpoint's own method. Times are wall-clock from each study's first trial start to the finish of
 the trial in question, read from the studies' trial records.
 
     python benchmarks/bench_search.py --json out.json [--quick] [--trials N] [--epochs E]
@@ -35,7 +35,8 @@ def run_one(out: Path, *, pruning: bool, trials: int, epochs: int, max_length: i
     training = TrainingArguments(epochs=epochs, batch_size=32, lr=1e-2, max_length=max_length, device=device,
                                  progress=False, early_stopping_patience=0)
     opts = RunOptions(dataset_name="synthetic", data_path=REPO / "example_py" / "data", output_path=out,
-                      model_path=REPO / "Pretrain_ckpts" / "geneformer-tiny-example", folds=[0], training=training)
+                      model_path=REPO / "Pretrain_ckpts" / "geneformer-tiny-example", prompt_type="lora", folds=[0],
+                      training=training)
     space = load_search_space(REPO / "docs" / "search_space_example.json", base_training=training)
     settings = SearchSettings(run=opts, space=space, output_dir=out, n_trials=trials, pruning=pruning,
                               pruner_startup_trials=2, sampler_seed=seed)
