@@ -11,8 +11,9 @@ On your data:
 `--help` lists every flag. This is `geneformer-peft finetune` with the example's defaults, which
 differ from the command's in exactly these flags (EXAMPLE_DEFAULTS): --dataset_name synthetic,
 --data_path example_py/data and --model_path Pretrain_ckpts/geneformer-tiny-example (the command
-requires all three), and --lr 1e-2 (the command: 5e-4, set for the Geneformer checkpoints; 1e-2
-suits the tiny example checkpoint). Every other default is the same.
+requires all three), --lr 1e-2 (the command: 5e-4, set for the Geneformer checkpoints; 1e-2
+suits the tiny example checkpoint) and --epoch 20 (the command: 10; on the example the best
+validation epoch of 10 was the 9th or 10th, docs/example_methods.md). Every other default is the same.
 """
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ EXAMPLE_DEFAULTS = {
     "data_path": ROOT / "example_py" / "data",
     "model_path": ROOT / "Pretrain_ckpts" / "geneformer-tiny-example",
     "output_path": Path("save"),
-    "epochs": 10,
+    "epochs": 20,
     "lr": 1e-2,
     "batch_size": 32,
 }

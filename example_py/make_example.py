@@ -9,7 +9,8 @@
 3. Rank-value tokenization of both sets; the labelled cells split into 5 stratified folds
    under example_py/data/synthetic/ (the reference layout).
 4. A tiny BERT (3 layers, hidden 64, cells cut to their top 256 genes) pretrained on the unlabelled cells with Geneformer's
-   masked-gene objective, written to Pretrain_ckpts/geneformer-tiny-example/.
+   masked-gene objective, written to Pretrain_ckpts/geneformer-tiny-example/ with the example's fine-tuning
+   settings (FINETUNE_SETTINGS: the method, mean pooling, no attention dropout) in its config.json.
 5. scBERT (docs/scbert.md): a 255-gene panel (the most variable genes of the unlabelled cells'
    log-normalised expression), both sets binned on it (256 positions), the labelled cells split
    into the same 5 folds as step 3 under example_py/data/synthetic_binned/, and a tiny scBERT
@@ -49,6 +50,13 @@ TINY_CONFIG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, i
                    attention_probs_dropout_prob=0.02, initializer_range=0.02, layer_norm_eps=1e-12,
                    type_vocab_size=2, pad_token_id=0)
 
+#: fine-tuning settings written into the checkpoint's config.json after pretraining (pretraining
+#: itself used TINY_CONFIG): the gene-token adapter (the PEFT method with the best validation
+#: macro-F1 on the example, docs/example_methods.md), the classifier pools the mean of the gene tokens (V1 inputs carry no
+#: <cls>, so "first" would pool the top-ranked gene's state alone), and no attention dropout: on a
+#: CPU a dropped-out attention cannot use the fused kernel, which made each training step 3.9x
+#: slower on this model (hidden dropout 0.02 stays). docs/example_methods.md measures both.
+FINETUNE_SETTINGS = dict(prompt_type="Gene_token_prompt", classifier_pooling="mean", attention_probs_dropout_prob=0.0)
 
 #: the tiny scBERT: 2 layers, dim 32, 4 heads of 8; no feature redraw, so the PEFT methods' frozen
 #: backbone keeps its random features (docs/scbert.md, "Feature redraw")
@@ -182,8 +190,9 @@ def make_geneformer(unlabelled, labelled, args) -> None:
                       token_dictionary=token_dictionary, epochs=args.pretrain_epochs, batch_size=16, lr=3e-3,
                       seed=args.seed, device="cpu")
     write_dictionaries(args.checkpoint_dir, token_dictionary, medians, overwrite=True)
-    # The example job's method: edit prompt_type in this file to switch (pretraining itself was plain BERT).
-    BertConfig.from_pretrained(args.checkpoint_dir).copy(prompt_type="lora").save_pretrained(args.checkpoint_dir)
+    # The example job's method and fine-tuning settings: edit FINETUNE_SETTINGS to switch (pretraining
+    # itself was plain BERT with TINY_CONFIG).
+    BertConfig.from_pretrained(args.checkpoint_dir).copy(**FINETUNE_SETTINGS).save_pretrained(args.checkpoint_dir)
     for record in result.history:
         logger.info("pretraining epoch %d: MLM loss %.4f (frequency-only baseline %.4f)", record["epoch"],
                     record["mlm_loss"], record["frequency_baseline_loss"])

@@ -11,7 +11,7 @@ from geneformer_peft.commands import finetune
 
 #: flags whose defaults differ between the script and the command (named in the script's docstring)
 DOCUMENTED = {"dataset_name": "--dataset_name", "data_path": "--data_path", "model_path": "--model_path",
-              "lr": "--lr"}
+              "lr": "--lr", "epochs": "--epoch"}
 
 
 def _defaults(defaults=None) -> dict:
@@ -32,6 +32,7 @@ def test_defaults_differ_only_where_the_script_says(example_script):
         assert flag in doc
     assert "--lr 1e-2" in doc and "5e-4" in doc
     assert script["lr"] == 1e-2 and command["lr"] == 5e-4
+    assert "--epoch 20" in doc and script["epochs"] == 20 and command["epochs"] == 10
 
 
 def _help_line(text: str, flag: str) -> str:
@@ -41,8 +42,8 @@ def _help_line(text: str, flag: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("who, lr", [("command", "0.0005"), ("script", "0.01")])
-def test_each_help_shows_its_own_defaults(who, lr, example_script, capsys):
+@pytest.mark.parametrize("who, lr, epochs", [("command", "0.0005", 10), ("script", "0.01", 20)])
+def test_each_help_shows_its_own_defaults(who, lr, epochs, example_script, capsys):
     from geneformer_peft.cli import main
 
     with pytest.raises(SystemExit):
@@ -52,5 +53,5 @@ def test_each_help_shows_its_own_defaults(who, lr, example_script, capsys):
             example_script.main(["--help"])
     text = capsys.readouterr().out
     assert _help_line(text, "--lr").startswith(f"Peak learning rate, a float ({lr}).")
-    epochs = _help_line(text, "--epoch EPOCHS, --epochs")
-    assert "(10)" in epochs
+    epochs_help = _help_line(text, "--epoch EPOCHS, --epochs")
+    assert f"({epochs})" in epochs_help

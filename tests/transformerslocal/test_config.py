@@ -264,7 +264,8 @@ def test_shipped_config_loads_with_v1_shapes(path):
 def test_tiny_example_checkpoint_is_complete_and_small():
     """The shipped tiny checkpoint: weights, vocabulary, the example's method, a few MB."""
     config = tl.BertConfig.from_pretrained(TINY_EXAMPLE)
-    assert config.peft_methods == ("lora",)
+    assert config.peft_methods == ("Gene_token_prompt",)
+    assert config.classifier_pooling == "mean" and config.attention_probs_dropout_prob == 0.0
     assert config.num_hidden_layers <= 4 and 64 <= config.hidden_size <= 128
     files = {p.name for p in TINY_EXAMPLE.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "token_dictionary.pkl",
