@@ -12,9 +12,9 @@ import copy
 import logging
 from typing import Any
 
-from .configuration_utils import ConfigBase
+from .configuration_utils import ConfigBase, parse_prompt_type
 from .peft.base import config_error as _bad
-from .peft.registry import PEFT_METHODS, check_config, config_defaults
+from .peft.registry import PEFT_METHODS, check_config, config_defaults  # noqa: F401 (PEFT_METHODS: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +92,6 @@ class BertConfig(ConfigBase):
         self.validate()
 
     # ------------------------------------------------------------------ PEFT
-    @property
-    def peft_methods(self) -> tuple[str, ...]:
-        """Active PEFT methods in the order listed; empty for full fine-tuning."""
-        if not self.if_use_prompt:
-            return ()
-        return parse_prompt_type(self.prompt_type, source=self._source)
-
-    def uses(self, method: str) -> bool:
-        """Whether ``method`` (one of :data:`PEFT_METHODS`) is switched on."""
-        return method in self.peft_methods
-
     def validate(self) -> None:
         """Resolve layer lists and check every PEFT key (each method checks its own, through the
         registry); raise ``ValueError`` when off."""
@@ -145,26 +134,3 @@ class BertConfig(ConfigBase):
         out.update({key: getattr(self, key) for key in TASK_DEFAULTS if getattr(self, key) is not None})
         out.update(self._label_dict())
         return dict(sorted(out.items()))
-
-
-def parse_prompt_type(prompt_type: Any, *, source: str | None = None) -> tuple[str, ...]:
-    """Split a comma-separated ``prompt_type`` into method names, checking each one."""
-    if prompt_type is None:
-        return ()
-    if isinstance(prompt_type, (list, tuple)):
-        parts = [str(p).strip() for p in prompt_type]
-    elif isinstance(prompt_type, str):
-        parts = [p.strip() for p in prompt_type.split(",")]
-    else:
-        raise _bad("prompt_type", prompt_type, "a comma-separated string of methods", source)
-    methods: list[str] = []
-    for part in parts:
-        if not part:
-            continue
-        if part not in PEFT_METHODS:
-            raise _bad("prompt_type", prompt_type,
-                       f"comma-separated names from {list(PEFT_METHODS)} (unknown method {part!r}); "
-                       "'' means full fine-tuning", source)
-        if part not in methods:
-            methods.append(part)
-    return tuple(methods)

@@ -18,8 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .configuration_bert import parse_prompt_type
-from .configuration_utils import ConfigBase, merge_label_overrides
+from .configuration_utils import ConfigBase, merge_label_overrides, parse_prompt_type
 from .peft.base import config_error as _bad
 from .peft.registry import check_config, config_defaults
 
@@ -173,17 +172,6 @@ class PerformerConfig(ConfigBase):
         return self.max_seq_len
 
     # ------------------------------------------------------------------ PEFT
-    @property
-    def peft_methods(self) -> tuple[str, ...]:
-        """Active PEFT methods in the order listed; empty for full fine-tuning."""
-        if not self.if_use_prompt:
-            return ()
-        return parse_prompt_type(self.prompt_type, source=self._source)
-
-    def uses(self, method: str) -> bool:
-        """Whether ``method`` (a name of the PEFT registry) is switched on."""
-        return method in self.peft_methods
-
     def frozen_in_full_finetuning(self, name: str) -> bool:
         """Whether parameter ``name`` stays frozen when no PEFT method is on: ``freeze_preset``
         ``"scbert"`` freezes all but ``norm.*``, ``performer.net.layers.{depth-2}.*`` and the head

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .peft.base import config_error
+from .peft.registry import PEFT_METHODS
 
-__all__ = ["CONFIG_NAME", "ConfigBase", "merge_label_overrides"]
+__all__ = ["CONFIG_NAME", "ConfigBase", "merge_label_overrides", "parse_prompt_type"]
 
 CONFIG_NAME = "config.json"
 
@@ -32,10 +33,35 @@ def merge_label_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> di
     return merged
 
 
+def parse_prompt_type(prompt_type: Any, *, source: str | None = None) -> tuple[str, ...]:
+    """Split a comma-separated ``prompt_type`` into method names, checking each one."""
+    if prompt_type is None:
+        return ()
+    if isinstance(prompt_type, (list, tuple)):
+        parts = [str(p).strip() for p in prompt_type]
+    elif isinstance(prompt_type, str):
+        parts = [p.strip() for p in prompt_type.split(",")]
+    else:
+        raise config_error("prompt_type", prompt_type, "a comma-separated string of methods", source)
+    methods: list[str] = []
+    for part in parts:
+        if not part:
+            continue
+        if part not in PEFT_METHODS:
+            raise config_error("prompt_type", prompt_type,
+                       f"comma-separated names from {list(PEFT_METHODS)} (unknown method {part!r}); "
+                       "'' means full fine-tuning", source)
+        if part not in methods:
+            methods.append(part)
+    return tuple(methods)
+
+
 class ConfigBase:
     """Labels, JSON and folder I/O of a model config (see the module docstring)."""
 
     _source: str | None
+    prompt_type: str
+    if_use_prompt: bool
     id2label: dict[int, str]
     label2id: dict[str, int]
 
@@ -66,6 +92,18 @@ class ConfigBase:
     def num_labels(self, n: int) -> None:
         if int(n) != len(self.id2label):  # as HF: the same number keeps the label names
             self._set_labels(None, None, n)
+
+    # ------------------------------------------------------------------ PEFT
+    @property
+    def peft_methods(self) -> tuple[str, ...]:
+        """Active PEFT methods in the order listed; empty for full fine-tuning."""
+        if not self.if_use_prompt:
+            return ()
+        return parse_prompt_type(self.prompt_type, source=self._source)
+
+    def uses(self, method: str) -> bool:
+        """Whether ``method`` (a name of the PEFT registry) is switched on."""
+        return method in self.peft_methods
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
