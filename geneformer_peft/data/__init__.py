@@ -32,6 +32,7 @@ _WHERE = {
     "EncodedCells": "cells",
     "collate_cells": "cells",
     "MaskedLMCollator": "collator",
+    "WorkerGenerator": "collator",
     "pad_input_ids": "collator",
     "load_saved_dataset": "dataset_io",
     "save_dataset_atomically": "dataset_io",

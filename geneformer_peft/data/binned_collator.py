@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from geneformer_peft.data.collator import WorkerGenerator
+
 __all__ = ["BinnedMaskingCollator", "stack_binned"]
 
 
@@ -64,18 +66,7 @@ class BinnedMaskingCollator:
         self.mask_prob = float(mask_prob)
         self.replace_prob = float(replace_prob)
         self.seed = seed
-        self._generator: torch.Generator | None = None
-        self._generator_owner: int | None = None
-
-    def _rng(self) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        info = torch.utils.data.get_worker_info()
-        owner = -1 if info is None else info.id
-        if self._generator is None or self._generator_owner != owner:
-            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + owner + 1)
-            self._generator_owner = owner
-        return self._generator
+        self._rng = WorkerGenerator(seed)
 
     def mask(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked input_ids, labels) for a (B, L) batch of tokens."""

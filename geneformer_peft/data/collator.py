@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MaskedLMCollator", "pad_input_ids"]
+__all__ = ["MaskedLMCollator", "WorkerGenerator", "pad_input_ids"]
 
 IGNORE_INDEX = -100
 
@@ -106,18 +106,7 @@ class MaskedLMCollator:
         is_gene[[i for i in self.special_token_ids if i < self.vocab_size]] = False
         self._gene_ids = torch.nonzero(is_gene).flatten()
         self._special = torch.tensor(self.special_token_ids, dtype=torch.long)
-        self._generator: torch.Generator | None = None
-        self._generator_owner: int | None = None
-
-    def _rng(self) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        info = torch.utils.data.get_worker_info()
-        owner = -1 if info is None else info.id
-        if self._generator is None or self._generator_owner != owner:
-            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + owner + 1)
-            self._generator_owner = owner
-        return self._generator
+        self._rng = WorkerGenerator(seed)
 
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         batch = pad_input_ids(
@@ -144,3 +133,24 @@ class MaskedLMCollator:
         batch["input_ids"] = masked
         batch["labels"] = labels
         return batch
+
+
+class WorkerGenerator:
+    """A masking collator's random generator: ``None`` without a seed, else one
+    ``torch.Generator`` per DataLoader worker (seeded from the seed and the worker id, so that
+    workers draw different masks and every run draws the same ones)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._owner: int | None = None
+
+    def __call__(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        owner = -1 if info is None else info.id
+        if self._generator is None or self._owner != owner:
+            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + owner + 1)
+            self._owner = owner
+        return self._generator
