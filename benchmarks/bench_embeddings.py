@@ -29,16 +29,13 @@ fresh process (``common.peak_memory``: CUDA allocated bytes / CPU peak RSS incre
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import (SHAPES, base_parser, interleaved_medians, machine_info, make_dataset, memory_env, peak_memory,
+from common import (SHAPES, base_parser, interleaved_medians, machine_info, make_dataset, memory_in_children, peak_memory,
                     resolve, sync, write_json)
 
 EMB_LAYER = -1
@@ -199,21 +196,7 @@ def main(argv=None) -> int:
             "12L-512": (24 if cpu_quick else 1000, 8 if cpu_quick else 64)}
     repeats = 1 if cpu_quick else 3
     shapes = [run_shape(s, args, device, meta, n, model_input_size, bs, repeats) for s, (n, bs) in plan.items()]
-    memory = []
-    for n in mem_cells:
-        sub = Path(str(args.json) + f".mem{n}.json")
-        cmd = [sys.executable, __file__, "--device", str(device), "--json", str(sub), "--workdir", str(args.workdir),
-               "--memory_one", str(n)] + (["--quick"] if args.quick else [])
-        env = memory_env() if device.type == "cpu" else os.environ.copy()
-        proc = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            memory.append({"n_cells": n, "error": proc.stderr[-2000:]})
-            continue
-        memory.append(json.loads(sub.read_text()))
-        sub.unlink()
-        print(f"memory, {n} cells: peak {memory[-1]['memory']['step_peak_mib']:.1f} MiB above the start", flush=True)
-    ok = [m for m in memory if "memory" in m]
-    growth = (ok[-1]["memory"]["step_peak_mib"] / max(ok[0]["memory"]["step_peak_mib"], 1e-9)) if len(ok) == 2 else None
+    memory, growth = memory_in_children(__file__, args, device, mem_cells)
     write_json(args.json, {"bench": "embeddings", "machine": machine_info(device), "emb_layer": EMB_LAYER,
                            "shapes": shapes, "memory": memory, "memory_growth": growth,
                            "memory_max_length": mem_length})

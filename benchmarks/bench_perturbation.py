@@ -25,9 +25,6 @@ Peak memory: our scan of 5 listed genes (+5 random-gene null perturbations per c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,7 +32,7 @@ import numpy as np
 import torch
 
 from bench_embeddings import load_cells, save_model
-from common import base_parser, interleaved_medians, machine_info, make_dataset, memory_env, peak_memory, resolve, \
+from common import base_parser, interleaved_medians, machine_info, make_dataset, memory_in_children, peak_memory, resolve, \
     write_json
 
 EMB_LAYER = -1
@@ -129,22 +126,7 @@ def main(argv=None) -> int:
     res["speedup"] = res["ours_per_s"] / res["geneformer_style_per_s"]
     print(f"perturbation: ours {res['ours_per_s']:.1f} perturbed cells/s, Geneformer-style "
           f"{res['geneformer_style_per_s']:.1f} -> {res['speedup']:.2f}x (max |cos diff| {diff:.2e})", flush=True)
-    memory = []
-    for n_mem in ((10, 100) if cpu_quick else (100, 1000)):
-        sub = Path(str(args.json) + f".mem{n_mem}.json")
-        cmd = [sys.executable, __file__, "--device", str(device), "--json", str(sub), "--workdir", str(args.workdir),
-               "--memory_one", str(n_mem)] + (["--quick"] if args.quick else [])
-        env = memory_env() if device.type == "cpu" else os.environ.copy()
-        proc = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            memory.append({"n_cells": n_mem, "error": proc.stderr[-2000:]})
-            continue
-        memory.append(json.loads(sub.read_text()))
-        sub.unlink()
-        peak = memory[-1]["memory"]["step_peak_mib"]
-        print(f"memory, {n_mem} cells: peak {peak:.1f} MiB above the start", flush=True)
-    ok = [m for m in memory if "memory" in m]
-    growth = (ok[-1]["memory"]["step_peak_mib"] / max(ok[0]["memory"]["step_peak_mib"], 1e-9)) if len(ok) == 2 else None
+    memory, growth = memory_in_children(__file__, args, device, (10, 100) if cpu_quick else (100, 1000))
     write_json(args.json, {"bench": "perturbation", "machine": machine_info(device), "emb_layer": EMB_LAYER,
                            "throughput": res, "memory": memory, "memory_growth": growth})
     return 0

@@ -190,6 +190,36 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
             "step_peak_mib": (peak - before) / 1024.0, "total_peak_mib": peak / 1024.0}
 
 
+def memory_in_children(script: str, args, device: torch.device, cell_counts) -> tuple[list[dict], float | None]:
+    """Peak memory of ``script --memory_one N`` for each N of ``cell_counts``, each in a fresh
+    child process (``MEMORY_ENV`` on CPU), and the growth from the first to the last count.
+
+    Returns
+    -------
+    (results, growth)
+        One dict per count (the child's JSON, or ``{"n_cells": N, "error": ...}``) and
+        ``peak(last) / peak(first)`` when both ran, else None.
+    """
+    import subprocess
+
+    results = []
+    for n in cell_counts:
+        sub = Path(str(args.json) + f".mem{n}.json")
+        cmd = [sys.executable, script, "--device", str(device), "--json", str(sub), "--workdir", str(args.workdir),
+               "--memory_one", str(n)] + (["--quick"] if args.quick else [])
+        env = memory_env() if device.type == "cpu" else os.environ.copy()
+        proc = subprocess.run(cmd, cwd=Path(script).parent, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            results.append({"n_cells": n, "error": proc.stderr[-2000:]})
+            continue
+        results.append(json.loads(sub.read_text()))
+        sub.unlink()
+        print(f"memory, {n} cells: peak {results[-1]['memory']['step_peak_mib']:.1f} MiB above the start", flush=True)
+    ok = [m for m in results if "memory" in m]
+    growth = (ok[-1]["memory"]["step_peak_mib"] / max(ok[0]["memory"]["step_peak_mib"], 1e-9)) if len(ok) == 2 else None
+    return results, growth
+
+
 # ----------------------------------------------------------------------------- models
 def ours_config(shape: str | dict, **peft):
     from transformerslocal import BertConfig
