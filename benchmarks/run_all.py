@@ -330,51 +330,21 @@ def section_tokenizer(r: dict, targets: list) -> list[str]:
     return md + [""]
 
 
-def section_threads(r: dict, targets: list) -> list[str]:
-    from bench_threads import render_section  # the module renders its own section
+def module_section(name: str):
+    """The section renderer of a module that renders its own (``bench_<name>.render_section``)."""
+    def section(r: dict, targets: list) -> list[str]:
+        import importlib
 
-    return render_section(r, targets)
+        return importlib.import_module(f"bench_{name}").render_section(r, targets)
 
-
-def section_performer(r: dict, targets: list) -> list[str]:
-    from bench_performer import render_section  # scBERT: the module renders its own section
-
-    return render_section(r, targets)
-
-
-def section_inference(r: dict, targets: list) -> list[str]:
-    from bench_inference import render_section  # the module renders its own section
-    return render_section(r, targets)
-
-
-def section_embeddings(r: dict, targets: list) -> list[str]:
-    from bench_embeddings import render_section  # the module renders its own section
-
-    return render_section(r, targets)
-
-
-def section_perturbation(r: dict, targets: list) -> list[str]:
-    from bench_perturbation import render_section  # the module renders its own section
-
-    return render_section(r, targets)
-
-
-def section_v2(r: dict, targets: list) -> list[str]:
-    from bench_v2 import render_section  # the module renders its own section
-
-    return render_section(r, targets)
-
-
-def section_search(r: dict, targets: list) -> list[str]:
-    from bench_search import render_section  # the module renders its own section
-
-    return render_section(r, targets)
+    return section
 
 
 SECTIONS = {"model_step": section_model_step, "end_to_end": section_e2e, "mfu": section_mfu,
             "batching": section_batching, "frozen_cache": section_cache, "memory": section_memory,
-            "tokenizer_memory": section_tokenizer, "performer": section_performer, "threads": section_threads,
-            "embeddings": section_embeddings, "inference": section_inference, "perturbation": section_perturbation, "v2": section_v2, "search": section_search}
+            "tokenizer_memory": section_tokenizer,
+            **{name: module_section(name) for name in ("performer", "threads", "embeddings", "inference",
+                                                       "perturbation", "v2", "search")}}
 ORDER = ["model_step", "inference", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
          "embeddings", "perturbation", "v2", "search"]
 
