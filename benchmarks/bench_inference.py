@@ -51,7 +51,9 @@ def build_pairs(shape: str) -> dict:
     hf, diff_unmerged = build_hf_like(ours)
     hf = hf.eval()
     ours_merged = merge_lora(ours).eval()
-    hf_merged = hf.merge_and_unload().eval()
+    # merge_and_unload replaces the LoRA layers in place: merge a second copy, so that the
+    # unmerged reference stays unmerged
+    hf_merged = build_hf_like(ours)[0].merge_and_unload().eval()
     return {"unmerged": (ours, hf, diff_unmerged), "merged": (ours_merged, hf_merged, None)}
 
 
