@@ -64,7 +64,8 @@ def run_one(task: dict) -> dict:
             out_prefix="random_" if random_init else "pretrained_",  # each run has its own folder
             folds=task["folds"], random_init=random_init, num_threads=task["threads"],
             training=TrainingArguments(epochs=task["epochs"], lr=task["lr"] if prompt_type else task["lr_full"],
-                                       batch_size=task["batch_size"], progress=False))
+                                       batch_size=task["batch_size"],
+                                       early_stopping_patience=task["patience"], progress=False))
         t0 = time.perf_counter()
         summary = run_cross_validation(opts)
     m = summary["metrics"]
@@ -91,6 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the PEFT methods")
     parser.add_argument("--lr_full", type=float, default=1e-3, help="learning rate of full fine-tuning")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--patience", type=int, default=5,
+                        help="early-stopping patience in epochs, 0 = none (default 5, the job's; the example "
+                             "script's is 0)")
     parser.add_argument("--methods", default=None, help="';'-separated prompt types (default: all eight)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="geneformer",
                         help="which shipped example: the tiny Geneformer or the tiny scBERT")
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
     inits = [{"pretrained": False, "random": True}[name] for name in args.inits.split(",")]
     tasks = [(method, random_init) for method in methods for random_init in inits]
     settings = dict(model_path=model_path, dataset_name=dataset_name, folds=folds, epochs=args.epochs, lr=args.lr,
-                    lr_full=args.lr_full, batch_size=args.batch_size, threads=1 if args.jobs > 1 else None,
+                    lr_full=args.lr_full, batch_size=args.batch_size, patience=args.patience,
+                    threads=1 if args.jobs > 1 else None,
                     overrides=args.overrides)
     if args.from_json is not None:  # re-render the tables of an earlier run, measuring nothing
         rows = json.loads(args.from_json.read_text(encoding="utf-8"))
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
              f"Command: `{command.strip()}`; checkpoint `{model_path.relative_to(ROOT)}`, dataset "
              f"`{dataset_name}`; folds {folds}, {args.epochs} epochs, lr {args.lr} "
              f"(full fine-tuning and scBERT's recipe {args.lr_full}), "
-             f"batch {args.batch_size}, seed 0"
+             f"batch {args.batch_size}, early-stopping patience "
+             f"{args.patience or 'none (every epoch runs)'}, seed 0"
              + (f", config.json keys set for every run: `{json.dumps(args.overrides)}`" if args.overrides else "")
              + f"; {platform.processor() or platform.machine()}, CPU.", "",
              "| method | trainable % | macro-F1 pretrained | minus baseline (paired) | macro-F1 random init "

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
            "lr*D^(N-i), embeddings at lr*D^(N+1) (default: off, every parameter at --lr).")
     p("--lr_end", type=float, default=0.0,
       help="Rate at the end of the linear/cosine schedule instead of 0, e.g. 1e-10 (%(default)s).")
-    p("--early_stopping_patience", type=int, default=5,
+    p("--early_stopping_patience", type=int, default=d.get("early_stopping_patience", 5),
       help="Stop after this many epochs without better validation macro-F1; 0 = never (%(default)s).")
     p("--sampler", default="balanced", choices=["balanced", "length", "random"],
       help="balanced: class-balanced draws grouped by length (reference + length grouping); "

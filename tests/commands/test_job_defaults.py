@@ -11,7 +11,7 @@ from geneformer_peft.commands import finetune
 
 #: flags whose defaults differ between the script and the command (named in the script's docstring)
 DOCUMENTED = {"dataset_name": "--dataset_name", "data_path": "--data_path", "model_path": "--model_path",
-              "lr": "--lr", "epochs": "--epoch"}
+              "lr": "--lr", "epochs": "--epoch", "early_stopping_patience": "--early_stopping_patience"}
 
 
 def _defaults(defaults=None) -> dict:
@@ -33,6 +33,8 @@ def test_defaults_differ_only_where_the_script_says(example_script):
     assert "--lr 1e-2" in doc and "5e-4" in doc
     assert script["lr"] == 1e-2 and command["lr"] == 5e-4
     assert "--epoch 20" in doc and script["epochs"] == 20 and command["epochs"] == 10
+    assert "--early_stopping_patience 0" in doc
+    assert script["early_stopping_patience"] == 0 and command["early_stopping_patience"] == 5
 
 
 def _help_line(text: str, flag: str) -> str:
