@@ -42,11 +42,7 @@ class LoRALinear(loralib.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.r == 0 or self.fan_in_fan_out:
             return super().forward(x)
-        return self.add_low_rank(x, F.linear(x, self.weight, self.bias))
-
-    def add_low_rank(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Add ``(alpha / r) * dropout(x) A^T B^T`` into ``result`` (the base output, or a view
-        of a wider output holding it) in place, and return it."""
+        result = F.linear(x, self.weight, self.bias)
         low = F.linear(self.lora_dropout(x), self.lora_A)
         # The rank-r product is accumulated into the base output in place by one addmm
         # (loralib and peft materialise it, scale it, then add: two more passes over a
@@ -55,11 +51,6 @@ class LoRALinear(loralib.Linear):
         flat = result.view(-1, self.out_features)
         flat.addmm_(low.reshape(-1, self.r).to(flat.dtype), self.lora_B.t().to(flat.dtype), alpha=self.scaling)
         return result
-
-    @property
-    def adds_low_rank(self) -> bool:
-        """Whether :meth:`forward` adds the rank-r product to the base projection (unmerged)."""
-        return not (self.merged or self.r == 0 or self.fan_in_fan_out)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
