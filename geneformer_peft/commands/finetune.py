@@ -87,7 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--lr_end", type=float, default=0.0,
       help="Rate at the end of the linear/cosine schedule instead of 0, e.g. 1e-10 (%(default)s).")
     p("--early_stopping_patience", type=int, default=d.get("early_stopping_patience", 5),
-      help="Stop after this many epochs without better validation macro-F1; 0 = never (%(default)s).")
+      help="Stop after this many epochs without a better validation score (--select_epoch_by); "
+           "0 = never (%(default)s).")
+    p("--select_epoch_by", default=d.get("select_epoch_by", "macro_f1"), choices=["macro_f1", "loss"],
+      help="The validation score that picks the epoch kept: macro_f1 (ties to the lower loss) or loss, "
+           "the class-weighted cross-entropy (ties to the higher macro-F1) (%(default)s).")
     p("--sampler", default="balanced", choices=["balanced", "length", "random"],
       help="balanced: class-balanced draws grouped by length (reference + length grouping); "
            "length: length-grouped shuffling; random: plain shuffling (%(default)s).")
@@ -129,8 +133,8 @@ def options_from_args(args: argparse.Namespace):
         epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
         layer_decay=args.layer_decay, lr_end=args.lr_end, warmup_ratio=args.warmup_ratio,
-        early_stopping_patience=args.early_stopping_patience, sampler=args.sampler,
-        class_weighting=args.class_weighting, max_length=args.max_length, num_workers=args.num_workers,
+        early_stopping_patience=args.early_stopping_patience, select_epoch_by=args.select_epoch_by,
+        sampler=args.sampler, class_weighting=args.class_weighting, max_length=args.max_length, num_workers=args.num_workers,
         seed=args.seed, device=args.device, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, cache_frozen_layers=not args.no_frozen_cache,
         progress=not args.no_progress)

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["CLASS_WEIGHTINGS", "LR_SCHEDULES", "PRECISIONS", "SAMPLERS", "TrainingArguments"]
+__all__ = ["CLASS_WEIGHTINGS", "EPOCH_SELECTIONS", "LR_SCHEDULES", "PRECISIONS", "SAMPLERS", "TrainingArguments"]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 SAMPLERS = ("balanced", "length", "random")
 CLASS_WEIGHTINGS = ("reference", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: the validation score that picks the kept epoch (and that early stopping watches)
+EPOCH_SELECTIONS = ("macro_f1", "loss")
 
 
 @dataclass
 class TrainingArguments:
-    """Optimisation settings of a fold (AdamW, linear warmup/decay, early stopping on
-    validation macro-F1, class weights (1 - n_c/N)^2, class-balanced length-grouped sampling).
+    """Optimisation settings of a fold (AdamW, linear warmup/decay, the epoch kept and early
+    stopping by validation macro-F1 or loss (``select_epoch_by``), class weights (1 - n_c/N)^2, class-balanced length-grouped sampling).
     """
 
     epochs: int = 10
@@ -28,6 +30,7 @@ class TrainingArguments:
     layer_decay: float | None = None
     lr_end: float = 0.0
     early_stopping_patience: int = 5
+    select_epoch_by: str = "macro_f1"
     sampler: str = "balanced"
     class_weighting: str = "reference"
     max_length: int | None = None
@@ -60,6 +63,7 @@ class TrainingArguments:
         check("lr_end", isinstance(self.lr_end, (int, float)) and 0 <= self.lr_end < self.lr,
               f"a number >= 0 below --lr {self.lr}, e.g. 1e-10")
         check("early_stopping_patience", self.early_stopping_patience >= 0, "an integer >= 0 (0 switches it off)")
+        check("select_epoch_by", self.select_epoch_by in EPOCH_SELECTIONS, f"one of {list(EPOCH_SELECTIONS)}")
         check("sampler", self.sampler in SAMPLERS, f"one of {list(SAMPLERS)}")
         check("class_weighting", self.class_weighting in CLASS_WEIGHTINGS, f"one of {list(CLASS_WEIGHTINGS)}")
         check("max_length", self.max_length is None or self.max_length >= 1, "an integer >= 1")
