@@ -65,7 +65,8 @@ def run_one(task: dict) -> dict:
             folds=task["folds"], random_init=random_init, num_threads=task["threads"],
             training=TrainingArguments(epochs=task["epochs"], lr=task["lr"] if prompt_type else task["lr_full"],
                                        batch_size=task["batch_size"],
-                                       early_stopping_patience=task["patience"], progress=False))
+                                       early_stopping_patience=task["patience"],
+                                       select_epoch_by=task["select_epoch_by"], progress=False))
         t0 = time.perf_counter()
         summary = run_cross_validation(opts)
     m = summary["metrics"]
@@ -95,6 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--patience", type=int, default=5,
                         help="early-stopping patience in epochs, 0 = none (default 5, the job's; the example "
                              "script's is 0)")
+    parser.add_argument("--select_epoch_by", choices=["macro_f1", "loss"], default="macro_f1",
+                        help="validation score that picks the epoch kept (default macro_f1, the job's; the "
+                             "example script's is loss)")
     parser.add_argument("--methods", default=None, help="';'-separated prompt types (default: all eight)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="geneformer",
                         help="which shipped example: the tiny Geneformer or the tiny scBERT")
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     tasks = [(method, random_init) for method in methods for random_init in inits]
     settings = dict(model_path=model_path, dataset_name=dataset_name, folds=folds, epochs=args.epochs, lr=args.lr,
                     lr_full=args.lr_full, batch_size=args.batch_size, patience=args.patience,
-                    threads=1 if args.jobs > 1 else None,
+                    select_epoch_by=args.select_epoch_by, threads=1 if args.jobs > 1 else None,
                     overrides=args.overrides)
     if args.from_json is not None:  # re-render the tables of an earlier run, measuring nothing
         rows = json.loads(args.from_json.read_text(encoding="utf-8"))
@@ -145,7 +149,8 @@ def main(argv=None) -> int:
              f"`{dataset_name}`; folds {folds}, {args.epochs} epochs, lr {args.lr} "
              f"(full fine-tuning and scBERT's recipe {args.lr_full}), "
              f"batch {args.batch_size}, early-stopping patience "
-             f"{args.patience or 'none (every epoch runs)'}, seed 0"
+             f"{args.patience or 'none (every epoch runs)'}, epoch kept by validation "
+             f"{args.select_epoch_by.replace('_', '-')}, seed 0"
              + (f", config.json keys set for every run: `{json.dumps(args.overrides)}`" if args.overrides else "")
              + f"; {platform.processor() or platform.machine()}, CPU.", "",
              "| method | trainable % | macro-F1 pretrained | minus baseline (paired) | macro-F1 random init "

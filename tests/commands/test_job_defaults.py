@@ -11,7 +11,8 @@ from geneformer_peft.commands import finetune
 
 #: flags whose defaults differ between the script and the command (named in the script's docstring)
 DOCUMENTED = {"dataset_name": "--dataset_name", "data_path": "--data_path", "model_path": "--model_path",
-              "lr": "--lr", "epochs": "--epoch", "early_stopping_patience": "--early_stopping_patience"}
+              "lr": "--lr", "epochs": "--epoch", "early_stopping_patience": "--early_stopping_patience",
+              "select_epoch_by": "--select_epoch_by"}
 
 
 def _defaults(defaults=None) -> dict:
@@ -35,6 +36,8 @@ def test_defaults_differ_only_where_the_script_says(example_script):
     assert "--epoch 20" in doc and script["epochs"] == 20 and command["epochs"] == 10
     assert "--early_stopping_patience 0" in doc
     assert script["early_stopping_patience"] == 0 and command["early_stopping_patience"] == 5
+    assert "--select_epoch_by loss" in doc
+    assert script["select_epoch_by"] == "loss" and command["select_epoch_by"] == "macro_f1"
 
 
 def _help_line(text: str, flag: str) -> str:
