@@ -125,8 +125,11 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_finished_folds(job_data, tmp_path
     argv = job_data.finetune_argv(tmp_path, "--prompt_type", "lora", "--epoch", "40", "--early_stopping_patience", "0")
     run = jf.run_dir(tmp_path, "lora", job_data)
     checkpoint = run / ".resume" / "1" / "epoch_checkpoint.pt"
+    # SIG_DFL in the child: a test run started in the background by a shell without job control
+    # inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored
     proc = subprocess.Popen([sys.executable, str(jf.SCRIPT), *argv], env=jf._subprocess_env(), cwd=jf.ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 500
         while not checkpoint.is_file() and proc.poll() is None:
