@@ -134,7 +134,8 @@ def options_from_args(args: argparse.Namespace):
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
         layer_decay=args.layer_decay, lr_end=args.lr_end, warmup_ratio=args.warmup_ratio,
         early_stopping_patience=args.early_stopping_patience, select_epoch_by=args.select_epoch_by,
-        sampler=args.sampler, class_weighting=args.class_weighting, max_length=args.max_length, num_workers=args.num_workers,
+        sampler=args.sampler, class_weighting=args.class_weighting, max_length=args.max_length,
+        num_workers=args.num_workers,
         seed=args.seed, device=args.device, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, cache_frozen_layers=not args.no_frozen_cache,
         progress=not args.no_progress)

@@ -16,7 +16,8 @@ EPOCH_SELECTIONS = ("macro_f1", "loss")
 @dataclass
 class TrainingArguments:
     """Optimisation settings of a fold (AdamW, linear warmup/decay, the epoch kept and early
-    stopping by validation macro-F1 or loss (``select_epoch_by``), class weights (1 - n_c/N)^2, class-balanced length-grouped sampling).
+    stopping by validation macro-F1 or loss (``select_epoch_by``), class weights (1 - n_c/N)^2,
+    class-balanced length-grouped sampling).
     """
 
     epochs: int = 10
