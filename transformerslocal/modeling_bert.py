@@ -119,8 +119,10 @@ class BertSelfAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_size).transpose(1, 2)  # (B, h, L, hs)
 
-    def forward(self, hidden, attn_mask=None, output_attentions=False):
-        q = self._heads(self.query(hidden))
+    def forward(self, hidden, attn_mask=None, output_attentions=False, queries=None):
+        """``queries`` (B, Lq, d): the rows whose outputs are wanted (default: all of ``hidden``);
+        keys and values always come from all of ``hidden``."""
+        q = self._heads(self.query(hidden if queries is None else queries))
         k = self._heads(self.key(hidden))
         v = self._heads(self.value(hidden))
         if output_attentions:
@@ -156,12 +158,14 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
         self.Space_Adapter = peft_module("attention_output", config, layer_index)
 
-    def forward(self, hidden, attn_mask=None, output_attentions=False):
-        ctx, probs = self.self(hidden, attn_mask, output_attentions)
+    def forward(self, hidden, attn_mask=None, output_attentions=False, rows=None):
+        # contiguous, as full-width inputs are: every projection then takes the same GEMM path
+        x = hidden if rows is None else hidden[:, rows].contiguous()
+        ctx, probs = self.self(hidden, attn_mask, output_attentions, queries=None if rows is None else x)
         a = self.output.dropout(self.output.dense(ctx))
         if self.Space_Adapter is not None:
             a = a + self.Space_Adapter(a)  # LN(a + adapter(a) + x)
-        return self.output.LayerNorm(a + hidden), probs
+        return self.output.LayerNorm(a + x), probs
 
 
 # ----------------------------------------------------------------------------- layer
@@ -192,8 +196,10 @@ class BertLayer(nn.Module):
         self.MLP_Adapter = peft_module("ffn_output", config, layer_index)
         self.prompt_embeddings = peft_module("layer_prompt", config, layer_index)
 
-    def forward(self, hidden, attn_mask=None, output_attentions=False):
-        h, probs = self.attention(hidden, attn_mask, output_attentions)
+    def forward(self, hidden, attn_mask=None, output_attentions=False, rows=None):
+        """``rows`` (a slice of positions): compute only those positions' outputs, attending to
+        all of ``hidden``; every step after attention is per position."""
+        h, probs = self.attention(hidden, attn_mask, output_attentions, rows)
         f = self.output.dropout(self.output.dense(self.intermediate(h)))
         if self.MLP_Adapter is not None:
             f = f + self.MLP_Adapter(h)  # LN(f + s*adapter(h) + h), the scale s inside the adapter
@@ -216,16 +222,25 @@ class BertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, hidden, attention_mask=None, *, output_hidden_states=False,
-                output_attentions=False, start_layer=0, end_layer=None):
+                output_attentions=False, start_layer=0, end_layer=None, first_token_only=False):
         """Run layers ``start_layer..end_layer-1`` on ``hidden`` (B, L, d); ``attention_mask`` is (B, L).
 
         ``start_layer`` > 0 resumes from cached outputs of the frozen first layers;
-        ``end_layer`` stops early (to compute those outputs).
+        ``end_layer`` stops early (to compute those outputs). ``first_token_only``: the caller
+        reads only token 0 of the output (the pooler of a classifier), so the last layer
+        computes that row alone, (B, 1, d): its keys and values still come from every token,
+        but its query, attention output and feed-forward run on one row instead of L. Token 0
+        stays at position 0 when prompts are inserted (they go after it).
         """
+        if first_token_only and (output_hidden_states or output_attentions):
+            raise ValueError("first_token_only returns token 0 alone; it cannot be combined with "
+                             "output_hidden_states or output_attentions, which need every token")
         inserted = None  # the layer_prompt module that inserted prompt positions, if any
         attn_mask = sdpa_mask(attention_mask)
         all_hidden, all_attn = [], []
-        for layer in self.layer[start_layer:end_layer]:
+        layers = self.layer[start_layer:end_layer]
+        last = len(layers) - 1
+        for index, layer in enumerate(layers):
             prompts = layer.prompt_embeddings
             if prompts is not None:
                 if inserted is None:
@@ -239,7 +254,8 @@ class BertEncoder(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, probs = checkpoint(layer, hidden, attn_mask, output_attentions, use_reentrant=False)
             else:
-                hidden, probs = layer(hidden, attn_mask, output_attentions)
+                rows = slice(0, 1) if first_token_only and index == last else None
+                hidden, probs = layer(hidden, attn_mask, output_attentions, rows)
             if output_attentions:
                 all_attn.append(probs)
         if inserted is not None:
@@ -260,6 +276,11 @@ class BertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
         self.mode = config.classifier_pooling
+
+    @property
+    def reads_token_0_only(self) -> bool:
+        """Whether the pooled vector depends on token 0 alone (every mode but ``"mean"``)."""
+        return self.mode != "mean"
 
     def forward(self, hidden, attention_mask=None):
         if self.mode == "mean":
@@ -297,13 +318,15 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 output_hidden_states=False, output_attentions=False, return_dict=True,
-                inputs_hidden=None, start_layer=0):
+                inputs_hidden=None, start_layer=0, first_token_only=False):
+        """``first_token_only``: ``last_hidden_state`` is token 0 alone, (B, 1, d), which is all
+        a token-0 pooler reads (see :meth:`BertEncoder.forward`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.embed(input_ids, token_type_ids, position_ids) if inputs_hidden is None else inputs_hidden
         seq, hiddens, attns = self.encoder(
             hidden, attention_mask, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, start_layer=start_layer)
+            output_attentions=output_attentions, start_layer=start_layer, first_token_only=first_token_only)
         pooled = self.pooler(seq, attention_mask) if self.pooler is not None else None
         return BaseModelOutput(last_hidden_state=seq, pooler_output=pooled,
                                hidden_states=hiddens, attentions=attns)
@@ -393,9 +416,14 @@ class BertForSequenceClassification(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 labels=None, *, output_hidden_states=False, output_attentions=False, return_dict=True,
                 inputs_hidden=None, start_layer=0):
+        # in eval mode the logits read token 0 of the last layer only, so that layer computes
+        # that row alone (exact: each row after attention is computed on its own). Training
+        # runs every row: skipping them would change which dropout masks are drawn.
+        first_only = (not self.training and self.bert.pooler.reads_token_0_only
+                      and not output_hidden_states and not output_attentions)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                        inputs_hidden=inputs_hidden, start_layer=start_layer)
+                        inputs_hidden=inputs_hidden, start_layer=start_layer, first_token_only=first_only)
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
         loss = None
         if labels is not None:

@@ -114,8 +114,11 @@ class LayerReader:
     emb_layer : int
         Geneformer's layer index (see :func:`resolve_emb_layer`).
     logits : bool
-        Also return the classifier's logits: then the full model runs (with
-        ``output_hidden_states``), since the head needs every layer.
+        Also return the classifier's logits, which need every layer: the layers after the read
+        one continue from its hidden states, and the last of them computes token 0 alone (all
+        the head reads; see ``BertEncoder.forward``). With prefix prompts (positions the
+        continued run would lack) or ``emb_layer`` 0, the full model runs once with
+        ``output_hidden_states`` instead.
     """
 
     def __init__(self, model: nn.Module, emb_layer: int, *, logits: bool = False) -> None:
@@ -127,9 +130,14 @@ class LayerReader:
         self.logits = bool(logits)
         if self.logits and not hasattr(model, "classifier"):
             raise ValueError("logits=True needs a sequence classifier (a model with a .classifier head)")
-        self._view = None if self.logits else truncated_encoder(model, self.layer_index)
+        prompts = any(layer.prompt_embeddings is not None for layer in bert.encoder.layer)
+        # logits: continue from the read layer unless prompts must stay inserted across it
+        self._continue = self.logits and not prompts and self.layer_index < self.num_layers
+        full = self.logits and not self._continue
+        self._view = None if full else truncated_encoder(model, self.layer_index)
         logger.debug("reading hidden_states[%d] of %d layers (%s)", self.layer_index, self.num_layers,
-                     "full model for logits" if self.logits else f"{self.layer_index} layers run")
+                     "full model for logits" if full else f"{self.layer_index} layers run"
+                     + (", then the rest for the logits" if self._continue else ""))
 
     @property
     def layers_run(self) -> int:
@@ -140,6 +148,10 @@ class LayerReader:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, L, d) hidden states of the layer and, with ``logits``, the (B, C) logits."""
+        if self._continue:
+            hidden = self._view(input_ids, attention_mask).last_hidden_state
+            out = self.model(input_ids, attention_mask, inputs_hidden=hidden, start_layer=self.layer_index)
+            return hidden, out.logits
         if self.logits:
             out = self.model(input_ids, attention_mask, output_hidden_states=True)
             return out.hidden_states[self.layer_index], out.logits

@@ -55,14 +55,30 @@ def test_later_layers_and_heads_never_run():
     assert calls == ["layer0"]
 
 
-def test_logits_reader_runs_the_full_classifier():
-    model = _model(PEFT_CASE_PARAMS[0].values[0])
+@pytest.mark.parametrize("case", PEFT_CASE_PARAMS)
+@pytest.mark.parametrize("emb_layer", [-2, -1, 0])
+def test_logits_reader_equals_the_full_classifier(case, emb_layer):
+    """Hidden states and logits as one full forward gives them, for every method; without
+    prompts and below the last layer the run continues from the read layer, so the last layer
+    computes token 0 alone."""
+    model = _model(case)
     ids, mask, _ = batch(seed=4)
-    hidden, logits = LayerReader(model, -1, logits=True)(ids, mask)
+    rows: list[int] = []
+    hook = model.bert.encoder.layer[-1].intermediate.dense.register_forward_hook(
+        lambda _m, args, _o: rows.append(args[0].shape[1]))
+    hidden, logits = LayerReader(model, emb_layer, logits=True)(ids, mask)
+    hook.remove()
+    prompts = any(layer.prompt_embeddings is not None for layer in model.bert.encoder.layer)
+    assert len(rows) == 1, "the last layer runs once"
+    if not prompts and emb_layer < 0:
+        assert rows == [1]
+    else:
+        assert rows[0] >= ids.shape[1]
     with torch.no_grad():
         out = model(ids, mask, output_hidden_states=True)
-    torch.testing.assert_close(logits, out.logits, atol=0, rtol=0)
-    torch.testing.assert_close(hidden, out.hidden_states[1], atol=0, rtol=0)
+    n = model.config.num_hidden_layers
+    torch.testing.assert_close(logits, out.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(hidden, out.hidden_states[n + emb_layer], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("emb_layer", [1, -3, 5])
