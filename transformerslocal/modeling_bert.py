@@ -48,6 +48,21 @@ ACT2FN = {
     "swish": nn.SiLU(),
     "tanh": nn.Tanh(),
 }
+# in-place forms, used when no autograd graph is recorded (inference): the activation then
+# overwrites the intermediate projection's fresh output instead of allocating another
+# (B, L, intermediate_size) tensor. GELU has no in-place form.
+ACT2FN_INPLACE = {
+    "relu": torch.relu_,
+    "silu": lambda x: F.silu(x, inplace=True),
+    "swish": lambda x: F.silu(x, inplace=True),
+    "tanh": torch.tanh_,
+}
+
+
+def add_residual(out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``out + residual``, written into ``out`` (a sublayer's fresh output) when no autograd
+    graph is recorded: inference saves an allocation and a pass over (B, L, d)."""
+    return out + residual if torch.is_grad_enabled() else out.add_(residual)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -165,7 +180,7 @@ class BertAttention(nn.Module):
         a = self.output.dropout(self.output.dense(ctx))
         if self.Space_Adapter is not None:
             a = a + self.Space_Adapter(a)  # LN(a + adapter(a) + x)
-        return self.output.LayerNorm(a + x), probs
+        return self.output.LayerNorm(add_residual(a, x)), probs
 
 
 # ----------------------------------------------------------------------------- layer
@@ -174,9 +189,13 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = peft_linear(config, "intermediate.dense", nn.Linear(config.hidden_size, config.intermediate_size))
         self.intermediate_act_fn = ACT2FN[config.hidden_act]
+        self.act_inplace = ACT2FN_INPLACE.get(config.hidden_act)
 
     def forward(self, hidden):
-        return self.intermediate_act_fn(self.dense(hidden))
+        x = self.dense(hidden)
+        if self.act_inplace is not None and not torch.is_grad_enabled():
+            return self.act_inplace(x)
+        return self.intermediate_act_fn(x)
 
 
 class BertOutput(nn.Module):
@@ -203,7 +222,7 @@ class BertLayer(nn.Module):
         f = self.output.dropout(self.output.dense(self.intermediate(h)))
         if self.MLP_Adapter is not None:
             f = f + self.MLP_Adapter(h)  # LN(f + s*adapter(h) + h), the scale s inside the adapter
-        return self.output.LayerNorm(f + h), probs
+        return self.output.LayerNorm(add_residual(f, h)), probs
 
 
 # ----------------------------------------------------------------------------- encoder
