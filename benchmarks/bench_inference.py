@@ -41,8 +41,8 @@ import statistics
 
 import torch
 
-from common import (LORA, autocast_ctx, base_parser, batch_lengths, build_hf_like, build_ours, interleaved_medians,
-                    machine_info, make_infer_step, padded_batch, resolve, write_json)
+from common import (LORA, base_parser, batch_lengths, build_hf_like, build_ours, interleaved_medians, machine_info,
+                    make_infer_step, padded_batch, resolve, write_json)
 
 # what a forward returns: the classifier's logits (``predict``), or every token's last hidden
 # state (the encoder alone, as embedding extraction and perturbation run it)
@@ -79,30 +79,6 @@ def build_pairs(shape: str) -> dict:
     return {"unmerged": (ours, hf, hf_copy), "merged": (ours_merged, hf_merged, hf_merged_copy)}
 
 
-def encoder_of(model, hf: bool):
-    """The ``BertModel`` inside a classifier: for a ``peft`` model the wrapped transformers
-    model (its LoRA layers are injected there, so they run)."""
-    if hf and hasattr(model, "base_model") and hasattr(model.base_model, "model"):
-        model = model.base_model.model
-    return model.bert
-
-
-def make_step(model, ids, mask, *, hf: bool, readout: str, device: torch.device, precision: str):
-    """One no-grad forward: ``logits`` (the classifier) or ``tokens`` (the encoder's
-    every-token last hidden state, what embeddings and perturbation read)."""
-    if readout == "logits":
-        return make_infer_step(model, ids, mask, hf=hf, device=device, precision=precision)
-    encoder = encoder_of(model, hf)
-
-    @torch.no_grad()
-    def step():
-        with autocast_ctx(device, precision):
-            out = encoder(input_ids=ids, attention_mask=mask) if hf else encoder(ids, mask)
-        return out.last_hidden_state
-
-    return step
-
-
 def paired_median(numerators: list[float], denominators: list[float]) -> float:
     """Median over rounds of the ratio of two candidates' times in the same round."""
     return statistics.median(a / b for a, b in zip(numerators, denominators))
@@ -117,9 +93,9 @@ def run_case(case: dict, pairs: dict, device: torch.device, precision: str, warm
         for model in (ours, hf, hf_copy):
             model.to(device)
         kw = dict(readout=readout, device=device, precision=precision)
-        fns = {"ours": make_step(ours, ids, mask, hf=False, **kw),
-               "transformers+peft": make_step(hf, ids, mask, hf=True, **kw),
-               "control": make_step(hf_copy, ids, mask, hf=True, **kw)}
+        fns = {"ours": make_infer_step(ours, ids, mask, hf=False, **kw),
+               "transformers+peft": make_infer_step(hf, ids, mask, hf=True, **kw),
+               "control": make_infer_step(hf_copy, ids, mask, hf=True, **kw)}
         got, want = fns["ours"]().float(), fns["transformers+peft"]().float()
         if readout == "tokens":  # padded positions are not outputs (each side leaves its own values)
             keep = mask.bool()

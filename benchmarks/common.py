@@ -338,12 +338,25 @@ def make_train_step(model, ids, mask, labels, *, hf: bool, device: torch.device,
     return step
 
 
-def make_infer_step(model, ids, mask, *, hf: bool, device: torch.device, precision: str = "fp32"):
+def encoder_of(model, hf: bool):
+    """The ``BertModel`` inside a classifier: for a ``peft`` model the wrapped transformers
+    model (its LoRA layers are injected there, so they run)."""
+    if hf and hasattr(model, "base_model") and hasattr(model.base_model, "model"):
+        model = model.base_model.model
+    return model.bert
+
+
+def make_infer_step(model, ids, mask, *, hf: bool, device: torch.device, precision: str = "fp32",
+                    readout: str = "logits"):
+    """One no-grad forward returning ``logits`` (the classifier) or, for ``readout="tokens"``,
+    the encoder's every-token last hidden state (the classifier's ``BertModel`` alone)."""
+    run = model if readout == "logits" else encoder_of(model, hf)
+
     @torch.no_grad()
     def step():
         with autocast_ctx(device, precision):
-            out = model(input_ids=ids, attention_mask=mask) if hf else model(ids, mask)
-        return out.logits
+            out = run(input_ids=ids, attention_mask=mask) if hf else run(ids, mask)
+        return out.logits if readout == "logits" else out.last_hidden_state
 
     return step
 

@@ -44,18 +44,6 @@ def test_eval_logits_equal_the_full_computation(case: Case):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_cls_pooling_computes_token_zero_only():
-    """V2's ``"cls"`` pooling reads token 0 too (its <cls>), so it takes the same path."""
-    model = base_model(seed=0, classifier_pooling="cls").eval()
-    ids, mask, _ = batch(lengths=LENGTHS)
-    seen = rows_seen(model.bert.encoder.layer[-1].intermediate.dense)
-    with torch.no_grad():
-        got = model(ids, mask).logits
-        want = full_logits(model, ids, mask)
-    assert seen[0] == 1
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-
-
 def test_training_runs_every_row():
     model = base_model(seed=0).train()
     ids, mask, labels = batch(lengths=LENGTHS)
@@ -64,15 +52,18 @@ def test_training_runs_every_row():
     assert seen == [ids.shape[1]]
 
 
-def test_mean_pooling_runs_every_row_and_matches():
-    model = base_model(seed=0, classifier_pooling="mean").eval()
+@pytest.mark.parametrize(("pooling", "last_rows", "atol"), [("cls", 1, 1e-6), ("mean", max(LENGTHS), 0.0)])
+def test_pooling_modes(pooling: str, last_rows: int, atol: float):
+    """V2's ``"cls"`` pooling reads token 0 too (its <cls>), so its last layer runs one row;
+    ``"mean"`` reads every token, so every row runs (and nothing differs at all)."""
+    model = base_model(seed=0, classifier_pooling=pooling).eval()
     ids, mask, _ = batch(lengths=LENGTHS)
     seen = rows_seen(model.bert.encoder.layer[-1].intermediate.dense)
     with torch.no_grad():
         got = model(ids, mask).logits
         want = full_logits(model, ids, mask)
-    assert seen[0] == ids.shape[1]
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert seen[0] == last_rows
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("wanted", ["output_hidden_states", "output_attentions"])
