@@ -89,9 +89,10 @@ def run_case(case: dict, pairs: dict, device: torch.device, precision: str, warm
     lengths = batch_lengths(case["batch"], case["length"]) if case["padded"] else [case["length"]] * case["batch"]
     ids, mask = padded_batch(vocab, lengths, seed=1, device=device)
     out = dict(case, precision=precision, rows=[])
-    for readout, (variant, (ours, hf, hf_copy)) in itertools.product(READOUTS, pairs.items()):
-        for model in (ours, hf, hf_copy):
+    for models in pairs.values():
+        for model in models:
             model.to(device)
+    for readout, (variant, (ours, hf, hf_copy)) in itertools.product(READOUTS, pairs.items()):
         kw = dict(readout=readout, device=device, precision=precision)
         fns = {"ours": make_infer_step(ours, ids, mask, hf=False, **kw),
                "transformers+peft": make_infer_step(hf, ids, mask, hf=True, **kw),

@@ -176,7 +176,7 @@ class BertAttention(nn.Module):
     def forward(self, hidden, attn_mask=None, output_attentions=False, rows=None):
         # contiguous, as full-width inputs are: every projection then takes the same GEMM path
         x = hidden if rows is None else hidden[:, rows].contiguous()
-        ctx, probs = self.self(hidden, attn_mask, output_attentions, queries=None if rows is None else x)
+        ctx, probs = self.self(hidden, attn_mask, output_attentions, queries=x)
         a = self.output.dropout(self.output.dense(ctx))
         if self.Space_Adapter is not None:
             a = a + self.Space_Adapter(a)  # LN(a + adapter(a) + x)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_cases import CASE_PARAMS, Case, base_model, batch, from_base, perturb_peft
+from peft_cases import CASE_PARAMS, Case, base_model, batch, build, perturb_peft
 
 LENGTHS = (7, 4, 6)
 
@@ -28,10 +28,8 @@ def full_logits(model, ids, mask) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_eval_logits_equal_the_full_computation(case: Case):
-    model = from_base(case, base_model(seed=0))
-    with torch.no_grad():
-        perturb_peft(model)
-    model.eval()
+    model = build(case.config()).eval()
+    perturb_peft(model)  # nonzero LoRA B, adapter outputs ...: the methods really act
     ids, mask, _ = batch(lengths=LENGTHS)
     last, before = model.bert.encoder.layer[-1], model.bert.encoder.layer[-2]
     last_rows, before_rows = rows_seen(last.intermediate.dense), rows_seen(before.intermediate.dense)
