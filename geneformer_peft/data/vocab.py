@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from geneformer_peft.data.safe_pickle import load_plain_pickle
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -129,9 +130,7 @@ def load_token_dictionary(path: PathLike) -> dict[str, int]:
         except Exception as exc:  # tokenizers raises its own exception type
             raise DataError(f"{path}: not a readable tokenizers tokenizer.json ({exc})") from exc
         return validate_token_dictionary(dict(sorted(vocab.items(), key=lambda kv: kv[1])), str(path))
-    with open(path, "rb") as handle:
-        raw = pickle.load(handle)
-    return validate_token_dictionary(raw, str(path))
+    return validate_token_dictionary(load_plain_pickle(path), str(path))
 
 
 def load_gene_median_dictionary(path: PathLike) -> dict[str, float]:
@@ -147,8 +146,7 @@ def load_gene_median_dictionary(path: PathLike) -> dict[str, float]:
         path = path / GENE_MEDIAN_DICTIONARY_FILE
     if not path.is_file():
         raise DataError(f"{path}: gene median dictionary file does not exist; expected a .pkl file")
-    with open(path, "rb") as handle:
-        raw = pickle.load(handle)
+    raw = load_plain_pickle(path)
     if not isinstance(raw, Mapping):
         raise DataError(f"{path}: gene median dictionary is a {type(raw).__name__}; expected a dict")
     result = {}
