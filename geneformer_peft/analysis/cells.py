@@ -82,6 +82,18 @@ class TokenizedCells:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def beyond_input(self, tokens: Sequence[int]) -> dict[int, int]:
+        """Token -> cells of this selection that hold it only beyond the first ``max_length``
+        tokens (expressed, but cut from what the model reads)."""
+        if not self.max_length or not len(self.rows) or not len(tokens):
+            return {}
+        part = self._column.take(pa.array(self.rows))
+        part = part.combine_chunks() if isinstance(part, pa.ChunkedArray) else part
+        tail = pc.list_slice(part, self.max_length)
+        values = pc.list_flatten(tail).to_numpy(zero_copy_only=False).astype(np.int64)
+        parents = pc.list_parent_indices(tail).to_numpy(zero_copy_only=False)
+        return {int(t): int(np.unique(parents[values == int(t)]).size) for t in tokens}
+
     def subset(self, positions: np.ndarray) -> TokenizedCells:
         """The cells at ``positions`` of this selection."""
         out = object.__new__(TokenizedCells)

@@ -296,6 +296,8 @@ class ScanSummary:
     n_cells_absent: dict[str, int] = field(default_factory=dict)
     absent_action: str = "skipped"
     absent_everywhere: list[str] = field(default_factory=list)
+    #: listed gene -> cells expressing it only beyond the model's input size (counted in n_cells_absent)
+    n_cells_beyond_input: dict[str, int] = field(default_factory=dict)
 
 
 class PerturbationScan:
@@ -616,12 +618,21 @@ class PerturbationScan:
         absent = self.absent_counts()
         n = len(self.cells)
         action = "inserted" if self.settings.perturb_type == "overexpress" else "skipped"
+        beyond = self.cells.beyond_input([t for t, c in absent.items() if c])
         everywhere = [self.gene_name(t) for t, c in absent.items() if c == n]
-        for gene in everywhere:
-            logger.warning("%s is expressed by none of the %d cells: %s", gene, n,
-                           "inserted at rank 0 in every cell" if action == "inserted"
-                           else f"nothing to {self.settings.perturb_type}")
+        for token, count in absent.items():
+            gene, cut = self.gene_name(token), beyond.get(token, 0)
+            what = ("inserted at rank 0 in every cell" if action == "inserted"
+                    else f"nothing to {self.settings.perturb_type}")
+            if count == n and not cut:
+                logger.warning("%s is expressed by none of the %d cells: %s", gene, n, what)
+            elif cut:
+                logger.warning("%s is expressed in %d of %d cells, beyond the first %d genes the model reads in %s: "
+                               "%s there", gene, cut + n - count, n, self.cells.max_length,
+                               "all of them" if cut == cut + n - count else f"{cut} of them",
+                               "inserted at rank 0" if action == "inserted" else "not perturbed")
         return ScanSummary(n_cells=n, n_perturbations=int((~results["is_null"]).sum()) if len(results) else 0,
                            n_null_perturbations=int(results["is_null"].sum()) if len(results) else 0,
                            n_cells_absent={self.gene_name(t): c for t, c in absent.items()}, absent_action=action,
-                           absent_everywhere=everywhere)
+                           absent_everywhere=everywhere,
+                           n_cells_beyond_input={self.gene_name(t): c for t, c in beyond.items() if c})

@@ -85,10 +85,24 @@ def _info(am: AnalysisModel, *, mode: str, emb_layer: int, input_path, token_pat
             "n_cells": int(n_cells), "version": analysis_version()}
 
 
+def check_analysis_input(model_path, dataset, input_path, *, base_model=None, token_dictionary=None,
+                         allow_low_gene_overlap: bool = False, allow_other_base: bool = False):
+    """The compatibility report of an analysis's model and input (before the model is loaded);
+    raises on a refusal, returns the report otherwise."""
+    from geneformer_peft.compat import check_compatibility
+
+    report = check_compatibility(model_path, {str(input_path): dataset}, token_dictionary=token_dictionary,
+                                 base_model=base_model, allow_low_gene_overlap=allow_low_gene_overlap,
+                                 allow_other_base=allow_other_base)
+    report.raise_if_refused()
+    return report
+
+
 def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str = "cell", emb_layer: int = -1,
               label_columns: Sequence[str] = ("cell_type",), max_ncells: int | None = None, batch_size: int = 64,
               device: str = "auto", precision: str = "auto", token_dictionary=None, gene_per_label: bool = False,
-              plots: bool = True, metrics_output=None, random_init: bool = False, seed: int = 0) -> dict[str, Any]:
+              plots: bool = True, metrics_output=None, random_init: bool = False, seed: int = 0,
+              allow_low_gene_overlap: bool = False, allow_other_base: bool = False) -> dict[str, Any]:
     """Extract embeddings and write them with their quality report and plots.
 
     Label columns missing from the input are an error only when named explicitly
@@ -103,11 +117,14 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
         raise DataError(f"--emb_mode {emb_mode!r}; expected one of {list(EMB_MODES)}")
     output = Path(output)
     dev = resolve_device(device)
+    dataset = load_saved_dataset(input_path)
+    check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
+                         allow_low_gene_overlap=allow_low_gene_overlap or random_init,
+                         allow_other_base=allow_other_base)
     am = load_analysis_model(model_path, base_model, random_init=random_init, seed=seed)
     resolve_emb_layer(emb_layer, am.num_layers)
     tokens, token_path = resolve_token_dictionary(token_dictionary, model_path, base_model)
     specials = SpecialTokens.from_dictionary(tokens)
-    dataset = load_saved_dataset(input_path)
     cells = TokenizedCells(dataset, select_rows(dataset, max_ncells=max_ncells, source=str(input_path)),
                            max_length=am.max_input_size, name=str(input_path))
     labels = [c for c in label_columns if c in dataset.column_names]
@@ -178,7 +195,8 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                 max_ncells: int | None = None, rank_shift: float = 0.25, combination: bool = False,
                 n_null: int = 20, seed: int = 0, chunk_cells: int = 50, batch_size: int = 64, device: str = "auto",
                 precision: str = "auto", min_cells: int = 3, class_probabilities: bool = True,
-                plots: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                plots: bool = True, overwrite: bool = False, allow_low_gene_overlap: bool = False,
+                allow_other_base: bool = False) -> dict[str, Any]:
     """Run a perturbation scan and write its outputs under ``output_dir``.
 
     Returns
@@ -188,6 +206,9 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
     """
     output_dir = Path(output_dir)
     dev = resolve_device(device)
+    dataset = load_saved_dataset(input_path)
+    check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
+                         allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
     am = load_analysis_model(model_path, base_model)
     resolve_emb_layer(emb_layer, am.num_layers)
     tokens, token_path = resolve_token_dictionary(token_dictionary, model_path, base_model)
@@ -199,7 +220,6 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                                     rank_shift=rank_shift, n_null=n_null, seed=seed, chunk_cells=chunk_cells,
                                     batch_size=batch_size, cell_states=states,
                                     class_probabilities=class_probabilities)
-    dataset = load_saved_dataset(input_path)
     chosen = list(filters or [])
     if states is not None:
         if states.state_key not in dataset.column_names:

@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--no_plots", action="store_true", help="Skip the UMAP and heatmap plots.")
     p("--random_init", action="store_true", help="Use --model_path's architecture with random weights (a baseline).")
     p("--seed", type=int, default=0, help="Seed of kNN folds, UMAP and --random_init (%(default)s).")
+    p("--allow_low_gene_overlap", action="store_true",
+      help="Go on when fewer than half of the input's genes have pretrained rows in the model (default: refuse).")
+    p("--allow_other_base", action="store_true",
+      help="Apply the fold's PEFT weights on a --base_model other than the one it was trained on (default: refuse, "
+           "comparing SHA-256 with the fold's provenance.json).")
     p("--overwrite", action="store_true", help="Replace an existing --output.")
 
 
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, device=args.device, precision=args.precision,
                        token_dictionary=args.token_dictionary, gene_per_label=args.gene_per_label,
                        plots=not args.no_plots, metrics_output=args.metrics_output,
-                       random_init=args.random_init, seed=args.seed)
+                       random_init=args.random_init, seed=args.seed,
+                       allow_low_gene_overlap=args.allow_low_gene_overlap, allow_other_base=args.allow_other_base)
     print(f"embeddings -> {result['output']}")
     for column, m in result["metrics"].items():
         knn = "n/a" if m["knn_accuracy"] is None else f"{m['knn_accuracy']:.4f} ± {m['knn_accuracy_std']:.4f}"

@@ -122,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--baseline_features", default="tokens", choices=["tokens", "expression"],
       help="Baseline features: tokens (gene tokens weighted by 1/sqrt(rank)) or expression (log1p of counts "
            "normalised to 10,000; needs the columns expression_ids and expression_values) (%(default)s).")
+    p("--allow_low_gene_overlap", action="store_true",
+      help="Go on when fewer than half of the data's genes (or of its counts) have pretrained rows in the model "
+           "(default: refuse; see the compatibility report, docs/own_data.md).")
     p("--no_progress", action="store_true", help="No progress bars.")
 
 
@@ -145,7 +148,8 @@ def options_from_args(args: argparse.Namespace):
                       folds=args.folds, overwrite=args.overwrite, save_format=args.save_format,
                       random_init=args.random_init, token_dictionary=args.token_dictionary, training=training,
                       num_threads=args.num_threads, baselines=args.baselines,
-                      baseline_features=args.baseline_features)
+                      baseline_features=args.baseline_features,
+                      allow_low_gene_overlap=args.allow_low_gene_overlap)
 
 
 def run(args: argparse.Namespace) -> int:

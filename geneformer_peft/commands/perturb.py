@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--seed", type=int, default=0, help="Seed of the null draws (%(default)s).")
     p("--no_plots", action="store_true", help="Skip the volcano plot.")
+    p("--allow_low_gene_overlap", action="store_true",
+      help="Go on when fewer than half of the input's genes have pretrained rows in the model (default: refuse).")
+    p("--allow_other_base", action="store_true",
+      help="Apply the fold's PEFT weights on a --base_model other than the one it was trained on (default: refuse, "
+           "comparing SHA-256 with the fold's provenance.json).")
     p("--overwrite", action="store_true", help="Discard a previous scan in --output_dir instead of resuming it.")
 
 
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
                       chunk_cells=args.chunk_cells, batch_size=args.batch_size, device=args.device,
                       precision=args.precision, min_cells=args.min_cells,
                       class_probabilities=not args.no_class_probabilities, plots=not args.no_plots,
+                      allow_low_gene_overlap=args.allow_low_gene_overlap, allow_other_base=args.allow_other_base,
                       overwrite=args.overwrite)
     summary, stats = out["summary"], out["stats"]
     print(f"{summary['n_perturbations']} perturbations of {summary['n_cells']} cells "

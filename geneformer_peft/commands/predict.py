@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--unassign_threshold", type=float, default=None,
       help="Label a cell 'Unassigned' when its top class probability is below this (scBERT's recipe; any model).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
+    p("--allow_low_gene_overlap", action="store_true",
+      help="Go on when fewer than half of the input's genes have pretrained rows in the model (default: refuse).")
+    p("--allow_other_base", action="store_true",
+      help="Apply the fold's PEFT weights on a --base_model other than the one it was trained on (default: refuse, "
+           "comparing SHA-256 with the fold's provenance.json).")
     p("--overwrite", action="store_true", help="Replace an existing --output.")
 
 
@@ -45,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_saved_dataset(args.input)
     frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
                                    label_column=args.label_column, batch_size=args.batch_size, device=args.device,
-                                   max_length=args.max_length, unassign_threshold=args.unassign_threshold)
+                                   max_length=args.max_length, unassign_threshold=args.unassign_threshold,
+                                   allow_low_gene_overlap=args.allow_low_gene_overlap,
+                                   allow_other_base=args.allow_other_base)
     print(f"{len(frame)} cells -> {args.output}")
     if metrics is not None:
         print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")

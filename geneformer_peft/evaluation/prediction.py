@@ -29,7 +29,8 @@ UNASSIGNED = "Unassigned"
 
 def predict_cells(model_path, dataset, *, output: str | Path | None = None, base_model=None,
                   label_column: str | None = "cell_type", batch_size: int = 64, device: str = "auto",
-                  max_length: int | None = None, unassign_threshold: float | None = None
+                  max_length: int | None = None, unassign_threshold: float | None = None,
+                  allow_low_gene_overlap: bool = False, allow_other_base: bool = False
                   ) -> tuple[pd.DataFrame, dict | None]:
     """Predict every cell of ``dataset``; return the prediction table and, when the dataset
     has ``label_column``, the metrics against it.
@@ -38,10 +39,20 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
     label ``Unassigned`` (``pred_celltype``; ``pred_cellcode`` -1), as scBERT's prediction
     does; the metrics are those of the arg-max labels of all cells (an unassigned cell has no
     class id), and the count of unassigned cells is logged. Both model families.
+
+    The model and the cells are checked first (:func:`geneformer_peft.compat.check_compatibility`):
+    a PEFT-only fold on another ``base_model`` than the one it was trained on is refused unless
+    ``allow_other_base``; cells with few genes the model was pretrained on, unless
+    ``allow_low_gene_overlap``.
     """
+    from geneformer_peft.compat import check_compatibility
+
     if unassign_threshold is not None and not 0.0 <= float(unassign_threshold) <= 1.0:
         raise ValueError(f"unassign_threshold is {unassign_threshold!r}; expected a probability in [0, 1]")
     dev = resolve_device(device)
+    check_compatibility(model_path, {"input": dataset}, base_model=base_model, max_length=max_length,
+                        allow_low_gene_overlap=allow_low_gene_overlap,
+                        allow_other_base=allow_other_base).raise_if_refused()
     model = load_fold_model(model_path, base_model).to(dev)
     config = model.config
     family = family_of_config(config)

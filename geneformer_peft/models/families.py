@@ -50,6 +50,9 @@ class Family:
         ``input_length(config)``: the longest input the classifier takes.
     fixed_length
         Whether every cell must have exactly ``input_length`` tokens (no truncation, no padding).
+    encoding
+        The encoding of the cells it reads, as tokenizers record it in a dataset's summary
+        (``"rank_value"``, ``"binned"``).
     """
 
     model_type: tuple[str, ...]
@@ -62,6 +65,7 @@ class Family:
     peft_keys: tuple[str, ...]
     input_length: Callable[[Any], int]
     fixed_length: bool
+    encoding: str = "rank_value"
 
 
 BERT = Family(
@@ -87,6 +91,7 @@ SCBERT = Family(
     peft_keys=tuple(PEFT_SHARED_DEFAULTS) + tuple(config_defaults()),
     input_length=lambda config: config.max_seq_len,
     fixed_length=True,
+    encoding="binned",
 )
 #: every family, by the ``model_type`` values it reads
 FAMILIES: dict[str, Family] = {t: f for f in (BERT, SCBERT) for t in f.model_type}

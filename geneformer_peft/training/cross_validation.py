@@ -113,6 +113,7 @@ class RunOptions:
     num_threads: int | None = None  # torch CPU threads; None: chosen from the free cores (training/threads.py)
     baselines: str = "logreg"  # linear baseline per fold: "logreg" or "none" (training/baseline_job.py)
     baseline_features: str = "tokens"  # "tokens" (rank-weighted bag of genes) or "expression"
+    allow_low_gene_overlap: bool = False  # go on when few of the data's genes have pretrained rows (compat/)
 
 
 def run_directory(opts: RunOptions, prompt_type: str) -> Path:
@@ -163,6 +164,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
         checks = check_folds(opts, folds, hash_cache=run_dir / ".cache" / "file_hashes.json",
                              environment={"versions": settings["versions"], "device": str(device)})
         refuse_changed_settings(opts, run_dir, checks)
+        report_compatibility(run_dir, checks)
         provenance = {c.fold: c.provenance for c in checks}
         fold_metrics, fold_ids, fold_baselines = [], [], []
         for fold in folds:
@@ -219,6 +221,24 @@ def _log_to_file(handler: logging.Handler | None, error: BaseException) -> None:
     known = isinstance(error, (DataError, KeyboardInterrupt, TrainingDiverged, OSError, ValueError))
     text = str(error) if known and str(error) else f"{type(error).__name__}: {error}"
     handler.handle(logging.LogRecord(logger.name, logging.ERROR, __file__, 0, "run stopped: %s", (text,), None))
+
+
+def report_compatibility(run_dir: Path, checks: list[FoldCheck]) -> None:
+    """Log the folds' compatibility warnings (once per distinct message) and write every fold's
+    report to ``<run_dir>/compatibility.json``."""
+    from geneformer_peft.compat import REPORT_FILE
+
+    reports = {c.fold: c.compatibility for c in checks if c.compatibility is not None}
+    if not reports or not distributed.is_main_process():
+        return
+    seen: dict[str, list[int]] = {}
+    for fold, report in reports.items():
+        for finding in report.warnings:
+            seen.setdefault(f"{finding.check}: {finding.message}", []).append(fold)
+    for message, folds in seen.items():
+        logger.warning("fold%s %s: %s", "s" if len(folds) > 1 else "", ", ".join(map(str, folds)), message)
+    logger.info("compatibility of model and data checked for folds %s (%s)", sorted(reports), run_dir / REPORT_FILE)
+    write_json(run_dir / REPORT_FILE, {str(fold): report.to_dict() for fold, report in reports.items()})
 
 
 def refuse_changed_settings(opts: RunOptions, run_dir: Path, checks: list[FoldCheck]) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from geneformer_peft.compat import CompatibilityReport, check_compatibility
+from geneformer_peft.compat.data import token_id_problems
 from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.data.folds import SPLITS, fold_paths
 from geneformer_peft.errors import DataError
@@ -43,6 +45,7 @@ class FoldCheck:
     provenance: dict | None = None
     absent_from_train: dict[str, list[str]] = field(default_factory=dict)  # split -> labels
     problems: list[str] = field(default_factory=list)
+    compatibility: CompatibilityReport | None = None
 
 
 def vocabulary_source(opts) -> Path | None:
@@ -81,33 +84,6 @@ def _fixed_length_problems(dataset, where: str, config) -> list[str]:
     except DataError as error:
         return [str(error)]
     return []
-
-
-def _token_problems(dataset, where: str, *, vocab_size: int, max_length: int) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if "input_ids" not in dataset.column_names:
-        return [(f"{where}: no 'input_ids' column; expected a tokenized dataset, found columns "
-                 f"{dataset.column_names}")]
-    column = dataset.data.column("input_ids")
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    problems = []
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
-    empty = np.flatnonzero(lengths == 0)
-    if len(empty):
-        problems.append(f"{where}: {len(empty)} cells have no gene token (empty input_ids, e.g. rows "
-                        f"{empty[:5].tolist()}); filter them out before splitting")
-    values = pc.list_flatten(pc.list_slice(column, 0, max_length))
-    if len(values):
-        low, high = (v.as_py() for v in pc.min_max(values).values())
-        if low is not None and low < 0:
-            problems.append(f"{where}: holds negative token id {low}; token ids must be in [0, {vocab_size - 1}]")
-        if high is not None and high >= vocab_size:
-            problems.append(f"{where}: holds token id {high}, but the model has vocab_size {vocab_size}; tokenize "
-                            "with the checkpoint's own token dictionary (or remap the checkpoint to yours: "
-                            "geneformer-peft remap-vocab)")
-    return problems
 
 
 def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict | None,
@@ -154,9 +130,17 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
                               f"{config.max_position_embeddings}")
         return check
     for split, dataset in datasets.items():
-        check.problems += _token_problems(dataset, f"{split} split {paths[split]}", vocab_size=config.vocab_size,
-                                          max_length=max_length)
+        check.problems += token_id_problems(dataset, f"{split} split {paths[split]}", vocab_size=config.vocab_size,
+                                            max_length=max_length)
         check.problems += _fixed_length_problems(dataset, f"{split} split {paths[split]}", config)
+    if check.problems:
+        return check
+    check.compatibility = check_compatibility(
+        opts.model_path, {f"{split} split {paths[split]}": ds for split, ds in datasets.items()}, config=config,
+        token_dictionary=opts.token_dictionary, label_column=column, train_split=f"train split {paths['train']}",
+        max_length=max_length, allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init,
+        data_name=f"fold {fold} of {opts.dataset_name!r} under {opts.data_path}")
+    check.problems += [f"{f.check}: {f.message}" for f in check.compatibility.refusals]
     if check.problems or checkpoint is None:
         return check
     data = prov.data_fingerprint(paths, datasets, column)
