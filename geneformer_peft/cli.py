@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "perturb": "geneformer_peft.commands.perturb",
     "search": "geneformer_peft.commands.search",
     "classify-genes": "geneformer_peft.commands.classify_genes",
+    "check": "geneformer_peft.commands.check",
 }
 
 #: error class -> exit code, first match wins. Bad input of any kind (a file that is missing,

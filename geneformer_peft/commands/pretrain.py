@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--max_steps", type=int, default=None, help="Stop after this many steps.")
     p("--seed", type=int, default=0, help="Random seed (%(default)s).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
+    p("--resize_vocab", action="store_true",
+      help="With --config: size the new model's vocab_size to --token_dictionary (default: refuse a dictionary "
+           "whose size differs from the config's vocab_size).")
+    p("--allow_low_gene_overlap", action="store_true",
+      help="With --model_path: go on when fewer than half of the input's genes have pretrained rows.")
     p("--overwrite", action="store_true", help="Replace an existing --output_dir.")
 
 
@@ -48,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.training.pretrain import pretrain
     from geneformer_peft.models.families import FAMILIES, model_type_of
 
+    from geneformer_peft.compat import check_compatibility
+
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
-    cells = EncodedCells.from_dataset(load_saved_dataset(args.input), name=str(args.input))
+    dataset = load_saved_dataset(args.input)
     vocab_source = args.token_dictionary
     if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
         vocab_source = args.model_path / "tokenizer.json"
@@ -60,6 +67,18 @@ def run(args: argparse.Namespace) -> int:
         if model_type not in FAMILIES:
             raise ValueError(f"--config {args.config}: model_type {model_type!r}; expected one of {sorted(FAMILIES)}")
         config = FAMILIES[model_type].config_class.from_pretrained(args.config)
+        if args.resize_vocab and token_dictionary is not None and hasattr(config, "vocab_size"):
+            logger.info("--resize_vocab: vocab_size %d -> %d (%s)", config.vocab_size, len(token_dictionary),
+                        vocab_source)
+            config = config.copy(vocab_size=len(token_dictionary))
+    elif args.resize_vocab:
+        raise ValueError("--resize_vocab: only with --config (a checkpoint keeps its vocabulary; put it on another "
+                         "one with geneformer-peft remap-vocab)")
+    check_compatibility(args.model_path or args.config, {str(args.input): dataset}, config=config,
+                        token_dictionary=vocab_source, check_shapes=args.model_path is not None,
+                        allow_low_gene_overlap=args.allow_low_gene_overlap,
+                        resize_vocab=bool(args.resize_vocab) if args.config else None).raise_if_refused()
+    cells = EncodedCells.from_dataset(dataset, name=str(args.input))
     result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
                       token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)

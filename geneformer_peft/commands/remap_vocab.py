@@ -28,16 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="The checkpoint's vocabulary, when it has no tokenizer.json.")
     p("--pad_to_multiple_of", type=int, default=8, help="Round the vocabulary size up to a multiple (%(default)s).")
     p("--seed", type=int, default=0, help="Seed of the fresh rows (%(default)s).")
+    p("--allow_low_gene_overlap", action="store_true",
+      help="Write the copy even when fewer than half of the new vocabulary's genes have pretrained rows "
+           "(default: refuse).")
     p("--overwrite", action="store_true", help="Replace an existing --output_dir.")
 
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.compat import MIN_GENE_OVERLAP
     from geneformer_peft.models.vocabulary import remap_checkpoint_vocabulary
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
     shared = remap_checkpoint_vocabulary(args.model_path, args.token_dictionary, args.output_dir,
                                          old_token_dictionary=args.old_token_dictionary,
-                                         pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed)
+                                         pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed,
+                                         min_gene_overlap=MIN_GENE_OVERLAP,
+                                         allow_low_gene_overlap=args.allow_low_gene_overlap)
     print(f"{shared} genes shared with the checkpoint's vocabulary -> {args.output_dir}")
     return 0

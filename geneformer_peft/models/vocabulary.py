@@ -21,6 +21,7 @@ from geneformer_peft.data.vocab import (
     save_tokenizer_json,
     validate_token_dictionary,
 )
+from geneformer_peft.compat.checkpoint import REMAP_RECORD, new_gene_rows
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_directory, write_json
 from transformerslocal.modeling_utils import (
@@ -50,6 +51,8 @@ def remap_checkpoint_vocabulary(
     old_token_dictionary: Mapping[str, int] | PathLike | None = None,
     pad_to_multiple_of: int | None = 8,
     seed: int = 0,
+    min_gene_overlap: float = 0.0,
+    allow_low_gene_overlap: bool = False,
 ) -> int:
     """Write a copy of a checkpoint whose word embeddings follow a new vocabulary.
 
@@ -78,6 +81,11 @@ def remap_checkpoint_vocabulary(
         Round the vocabulary size up to a multiple of this (``None``: no padding).
     seed
         Seed of the initialisation of new rows.
+    min_gene_overlap, allow_low_gene_overlap
+        Refuse (before writing anything) when fewer than this share of the new vocabulary's genes
+        have a pretrained row to copy, or none has, unless allowed (``remap-vocab`` passes 0.5,
+        the compatibility report's threshold; the function's default refuses only "none shared"). The genes whose rows start
+        fresh are recorded in ``vocabulary_remap.json`` (the compatibility report reads it).
 
     Returns
     -------
@@ -102,10 +110,14 @@ def remap_checkpoint_vocabulary(
                 "(or pass old_token_dictionary)"
             )
         old_vocab = load_token_dictionary(tokenizer_path)
-    elif isinstance(old_token_dictionary, Mapping):
-        old_vocab = validate_token_dictionary(old_token_dictionary, "old_token_dictionary")
     else:
-        old_vocab = load_token_dictionary(old_token_dictionary)
+        old_vocab = (validate_token_dictionary(old_token_dictionary, "old_token_dictionary")
+                     if isinstance(old_token_dictionary, Mapping) else load_token_dictionary(old_token_dictionary))
+        own = checkpoint_dir / TOKENIZER_FILE
+        if own.is_file() and load_token_dictionary(own) != old_vocab:
+            raise DataError(f"--old_token_dictionary {old_token_dictionary if not isinstance(old_token_dictionary, Mapping) else '(dict)'} "
+                            f"contradicts the checkpoint's own {own} (other tokens or ids): its embedding rows follow "
+                            f"{own}; leave --old_token_dictionary out")
 
     weights_file = find_weights_file(checkpoint_dir)
     state = read_state_dict(weights_file)
@@ -138,6 +150,21 @@ def remap_checkpoint_vocabulary(
     old_ids_t = torch.tensor(old_ids, dtype=torch.long)
     n_shared_genes = sum(1 for t in new_vocab if t in old_vocab and not is_special_token(t))
     n_shared_special = len(new_ids) - n_shared_genes
+    already_new = new_gene_rows(checkpoint_dir)  # a remapped checkpoint's own fresh rows stay fresh
+    new_genes = sorted(t for t in new_vocab if not is_special_token(t) and (t not in old_vocab or t in already_new))
+    n_new_vocab_genes = sum(1 for t in new_vocab if not is_special_token(t))
+    n_dropped = sum(1 for t in old_vocab if not is_special_token(t) and t not in new_vocab)
+    n_pretrained = n_new_vocab_genes - len(new_genes)
+    counts = (f"{n_pretrained} of the new vocabulary's {n_new_vocab_genes} genes keep pretrained rows, "
+              f"{len(new_genes)} are new (random rows, e.g. {new_genes[:3]}), {n_dropped} of the checkpoint's genes "
+              "are dropped")
+    low = n_pretrained == 0 or n_pretrained < min_gene_overlap * n_new_vocab_genes
+    if low and not allow_low_gene_overlap:
+        raise DataError(f"remap of {checkpoint_dir} onto {new_token_dictionary if not isinstance(new_token_dictionary, Mapping) else 'the new vocabulary'}: "
+                        f"{counts}; {'none' if n_pretrained == 0 else f'fewer than {min_gene_overlap:.0%}'} shared: the model would know almost none of "
+                        "these genes (do both vocabularies use the same gene ids, e.g. Ensembl?). Pass "
+                        "--allow_low_gene_overlap to write it anyway")
+    logger.warning("remap-vocab: %s", counts)
 
     generator = torch.Generator().manual_seed(seed)
     std = float(config.get("initializer_range", 0.02))
@@ -173,6 +200,9 @@ def remap_checkpoint_vocabulary(
         write_state_dict(new_state, build, safe_serialization=safe)
         write_json(build / "config.json", config, sort_keys=True)
         save_tokenizer_json(new_vocab, build)
+        write_json(build / REMAP_RECORD, {"source_checkpoint": str(checkpoint_dir.resolve()),
+                                          "n_genes": n_new_vocab_genes, "n_pretrained_genes": n_pretrained,
+                                          "n_dropped_genes": n_dropped, "new_genes": new_genes})
     n_new_genes = sum(1 for t in new_vocab if not is_special_token(t))
     logger.info(
         "remapped %s -> %s: vocab %d -> %d rows; %d of %d genes shared with the checkpoint "

@@ -1,0 +1,61 @@
+"""Check that a model and your data fit together, before any training or analysis.
+
+Prints the compatibility report that finetune, predict, embed, perturb, pretrain and
+remap-vocab compute up front (docs/own_data.md says what each check means and how to fix it)
+and writes it as JSON (docs/outputs.md). Exit code 0 when compatible, 2 when a check refuses.
+
+The input is a saved dataset, a fold layout folder (<data_path>/<dataset_name>, one report per
+fold) or raw counts (.h5ad/.loom), tokenized in memory with the checkpoint's dictionaries.
+
+Example:
+  geneformer-peft check --model_path Pretrain_ckpts/geneformer-tiny-example \\
+      --input example_py/data/synthetic --output compatibility.json
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "compatibility report of a model and a dataset, fold layout or .h5ad (exit 2 when they do not fit)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument
+    p("--model_path", required=True, type=Path, help="Checkpoint or fine-tuned fold folder.")
+    p("--input", required=True, type=Path,
+      help="A saved dataset, a fold layout folder (<data_path>/<dataset_name>) or a .h5ad/.loom of raw counts.")
+    p("--output", type=Path, default=None, help="Write the report as JSON here (default: print only).")
+    p("--base_model", type=Path, default=None, help="Base checkpoint of a fold's peft_model.safetensors.")
+    p("--token_dictionary", type=Path, default=None,
+      help="The data's token dictionary (default: the checkpoint's tokenizer.json).")
+    p("--gene_median_dictionary", type=Path, default=None,
+      help="Raw counts: gene median dictionary (default: the checkpoint folder's gene_median_dictionary.pkl).")
+    p("--gene_id_column", default=None, help="Raw counts: var column of gene ids (default: as tokenize).")
+    p("--gene_name_id_dictionary", type=Path, default=None,
+      help="Raw counts named by gene symbols: symbol -> Ensembl id map (as tokenize).")
+    p("--label_column", default=None, help="Check this label column (fold layouts: cell_type by default).")
+    p("--max_length", type=int, default=None, help="Tokens the model reads per cell (default: the model's).")
+    p("--allow_low_gene_overlap", action="store_true", help="Report low gene overlap as a warning, not a refusal.")
+    p("--allow_other_base", action="store_true", help="Report another --base_model as allowed, not a refusal.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.compat.inputs import check_input
+
+    reports = check_input(args.model_path, args.input, base_model=args.base_model,
+                          token_dictionary=args.token_dictionary, gene_median_dictionary=args.gene_median_dictionary,
+                          gene_id_column=args.gene_id_column, gene_name_id_dictionary=args.gene_name_id_dictionary,
+                          label_column=args.label_column, max_length=args.max_length,
+                          allow_low_gene_overlap=args.allow_low_gene_overlap, allow_other_base=args.allow_other_base,
+                          output=args.output)
+    for name, report in reports.items():
+        print((f"[{name}] " if len(reports) > 1 else "") + report.text())
+    if args.output is not None:
+        print(f"report -> {args.output}")
+    refused = [name for name, report in reports.items() if not report.ok]
+    if refused:
+        from geneformer_peft.compat import IncompatibleData
+
+        raise IncompatibleData(f"--model_path {args.model_path} and --input {args.input} do not fit together "
+                               f"({', '.join(refused)}): see the REFUSED lines above")
+    return 0
