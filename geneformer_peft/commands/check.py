@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
         print((f"[{name}] " if len(reports) > 1 else "") + report.text())
     if args.output is not None:
         print(f"report -> {args.output}")
-    refused = [name for name, report in reports.items() if not report.ok]
+    refused = [(name, f) for name, report in reports.items() for f in report.refusals]
     if refused:
         from geneformer_peft.compat import IncompatibleData
 
-        raise IncompatibleData(f"--model_path {args.model_path} and --input {args.input} do not fit together "
-                               f"({', '.join(refused)}): see the REFUSED lines above")
+        raise IncompatibleData(f"--model_path {args.model_path} and --input {args.input} do not fit together:\n  "
+                               + "\n  ".join(f"{name}: {f.check}: {f.message}" for name, f in refused))
     return 0

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["check_input", "input_kind"]
 
 RAW_SUFFIXES = (".h5ad", ".loom")
+#: the input size raw counts are tokenized with: no cell is cut at tokenization
+UNTRUNCATED = 2**31 - 1
 
 
 def input_kind(path: str | Path) -> str:
@@ -41,7 +43,6 @@ def _tokenize_raw(model_path: Path, path: Path, *, token_dictionary, gene_median
     from geneformer_peft.models.families import family_of
 
     family = family_of(model_path)
-    config = family.config_class.from_pretrained(model_path)
     if family.encoding == "binned":
         from geneformer_peft.data.binned import tokenize_binned
 
@@ -62,9 +63,10 @@ def _tokenize_raw(model_path: Path, path: Path, *, token_dictionary, gene_median
     extra: dict[str, Any] = {}
     if gene_name_id_dictionary is not None:
         extra["gene_name_id_dictionary"] = gene_name_id_dictionary
+    # every expressed gene is kept, so that the truncation check measures what the model's input cuts
     return tokenize_anndata(path, token_dictionary=tokens, gene_median_dictionary=medians,
                             gene_id_column=gene_id_column, label_column=label_column,
-                            model_input_size=family.input_length(config), show_progress=False, **extra)
+                            model_input_size=UNTRUNCATED, show_progress=False, **extra)
 
 
 def check_input(model_path: str | Path, input_path: str | Path, *, base_model=None, token_dictionary=None,

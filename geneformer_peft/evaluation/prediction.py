@@ -50,7 +50,9 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
     if unassign_threshold is not None and not 0.0 <= float(unassign_threshold) <= 1.0:
         raise ValueError(f"unassign_threshold is {unassign_threshold!r}; expected a probability in [0, 1]")
     dev = resolve_device(device)
-    check_compatibility(model_path, {"input": dataset}, base_model=base_model, max_length=max_length,
+    files = getattr(dataset, "cache_files", None) or [{}]
+    name = str(Path(files[0]["filename"]).parent) if files[0].get("filename") else "input"
+    check_compatibility(model_path, {name: dataset}, base_model=base_model, max_length=max_length,
                         allow_low_gene_overlap=allow_low_gene_overlap,
                         allow_other_base=allow_other_base).raise_if_refused()
     model = load_fold_model(model_path, base_model).to(dev)
