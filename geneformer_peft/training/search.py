@@ -380,14 +380,15 @@ def study_settings(settings: SearchSettings, folds: list[int], data: _FoldData, 
     every field that changes results, so ``--epoch``, ``--select_epoch_by``,
     ``--early_stopping_patience``, ``--seed``, ... but not ``--num_threads`` or
     ``--output_path``), less those the space varies; the space; the searched folds; the
-    device; the resolved base config; the checkpoint's and token dictionary's fingerprints;
+    resolved device; the resolved base config; the checkpoint's and token dictionary's fingerprints;
     each searched fold's train and val fingerprint. File hashes are cached in
     ``<output_dir>/.cache/file_hashes.json``.
     """
     opts = settings.run
     searched = set(settings.space.names)
     options = prov.option_settings(opts)
-    training = {k: v for k, v in options.pop("training").items() if k not in searched}
+    # the device as resolved: "auto" and "cpu" on a machine without a GPU measure the same
+    training = {k: v for k, v in options.pop("training").items() if k not in searched and k != "device"}
     for name in _NOT_SEARCH_FIELDS:
         options.pop(name, None)
     options["config_overrides"] = {k: v for k, v in (options.get("config_overrides") or {}).items()
@@ -621,22 +622,23 @@ def run_search(settings: SearchSettings) -> Any:
                         [round(v, 4) for v in result["fold_val_macro_f1"]], time.perf_counter() - t0)
             return result["value"]
 
+        stopped: BaseException | None = None
         try:
             with ending.quiet_optuna():
                 study.optimize(objective, n_trials=settings.n_trials, timeout=settings.timeout,
                                catch=(TrainingDiverged,), gc_after_trial=True)
         except KeyboardInterrupt as error:  # also between trials, inside Optuna
-            if not isinstance(error, RunInterrupted):
-                error = RunInterrupted(f"search interrupted between trials; study {settings.study_name!r} in "
-                                       f"{settings.storage_path} keeps its finished trials: rerun the same command "
-                                       "to add trials")
-            _log_to_file(handler, error)
-            raise error from None
+            stopped = error if isinstance(error, RunInterrupted) else RunInterrupted(
+                f"search interrupted between trials; study {settings.study_name!r} in {settings.storage_path} keeps "
+                "its finished trials: rerun the same command to add trials")
+            raise stopped from None
         except BaseException as error:
-            _log_to_file(handler, error)
+            stopped = error
             raise
         finally:
             write_search_outputs(study, settings)
+            if stopped is not None:  # search.log's last line
+                _log_to_file(handler, stopped)
         return study
     finally:
         torch.set_num_threads(thread_ceiling)
