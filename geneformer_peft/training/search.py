@@ -413,7 +413,7 @@ def study_settings(settings: SearchSettings, folds: list[int], data: _FoldData, 
 
 
 def check_study_settings(study, settings: SearchSettings, record: Mapping[str, Any], *,
-                         action: str = "adding trials to it") -> None:
+                         action: str = "add trials to it") -> None:
     """Record ``record`` in a study that has none; refuse a study recorded with other settings.
 
     Raises
@@ -434,8 +434,9 @@ def check_study_settings(study, settings: SearchSettings, record: Mapping[str, A
     if diffs:
         raise SettingsChanged(
             f"study {settings.study_name!r} in {settings.storage_path} was created with other settings than this "
-            f"command's, and its {len(study.trials)} trials were measured with those; refusing {action}, which would "
-            f"mix values that cannot be compared ({len(diffs)} setting{'s' if len(diffs) != 1 else ''} differ):\n"
+            f"command's, and its {len(study.trials)} trials were measured with those; refusing to {action}, which "
+            f"would mix values that cannot be compared ({len(diffs)} setting{'s' if len(diffs) != 1 else ''} "
+            "differ):\n"
             + prov.differing_keys_message(diffs) +
             "\nEither rerun with the recorded settings, or start a new study with another --output_dir (this study "
             "and its outputs stay as they are).")
@@ -852,7 +853,7 @@ def refit_best(settings: SearchSettings) -> dict[str, Any]:
         opts.folds if opts.folds is not None else discover_folds(opts.data_path, opts.dataset_name))
     record = study_settings(settings, folds, _FoldData(opts, opts.training.max_length),
                             resolve_device(opts.training.device))
-    check_study_settings(study, settings, record, action="refitting its best trial with this command's settings")
+    check_study_settings(study, settings, record, action="refit its best trial with this command's settings")
     best = study.best_trial
     opts = trial_options(settings.run, best.params | settings.space.constants)
     opts = replace(opts, folds=None, output_path=Path(settings.output_dir) / "refit",
