@@ -302,6 +302,24 @@ def test_ctrl_c_in_search_is_one_line_exit_130_and_the_study_resumes(job_data, t
     assert list(trials["number"]) == [0, 1, 2] and list(trials["state"]) == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
+def test_a_data_error_inside_a_trial_is_one_line_without_optunas_traceback(job_data, tmp_path, space_file,
+                                                                            monkeypatch, caplog):
+    from geneformer_peft.errors import DataError
+    from geneformer_peft.training import search
+
+    def bad_cells(*args, **kwargs):
+        raise DataError("fold 0 train split x.dataset: holds token id 9999, but the model has vocab_size 202")
+
+    monkeypatch.setattr(search, "evaluate_setting", bad_cells)
+    out = tmp_path / "search"
+    with caplog.at_level(logging.DEBUG):
+        assert cli.main(_search_argv(job_data, out, space_file, "--n_trials", "2")) == 2
+    assert not [r for r in caplog.records if r.name.startswith("optuna") and (r.exc_info or "failed" in r.getMessage())]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "fold 0 train split x.dataset: holds token id 9999, but the model has vocab_size 202"]
+    assert list(_trials(out)["state"]) == ["FAIL"]
+
+
 # ----------------------------------------------------------------------------- issue 25: thread policy
 def test_every_trial_runs_with_the_thread_count_of_the_jobs_policy(job_data, tmp_path, space_file, monkeypatch):
     import torch
