@@ -23,6 +23,7 @@ Outputs in ``output_dir`` (``docs/recipes.md``)::
     best_command.txt         the ``geneformer-peft finetune`` command that reproduces the best trial
     optimization_history.png, param_importances.png
     refit/                   --refit: the best setting on all folds (the job's run folder)
+    .cache/file_hashes.json  SHA-256 of the checkpoint and dictionary files by size and mtime
 """
 from __future__ import annotations
 
