@@ -7,6 +7,13 @@ what the space does not vary. The objective is validation macro-F1 averaged over
 the test split is never read during the search. --refit then runs the best setting on all
 folds and reports the test metrics once.
 
+The study records the settings its trials are measured with (every flag that changes a
+trial's value, the space, the folds, the data's and checkpoint's fingerprints); adding trials
+or refitting with other ones is refused, naming each difference (exit 2). best_command.txt is
+the `geneformer-peft finetune` command that reproduces the best trial's value. Each trial
+sets torch's thread count as `finetune` does (--num_threads, else the free cores). Ctrl-C
+records the running trial as failed and stops with one line (exit 130); rerun to go on.
+
 Example (the shipped example):
   geneformer-peft search --dataset_name synthetic --data_path example_py/data \\
       --model_path Pretrain_ckpts/geneformer-tiny-example --space docs/search_space_example.json \\
@@ -30,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     for action in parser._actions:  # the study folder is --output_dir; refit runs go below it
         if "--output_path" in action.option_strings:
             action.help = argparse.SUPPRESS
+        elif "--num_threads" in action.option_strings:
+            action.help = ("CPU threads of torch in every trial (default: chosen before each trial, one per core not "
+                           "kept busy by other processes, as finetune does; logged in search.log as 'trial N: torch "
+                           "threads: K (reason)'). best_command.txt names the best trial's count.")
+        elif "--overwrite" in action.option_strings:
+            action.help = ("--refit: redo refit folds that finished earlier (the study itself is never overwritten; "
+                           "a new study needs another --output_dir).")
     p = parser.add_argument
     p("--space", type=Path, required=True,
       help="JSON search space {parameter: {low, high[, log, step, type]} | {choices: [...]} | value}; "

@@ -5,6 +5,14 @@ The objective of a trial is the best validation macro-F1 of each chosen fold, av
 the folds. Only the train and val splits are read: the test split is never opened during
 the search (it is read once, by :func:`refit_best`, after the search has chosen).
 
+A study records what makes its trials' values comparable when it is created (its user attr
+``settings``, :func:`study_settings`: the fixed training settings, the space, the searched
+folds, the data and checkpoint fingerprints of :mod:`~geneformer_peft.training.provenance`);
+adding trials or refitting with other settings is refused (:class:`SettingsChanged`, naming
+every difference). Every trial sets torch's thread count by the policy of
+:mod:`~geneformer_peft.training.threads` (``--num_threads``, else the free cores), as the
+fine-tuning job does.
+
 Outputs in ``output_dir`` (``docs/recipes.md``)::
 
     study.db                 Optuna's storage (SQLite); rerun the same command to add trials
@@ -12,9 +20,10 @@ Outputs in ``output_dir`` (``docs/recipes.md``)::
     trials.csv               every trial of the study: number, value, state, times, parameters
     best_config.json         the best trial's config.json (for --config of the fine-tuning job)
     best_flags.json          the best trial's training flags {flag: value}
-    best_command.txt         the fine-tuning command line of the best setting
+    best_command.txt         the ``geneformer-peft finetune`` command that reproduces the best trial
     optimization_history.png, param_importances.png
     refit/                   --refit: the best setting on all folds (the job's run folder)
+    .cache/file_hashes.json  SHA-256 of the checkpoint and dictionary files by size and mtime
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import copy
 import json
 import logging
 import math
+import shlex
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -36,20 +46,26 @@ from geneformer_peft.data.cells import EncodedCells
 from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.data.folds import discover_folds, fold_paths
 from geneformer_peft.data.samplers import class_weights as reference_class_weights
-from geneformer_peft.errors import DataError, TrainingDiverged
+from geneformer_peft.errors import DataError, RunInterrupted, TrainingDiverged
 from geneformer_peft.evaluation.outputs import write_json
 from geneformer_peft.log_format import attach_log_file, detach_log_file
 from geneformer_peft.models.device import resolve_device
 from geneformer_peft.models.generation import check_checkpoint_data
 from geneformer_peft.models.loading import load_classifier, resolve_config
 from geneformer_peft.training.arguments import LR_SCHEDULES, SAMPLERS, TrainingArguments
+from geneformer_peft.training import provenance as prov
+from geneformer_peft.training import threads as thread_policy
 from geneformer_peft.training.cross_validation import RunOptions, check_vocabulary, run_cross_validation
+from geneformer_peft.training.cross_validation import _log_to_file  # run.log's last line, here search.log's
+from geneformer_peft.training.preflight import vocabulary_source
+from geneformer_peft.training.provenance import SettingsChanged
 from geneformer_peft.training.trainer import FoldTrainer, set_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_PARAMETERS", "SearchSettings", "SearchSpace", "TRAINING_PARAMETERS", "load_search_space",
-           "refit_best", "run_search", "write_search_outputs"]
+__all__ = ["CONFIG_PARAMETERS", "SearchSettings", "SearchSpace", "SettingsChanged", "TRAINING_PARAMETERS",
+           "best_command", "check_study_settings", "load_search_space", "refit_best", "run_search", "study_settings",
+           "write_search_outputs"]
 
 #: searchable training settings -> (kind, command-line flag)
 TRAINING_PARAMETERS: dict[str, tuple[str, str]] = {
@@ -290,12 +306,19 @@ def _require_optuna() -> None:
                         "install the 'search' extra: pip install 'geneformer-peft[search]'") from err
 
 
-def open_study(settings: SearchSettings, *, n_existing: int | None = None):
-    """Create or load the study in ``settings.storage_path`` (TPE sampler, median pruner)."""
+def open_study(settings: SearchSettings, *, n_existing: int | None = None, record: dict | None = None):
+    """Create or load the study in ``settings.storage_path`` (TPE sampler, median pruner).
+
+    ``record`` (:func:`study_settings`): recorded in a new study, compared with an existing
+    one's (:func:`check_study_settings`), under the same lock as the creation.
+    """
     _require_optuna()
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     with _creation_lock(settings.storage_path):  # two processes starting on a new database create it once
-        return _open_study(settings, n_existing)
+        study = _open_study(settings, n_existing)
+        if record is not None:
+            check_study_settings(study, settings, record)
+        return study
 
 
 @contextlib.contextmanager
@@ -343,35 +366,128 @@ def _process_salt() -> int:
     return os.getpid() % 997
 
 
+# ----------------------------------------------------------------------------- provenance
+#: the study's user attr holding :func:`study_settings`
+SETTINGS_ATTR = "settings"
+#: RunOptions fields the search does not use: it writes no fold folder and fits no baseline
+#: (a refit's run folder records them in its own provenance)
+_NOT_SEARCH_FIELDS = ("save_format", "baselines", "baseline_features")
+
+
+def study_settings(settings: SearchSettings, folds: list[int], data: _FoldData, device) -> dict[str, Any]:
+    """What a trial's value depends on besides its parameters, as recorded in the study.
+
+    The job's options and training settings (:func:`~geneformer_peft.training.provenance.option_settings`:
+    every field that changes results, so ``--epoch``, ``--select_epoch_by``,
+    ``--early_stopping_patience``, ``--seed``, ... but not ``--num_threads`` or
+    ``--output_path``), less those the space varies; the space; the searched folds; the
+    resolved device; the resolved base config; the checkpoint's and token dictionary's fingerprints;
+    each searched fold's train and val fingerprint. File hashes are cached in
+    ``<output_dir>/.cache/file_hashes.json``.
+    """
+    opts = settings.run
+    searched = set(settings.space.names)
+    options = prov.option_settings(opts)
+    # the device as resolved: "auto" and "cpu" on a machine without a GPU measure the same
+    training = {k: v for k, v in options.pop("training").items() if k not in searched and k != "device"}
+    for name in _NOT_SEARCH_FIELDS:
+        options.pop(name, None)
+    options["config_overrides"] = {k: v for k, v in (options.get("config_overrides") or {}).items()
+                                   if k not in searched}
+    config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
+                            use_prompt=opts.use_prompt, overrides=opts.config_overrides).to_dict()
+    hashes = prov.FileHashCache(Path(settings.output_dir) / ".cache" / "file_hashes.json")
+    vocabulary = vocabulary_source(opts)
+    token_dictionary = None
+    if vocabulary is not None and vocabulary.is_file():
+        token_dictionary = {"path": vocabulary, "size": vocabulary.stat().st_size, "sha256": hashes.sha256(vocabulary)}
+    record = {"options": options, "training": training, "folds": [int(f) for f in folds], "device": str(device),
+              "space": {d.name: {k: v for k, v in prov.jsonable(d).items() if k != "name"}
+                        for d in settings.space.dimensions} | {k: {"constant": v}
+                                                               for k, v in settings.space.constants.items()},
+              "config": {k: v for k, v in config.items() if k not in searched},
+              "checkpoint": prov.checkpoint_fingerprint(opts.model_path, hashes),
+              "token_dictionary": token_dictionary,
+              "data": {str(fold): data.fingerprint(fold) for fold in folds}}
+    hashes.save()
+    return json.loads(json.dumps(prov.jsonable(record)))
+
+
+def check_study_settings(study, settings: SearchSettings, record: Mapping[str, Any], *,
+                         action: str = "add trials to it") -> None:
+    """Record ``record`` in a study that has none; refuse a study recorded with other settings.
+
+    Raises
+    ------
+    SettingsChanged
+        Naming the study, every differing setting with its recorded and current value, and
+        the ways forward (exit code 2).
+    """
+    recorded = study.user_attrs.get(SETTINGS_ATTR)
+    if recorded is None:
+        if study.trials:
+            logger.warning("study %r in %s has %d trials but no recorded settings (made by an older version): they "
+                           "cannot be checked against this command's, which are recorded from now on",
+                           settings.study_name, settings.storage_path, len(study.trials))
+        study.set_user_attr(SETTINGS_ATTR, dict(record))
+        return
+    diffs = prov.compare_settings(recorded, record)
+    if diffs:
+        raise SettingsChanged(
+            f"study {settings.study_name!r} in {settings.storage_path} was created with other settings than this "
+            f"command's, and its {len(study.trials)} trials were measured with those; refusing to {action}, which "
+            f"would mix values that cannot be compared ({len(diffs)} setting{'s' if len(diffs) != 1 else ''} "
+            "differ):\n"
+            + prov.differing_keys_message(diffs) +
+            "\nEither rerun with the recorded settings, or start a new study with another --output_dir (this study "
+            "and its outputs stay as they are).")
+
+
 # ----------------------------------------------------------------------------- objective
 class _FoldData:
     """Train and val cells of the searched folds, read once per process; never the test split."""
 
     def __init__(self, opts: RunOptions, max_length: int | None) -> None:
         self.opts, self.max_length = opts, max_length
+        self._datasets: dict[int, tuple[dict, dict]] = {}
         self._cache: dict[int, tuple] = {}
+
+    def datasets(self, fold: int) -> tuple[dict[str, Path], dict[str, Any]]:
+        """``(paths, datasets)`` of the fold's train and val splits, label column checked."""
+        if fold not in self._datasets:
+            opts = self.opts
+            paths = fold_paths(opts.data_path, opts.dataset_name, fold)
+            paths = {s: paths[s] for s in ("train", "val")}
+            missing = [str(path) for path in paths.values() if not path.exists()]
+            if missing:
+                raise DataError(f"fold {fold} of dataset {opts.dataset_name!r} under {opts.data_path} lacks {missing}; "
+                                "the search needs the train and val splits of every --folds fold")
+            datasets = {name: load_saved_dataset(path) for name, path in paths.items()}
+            for name, ds in datasets.items():
+                if opts.label_column not in ds.column_names:
+                    raise DataError(f"{paths[name]}: label column {opts.label_column!r} does not exist; expected one "
+                                    f"of {ds.column_names}")
+            self._datasets[fold] = (paths, datasets)
+        return self._datasets[fold]
+
+    def fingerprint(self, fold: int) -> dict[str, Any]:
+        """The provenance fingerprint of the fold's train and val splits."""
+        paths, datasets = self.datasets(fold)
+        return prov.data_fingerprint(paths, datasets, self.opts.label_column)
 
     def get(self, fold: int, model_max_length: int):
         if fold not in self._cache:
             opts = self.opts
-            paths = fold_paths(opts.data_path, opts.dataset_name, fold)
-            missing = [str(paths[s]) for s in ("train", "val") if not paths[s].exists()]
-            if missing:
-                raise DataError(f"fold {fold} of dataset {opts.dataset_name!r} under {opts.data_path} lacks {missing}; "
-                                "the search needs the train and val splits of every --folds fold")
-            train, val = load_saved_dataset(paths["train"]), load_saved_dataset(paths["val"])
+            _, datasets = self.datasets(fold)
             labels = set()
-            for name, ds in (("train", train), ("val", val)):
-                if opts.label_column not in ds.column_names:
-                    raise DataError(f"{paths[name]}: label column {opts.label_column!r} does not exist; expected one "
-                                    f"of {ds.column_names}")
+            for ds in datasets.values():
                 labels |= set(ds.unique(opts.label_column))
             label2id = {str(v): i for i, v in enumerate(sorted(labels))}
             length = self.max_length or model_max_length
             cells = {name: EncodedCells.from_dataset(ds, label_column=opts.label_column,
                                                      label2id={v: label2id[str(v)] for v in ds.unique(opts.label_column)},
                                                      max_length=length, name=f"fold {fold} {name}")
-                     for name, ds in (("train", train), ("val", val))}
+                     for name, ds in datasets.items()}
             self._cache[fold] = (label2id, cells)
         return self._cache[fold]
 
@@ -406,8 +522,15 @@ def evaluate_setting(opts: RunOptions, folds: list[int], data: _FoldData, device
             check_checkpoint_data(split, config, opts.model_path, opts.token_dictionary)
         from transformerslocal import mark_trainable
 
-        model = load_classifier(opts.model_path, config)
+        if opts.random_init:  # the job's ablation: the checkpoint's architecture with random weights
+            from geneformer_peft.models.families import family_of_config
+
+            model = family_of_config(config).classifier_class(config)
+        else:
+            model = load_classifier(opts.model_path, config)
         mark_trainable(model)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         model.to(device)
         weights = (reference_class_weights(cells["train"].labels, config.num_labels, id2label=config.id2label)
                    if args.class_weighting == "reference" else None)
@@ -434,9 +557,19 @@ def evaluate_setting(opts: RunOptions, folds: list[int], data: _FoldData, device
 def run_search(settings: SearchSettings) -> Any:
     """Run (or resume) the study; write the outputs; return the ``optuna.Study``.
 
-    ``settings.n_trials`` trials are added to the study (``None``: until ``timeout``).
+    ``settings.n_trials`` trials are added to the study (``None``: until ``timeout``). The
+    study's recorded settings must equal this run's (:func:`check_study_settings`).
+
+    Raises
+    ------
+    SettingsChanged
+        If the study was created with other settings.
+    RunInterrupted
+        On Ctrl-C: the running trial is recorded as failed, the outputs are written, and the
+        same command resumes the study.
     """
     import optuna
+    import torch
 
     opts = settings.run
     out = Path(settings.output_dir)
@@ -447,8 +580,11 @@ def run_search(settings: SearchSettings) -> Any:
     handler, root_level = attach_log_file(out / "search.log")
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
+    thread_ceiling = torch.get_num_threads()  # the policy's upper bound for every trial, as at a job's start
+    ending = _EndingTrial()
     try:
-        study = open_study(settings)
+        record = study_settings(settings, folds, data, device)
+        study = open_study(settings, record=record)
         study.set_user_attr("folds", list(folds))
         logger.info("search %r in %s: %d trials so far; adding %s (timeout %s s); folds %s; space %s; pruning %s",
                     settings.study_name, settings.storage_path, len(study.trials), settings.n_trials,
@@ -465,11 +601,22 @@ def run_search(settings: SearchSettings) -> Any:
                     raise _Pruned(f"step {step}, value {value:.4f}")
 
             try:
+                threads = _trial_threads(opts.num_threads, thread_ceiling, trial.number)
+                trial.set_user_attr("torch_threads", threads)
                 result = evaluate_setting(trial_options(opts, params), folds, data, device, report=report)
             except _Pruned as signal:
                 trial.set_user_attr("seconds", time.perf_counter() - t0)
                 logger.info("trial %d pruned at %s", trial.number, signal)
                 raise optuna.TrialPruned(str(signal)) from None
+            except KeyboardInterrupt:
+                ending.error = RunInterrupted(
+                    f"search interrupted during trial {trial.number} (recorded as failed); study "
+                    f"{settings.study_name!r} in {settings.storage_path} keeps its finished trials: rerun the same "
+                    "command to add trials")
+                raise ending.error from None
+            except DataError as error:  # reported by the command as one line
+                ending.error = error
+                raise
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("fold_val_macro_f1", result["fold_val_macro_f1"])
             trial.set_user_attr("epochs_run", result["epochs_run"])
@@ -477,14 +624,64 @@ def run_search(settings: SearchSettings) -> Any:
                         [round(v, 4) for v in result["fold_val_macro_f1"]], time.perf_counter() - t0)
             return result["value"]
 
+        stopped: BaseException | None = None
         try:
-            study.optimize(objective, n_trials=settings.n_trials, timeout=settings.timeout,
-                           catch=(TrainingDiverged,), gc_after_trial=True)
+            with ending.quiet_optuna():
+                study.optimize(objective, n_trials=settings.n_trials, timeout=settings.timeout,
+                               catch=(TrainingDiverged,), gc_after_trial=True)
+        except KeyboardInterrupt as error:  # also between trials, inside Optuna
+            stopped = error if isinstance(error, RunInterrupted) else RunInterrupted(
+                f"search interrupted between trials; study {settings.study_name!r} in {settings.storage_path} keeps "
+                "its finished trials: rerun the same command to add trials")
+            raise stopped from None
+        except BaseException as error:
+            stopped = error
+            raise
         finally:
             write_search_outputs(study, settings)
+            if stopped is not None:  # search.log's last line
+                _log_to_file(handler, stopped)
         return study
     finally:
+        torch.set_num_threads(thread_ceiling)
         detach_log_file(handler, root_level)
+
+
+def _trial_threads(requested: int | None, ceiling: int, number: int) -> int:
+    """Set torch's thread count for a trial by the job's policy (:mod:`~geneformer_peft.training.threads`):
+    ``--num_threads``, else the cores free now, at most ``ceiling``; measured again for each
+    trial, so that a search adapts to processes that start or stop beside it."""
+    import torch
+
+    choice = thread_policy.choose_num_threads(requested, current=ceiling)
+    torch.set_num_threads(choice.num_threads)
+    logger.info("trial %d: torch threads: %d (%s)", number, choice.num_threads, choice.reason)
+    return choice.num_threads
+
+
+class _EndingTrial:
+    """The error that ends the search from inside a trial (Ctrl-C, bad data). The command
+    reports it as one line, so Optuna's "Trial N failed ... because of the following error"
+    warnings with their traceback are dropped once it is set."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.error is None
+
+    @contextlib.contextmanager
+    def quiet_optuna(self):
+        # a logger's filters apply to its own records only: set on each of Optuna's loggers
+        loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+                   if name == "optuna" or name.startswith("optuna.")]
+        for item in loggers:
+            item.addFilter(self)
+        try:
+            yield
+        finally:
+            for item in loggers:
+                item.removeFilter(self)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -495,19 +692,51 @@ def _completed(study) -> list:
 
 
 def best_flags(opts: RunOptions, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The fine-tuning flags of a setting: the fixed ones plus the trial's training parameters."""
+    """The fine-tuning flags of a setting: the fixed ones plus the trial's training parameters.
+
+    Every training flag that changes what a fold computes is named (switches as ``True``), so
+    that with ``best_config.json`` as ``--config`` the job trains what the trial trained.
+    """
     t = trial_options(opts, params).training
     flags = {"--epoch": t.epochs, "--batch_size": t.batch_size, "--lr": t.lr, "--weight_decay": t.weight_decay,
              "--warmup_steps": t.warmup_steps, "--lr_schedule": t.lr_schedule, "--lr_end": t.lr_end,
-             "--early_stopping_patience": t.early_stopping_patience, "--sampler": t.sampler,
-             "--class_weighting": t.class_weighting, "--seed": t.seed}
+             "--early_stopping_patience": t.early_stopping_patience, "--select_epoch_by": t.select_epoch_by,
+             "--sampler": t.sampler, "--class_weighting": t.class_weighting, "--seed": t.seed,
+             "--precision": t.precision, "--label_column": opts.label_column}
     if t.layer_decay is not None:
         flags["--layer_decay"] = t.layer_decay
     if t.max_length is not None:
         flags["--max_length"] = t.max_length
     if t.warmup_steps == 0:
         flags["--warmup_ratio"] = t.warmup_ratio
+    if t.eval_batch_size is not None:
+        flags["--eval_batch_size"] = t.eval_batch_size
+    if opts.token_dictionary is not None:
+        flags["--token_dictionary"] = str(Path(opts.token_dictionary).resolve())
+    for flag, on in (("--gradient_checkpointing", t.gradient_checkpointing),
+                     ("--no_frozen_cache", not t.cache_frozen_layers), ("--random_init", opts.random_init)):
+        if on:
+            flags[flag] = True
     return flags
+
+
+def best_command(opts: RunOptions, params: Mapping[str, Any], config_path: Path, *, folds: list[int] | None,
+                 device: str, num_threads: int | None) -> list[str]:
+    """The ``geneformer-peft finetune`` argument list that trains a trial's setting on
+    ``folds`` exactly as the trial did: its flags (:func:`best_flags`), ``config_path`` as
+    ``--config``, the device and the trial's torch thread count (the order of floating-point
+    sums depends on it)."""
+    command = ["geneformer-peft", "finetune", "--dataset_name", opts.dataset_name,
+               "--data_path", str(Path(opts.data_path).resolve()), "--model_path", str(Path(opts.model_path).resolve()),
+               "--config", str(Path(config_path).resolve())]
+    for flag, value in best_flags(opts, params).items():
+        command += [flag] if value is True else [flag, str(value)]
+    command += ["--device", device]
+    if folds is not None:
+        command += ["--folds", ",".join(str(f) for f in folds)]
+    if num_threads is not None:
+        command += ["--num_threads", str(num_threads)]
+    return command
 
 
 def write_search_outputs(study, settings: SearchSettings) -> dict[str, Path]:
@@ -527,21 +756,25 @@ def write_search_outputs(study, settings: SearchSettings) -> dict[str, Path]:
         return written
     best = study.best_trial
     opts = settings.run
-    best_opts = trial_options(opts, best.params | settings.space.constants)
+    params = best.params | settings.space.constants
+    best_opts = trial_options(opts, params)
     config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
                             use_prompt=opts.use_prompt, overrides=best_opts.config_overrides)
     written["config"] = write_json(out / "best_config.json", config.to_dict())
-    flags = best_flags(opts, best.params | settings.space.constants)
+    folds = study.user_attrs.get("folds")
     written["flags"] = write_json(out / "best_flags.json", {
-        "trial": best.number, "validation_macro_f1": best.value, "folds": study.user_attrs.get("folds"),
-        "params": best.params, "flags": flags})
-    command = ["python example_py/cell_classification_prompt_fold.py", "--dataset_name", opts.dataset_name,
-               "--data_path", str(opts.data_path), "--model_path", str(opts.model_path),
-               "--config", str(written["config"])]
-    for flag, value in flags.items():
-        command += [flag, str(value)]
+        "trial": best.number, "validation_macro_f1": best.value, "folds": folds,
+        "params": best.params, "flags": best_flags(opts, params)})
+    recorded = study.user_attrs.get(SETTINGS_ATTR) or {}
+    device = recorded.get("device") or str(resolve_device(opts.training.device))
+    command = best_command(opts, params, written["config"], folds=folds, device=device,
+                           num_threads=best.user_attrs.get("torch_threads", opts.num_threads))
     written["command"] = out / "best_command.txt"
-    written["command"].write_text(" ".join(command) + "\n", encoding="utf-8")
+    tmp = written["command"].with_suffix(".txt.tmp")
+    tmp.write_text(f"# trial {best.number}: validation macro-F1 {best.value!r}, the mean over folds {folds} of each "
+                   "fold's best_val_macro_f1; this command reproduces it (without --folds it trains every fold)\n"
+                   + shlex.join(command) + "\n", encoding="utf-8")
+    tmp.replace(written["command"])
     written.update(plot_search(study, out))
     logger.info("best trial %d: validation macro-F1 %.4f with %s -> %s", best.number, best.value,
                 json.dumps(best.params, default=str), written["config"])
@@ -614,6 +847,14 @@ def refit_best(settings: SearchSettings) -> dict[str, Any]:
     if not _completed(study):
         raise DataError(f"study {settings.study_name!r} in {settings.storage_path} has no completed trial; "
                         "run the search (--n_trials N) before --refit")
+    # the best parameters are refitted with the settings they were measured with
+    opts = settings.run
+    recorded_folds = (study.user_attrs.get(SETTINGS_ATTR) or {}).get("folds")
+    folds = recorded_folds if recorded_folds is not None else (
+        opts.folds if opts.folds is not None else discover_folds(opts.data_path, opts.dataset_name))
+    record = study_settings(settings, folds, _FoldData(opts, opts.training.max_length),
+                            resolve_device(opts.training.device))
+    check_study_settings(study, settings, record, action="refit its best trial with this command's settings")
     best = study.best_trial
     opts = trial_options(settings.run, best.params | settings.space.constants)
     opts = replace(opts, folds=None, output_path=Path(settings.output_dir) / "refit",

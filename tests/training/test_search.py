@@ -1,13 +1,20 @@
 """Hyperparameter search (issue 15): a 3-trial search writes every output and refits, an
 interrupted search resumes with the trial numbers continuing, two processes share one study,
-the test split is never read while searching, and a bad space file names key and value."""
+the test split is never read while searching, and a bad space file names key and value.
+Issues 22 and 25: a study refuses trials or a refit under other settings than it recorded,
+best_command.txt reproduces the best trial's value, Ctrl-C is one line, and every trial runs
+with the thread count of the job's policy."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -160,3 +167,194 @@ def test_search_missing_input_exits_2_naming_the_path(job_data, tmp_path, space_
         assert cli.main(_search_argv(job_data, tmp_path / "s", missing)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert sum(str(missing) in m for m in errors) == 2, errors
+
+
+# ----------------------------------------------------------------------------- issue 22: settings, best command, Ctrl-C
+def test_best_command_reproduces_the_best_trial(job_data, tmp_path, space_file):
+    """best_command.txt names every setting the trial was measured with (a non-default epoch
+    rule, patience and seed included): parsed, it gives the trial's training settings, and run,
+    the trial's validation macro-F1 to the last bit."""
+    from geneformer_peft.commands import finetune
+    from geneformer_peft.models.loading import resolve_config
+    from geneformer_peft.training import provenance, search
+
+    out = tmp_path / "search"
+    argv = _search_argv(job_data, out, space_file, "--n_trials", "2", "--epoch", "3", "--select_epoch_by", "loss",
+                        "--early_stopping_patience", "1", "--seed", "3", "--no_pruning")
+    assert cli.main(argv) == 0
+    best = json.loads((out / "best_flags.json").read_text())
+    lines = (out / "best_command.txt").read_text().splitlines()
+    assert lines[0].startswith(f"# trial {best['trial']}: validation macro-F1 {best['validation_macro_f1']!r}")
+    command = shlex.split(lines[1])
+    assert command[:2] == ["geneformer-peft", "finetune"]
+    parser = cli.build_parser()
+    searched = finetune.options_from_args(parser.parse_args(argv))
+    trial = search.trial_options(searched, best["params"])
+    given = finetune.options_from_args(parser.parse_args(command[1:]))
+    assert provenance.option_settings(given.training) == provenance.option_settings(trial.training)
+    assert (given.folds, given.num_threads, given.label_column, given.training.device) == ([0], 1, "cell_type", "cpu")
+    expected = resolve_config(job_data.model_path, prompt_type="lora", overrides=trial.config_overrides).to_dict()
+    assert resolve_config(given.model_path, config_path=given.config_path).to_dict() == expected
+    # run as a user would paste it: the same value
+    assert cli.main([*command[1:], "--output_path", str(tmp_path / "best"), "--baselines", "none"]) == 0
+    metrics = jf.read_json(jf.run_dir(tmp_path / "best", "lora", job_data) / "0" / "metrics.json")
+    assert metrics["best_val_macro_f1"] == best["validation_macro_f1"]
+
+
+def _copy_inputs(job_data, root):
+    shutil.copytree(job_data.data_path, root / "folds")
+    shutil.copytree(job_data.model_path, root / "ckpt")
+    return dataclasses.replace(job_data, data_path=root / "folds", model_path=root / "ckpt")
+
+
+def _errors(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+def test_study_refuses_trials_and_refit_under_other_settings(job_data, tmp_path, space_file, caplog):
+    data = _copy_inputs(job_data, tmp_path)
+    out = tmp_path / "search"
+    assert cli.main(_search_argv(data, out, space_file, "--n_trials", "1")) == 0
+    settings = search_settings(out)
+    assert settings["training"]["epochs"] == 1 and settings["folds"] == [0] and "lr" not in settings["training"]
+    assert settings["space"]["lr"]["high"] == SPACE["lr"]["high"] and "0" in settings["data"]
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({**SPACE, "lr": {"low": 1e-3, "high": 5e-2, "log": True}}))
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(_search_argv(data, out, wider, "--n_trials", "1", "--epoch", "2",
+                                     "--select_epoch_by", "loss")) == 2
+    message = _errors(caplog)
+    assert f"study 'search' in {out / 'study.db'}" in message and "--output_dir" in message, message
+    for line in ("training.epochs: 1 (recorded) -> 2 (now)", "space.lr.high: 0.01 (recorded) -> 0.05 (now)",
+                 "training.select_epoch_by: 'macro_f1' (recorded) -> 'loss' (now)"):
+        assert line in message, message
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):  # the best setting is not refitted under other settings either
+        assert cli.main(_search_argv(data, out, space_file, "--n_trials", "0", "--refit", "--epoch", "2")) == 2
+    message = _errors(caplog)
+    assert "refusing to refit its best trial" in message and "training.epochs: 1 (recorded) -> 2 (now)" in message
+    assert not (out / "refit").exists() and len(_trials(out)) == 1
+    # what does not change a trial's value may change
+    assert cli.main(_search_argv(data, out, space_file, "--n_trials", "1", "--num_threads", "1",
+                                 "--pruner_startup_trials", "3", "--overwrite")) == 0
+    assert len(_trials(out)) == 2
+    # the checkpoint's weights and the data's labels are fingerprinted
+    weights = next(data.model_path.glob("model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(_search_argv(data, out, space_file, "--n_trials", "1")) == 2
+    assert "checkpoint.files.model.safetensors.sha256" in _errors(caplog)
+
+    def relabel(columns):
+        columns["cell_type"] = list(reversed(columns["cell_type"]))
+
+    jf.rewrite_split(data, 0, "val", relabel)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(_search_argv(data, out, space_file, "--n_trials", "1")) == 2
+    assert "data.0.val.label_sha256" in _errors(caplog)
+    assert len(_trials(out)) == 2
+
+
+def search_settings(out) -> dict:
+    import optuna
+
+    return optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}").user_attrs["settings"]
+
+
+def test_ctrl_c_in_search_is_one_line_exit_130_and_the_study_resumes(job_data, tmp_path, space_file, monkeypatch):
+    from geneformer_peft.training import search
+
+    out = tmp_path / "search"
+    argv = _search_argv(job_data, out, space_file, "--n_trials", "2", "--epoch", "1000",
+                        "--early_stopping_patience", "0", "--no_pruning")
+    log = out / "search.log"
+    # SIG_DFL in the child: a shell without job control starts background jobs with SIGINT ignored
+    proc = subprocess.Popen([sys.executable, "-m", "geneformer_peft.cli", *argv], cwd=jf.ROOT,
+                            env=jf._subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 200
+        while not (log.is_file() and "fold 0 epoch 1:" in log.read_text()) and proc.poll() is None:
+            assert time.monotonic() < deadline, "trial 0 never trained an epoch"
+            time.sleep(0.1)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    for noise in ("Traceback", "KeyboardInterrupt", "Trial 0 failed"):
+        assert noise not in stderr, stderr[-3000:]
+    interrupted = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(interrupted) == 1 and interrupted[0] == stderr.strip().splitlines()[-1], stderr[-3000:]
+    assert "search interrupted during trial 0 (recorded as failed)" in interrupted[0]
+    assert "rerun the same command" in interrupted[0]
+    assert "run stopped: search interrupted during trial 0" in log.read_text().strip().splitlines()[-1]
+    assert list(_trials(out)["state"]) == ["FAIL"]
+    # the same command adds trials after the failed one (their training replaced by a stand-in)
+    monkeypatch.setattr(search, "evaluate_setting",
+                        lambda *args, **kwargs: {"value": 0.5, "fold_val_macro_f1": [0.5], "epochs_run": [1]})
+    assert cli.main(argv) == 0
+    trials = _trials(out)
+    assert list(trials["number"]) == [0, 1, 2] and list(trials["state"]) == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_a_data_error_inside_a_trial_is_one_line_without_optunas_traceback(job_data, tmp_path, space_file,
+                                                                            monkeypatch, caplog):
+    from geneformer_peft.errors import DataError
+    from geneformer_peft.training import search
+
+    def bad_cells(*args, **kwargs):
+        raise DataError("fold 0 train split x.dataset: holds token id 9999, but the model has vocab_size 202")
+
+    monkeypatch.setattr(search, "evaluate_setting", bad_cells)
+    out = tmp_path / "search"
+    with caplog.at_level(logging.DEBUG):
+        assert cli.main(_search_argv(job_data, out, space_file, "--n_trials", "2")) == 2
+    assert not [r for r in caplog.records if r.name.startswith("optuna") and (r.exc_info or "failed" in r.getMessage())]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "fold 0 train split x.dataset: holds token id 9999, but the model has vocab_size 202"]
+    assert list(_trials(out)["state"]) == ["FAIL"]
+
+
+# ----------------------------------------------------------------------------- issue 25: thread policy
+def test_every_trial_runs_with_the_thread_count_of_the_jobs_policy(job_data, tmp_path, space_file, monkeypatch):
+    import torch
+
+    from geneformer_peft.training import search, threads
+
+    seen = []
+    real = search.evaluate_setting
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "evaluate_setting", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # --num_threads wins
+        assert cli.main(_search_argv(job_data, tmp_path / "fixed", space_file, "--n_trials", "2",
+                                     "--num_threads", "1")) == 0
+        assert seen == [1, 1]
+        # otherwise the policy chooses for each trial, at most torch's count at the start
+        asked = []
+
+        def policy(requested=None, *, current=None, environ=None):
+            asked.append((requested, current))
+            return threads.ThreadChoice(1, "cores free (test)")
+
+        monkeypatch.setattr(threads, "choose_num_threads", policy)
+        out = tmp_path / "policy"
+        assert cli.main(_search_argv(job_data, out, space_file, "--n_trials", "2")) == 0
+        assert asked == [(None, 2), (None, 2)] and seen[2:] == [1, 1]
+        assert torch.get_num_threads() == 2, "the search gives torch its thread count back"
+    finally:
+        torch.set_num_threads(before)
+    assert "trial 1: torch threads: 1 (cores free (test))" in (out / "search.log").read_text()
+    assert list(_trials(out)["user_attrs_torch_threads"]) == [1, 1]
+    assert "--num_threads 1" in (out / "best_command.txt").read_text()
