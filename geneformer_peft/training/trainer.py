@@ -149,7 +149,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-#: what a resume checkpoint holds besides the trainer's own states, and the type of each
+#: the entries of a resume checkpoint, and the type of each
 _CHECKPOINT_FIELDS = {"epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict, "best": dict,
                       "history": list, "train_seconds": (int, float), "train_cells": int}
 _BEST_FIELDS = {"score": (int, float), "loss": (int, float), "epoch": int, "stale": int, "by": str}
@@ -316,7 +316,8 @@ class FoldTrainer:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError ... for a bad file
             return self._discard_checkpoint(path, _load_failure(error))
-        problem = _checkpoint_problem(payload, _trainable_state(self.model))
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        problem = _checkpoint_problem(payload, trainable)
         if problem is not None:
             return self._discard_checkpoint(path, problem)
         before = self._resumable_state()
