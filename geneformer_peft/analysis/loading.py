@@ -30,6 +30,7 @@ from geneformer_peft.data.vocab import (
     EOS_TOKEN,
     PAD_TOKEN,
     TOKEN_DICTIONARY_FILE,
+    TOKEN_DICTIONARY_JSON_FILE,
     TOKENIZER_FILE,
     load_token_dictionary,
 )
@@ -212,8 +213,8 @@ def load_analysis_model(model_path: str | Path, base_model: str | Path | None = 
 
 def resolve_token_dictionary(token_dictionary: str | Path | None, *folders: str | Path | None
                              ) -> tuple[dict[str, int] | None, Path | None]:
-    """The token dictionary given, else the first ``token_dictionary.pkl`` (or ``tokenizer.json``,
-    as fold folders hold) found in ``folders``.
+    """The token dictionary given, else the first ``token_dictionary.pkl`` (or
+    ``token_dictionary.json``, or ``tokenizer.json`` as fold folders hold) found in ``folders``.
 
     Returns
     -------
@@ -226,7 +227,7 @@ def resolve_token_dictionary(token_dictionary: str | Path | None, *folders: str 
     for folder in folders:
         if folder is None:
             continue
-        for name in (TOKEN_DICTIONARY_FILE, TOKENIZER_FILE):
+        for name in (TOKEN_DICTIONARY_FILE, TOKEN_DICTIONARY_JSON_FILE, TOKENIZER_FILE):
             candidate = Path(folder) / name
             if candidate.is_file():
                 return load_token_dictionary(candidate), candidate

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--config", type=Path, default=None, help="A config.json whose PEFT keys apply (as in finetune).")
     p("--prompt_type", default=None, help="Override prompt_type; '' for full fine-tuning.")
     p("--token_dictionary", type=Path, default=None,
-      help="Token dictionary of the cells (default: the checkpoint's tokenizer.json).")
+      help="Token dictionary of the cells: a .json {token: id} (token_dictionary.json), Geneformer's .pkl or a "
+           "tokenizer.json (default: the checkpoint's tokenizer.json).")
     p("--max_cells", type=int, default=None, help="Use only the first N cells.")
     p("--epoch", "--epochs", dest="epochs", type=int, default=3, help="Epochs per fold (%(default)s).")
     p("--batch_size", type=int, default=16, help="Cells per batch (%(default)s).")

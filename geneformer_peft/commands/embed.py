@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="auto: bf16 on CUDA, fp32 on CPU (%(default)s).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--token_dictionary", type=Path, default=None,
-      help="Token dictionary (default: the one in --model_path or --base_model).")
+      help="Token dictionary: a .json {token: id} (token_dictionary.json), Geneformer's .pkl or a tokenizer.json "
+           "(default: the one in --model_path or --base_model).")
     p("--metrics_output", type=Path, default=None,
       help="Quality report (default: embedding_metrics.json beside --output).")
     p("--no_plots", action="store_true", help="Skip the UMAP and heatmap plots.")

@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--save_format", default="bin", choices=["bin", "safetensors"],
       help="Fold model file: pytorch_model.bin (reference contract) or model.safetensors (%(default)s).")
     p("--token_dictionary", type=Path, default=None,
-      help="The data's token dictionary (Geneformer's token_dictionary.pkl or a tokenizer.json), written into "
+      help="The data's token dictionary (a token_dictionary.json {token: id}, Geneformer's token_dictionary.pkl "
+           "or a tokenizer.json), written into "
            "every fold folder as tokenizer.json (default: the checkpoint's tokenizer.json, if any).")
     p("--random_init", action="store_true",
       help="Ablation: same architecture and method, random weights instead of the checkpoint's.")

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--rank_shift", type=float, default=0.25,
       help="inhibit / activate: move by this fraction of the cell's genes (%(default)s).")
     p("--token_dictionary", type=Path, default=None,
-      help="Token dictionary (default: the one in --model_path or --base_model).")
+      help="Token dictionary: a .json {token: id} (token_dictionary.json), Geneformer's .pkl or a tokenizer.json "
+           "(default: the one in --model_path or --base_model).")
     p("--filter", action="append", default=None, dest="filters", metavar="COLUMN=VALUE[,VALUE]",
       help="Perturb only cells with these values; repeat for several columns.")
     p("--cell_states_to_model", default=None, metavar="JSON",

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--config", type=Path, help="config.json of a model to pretrain from scratch.")
     src.add_argument("--model_path", type=Path, help="Checkpoint to continue pretraining.")
     p("--token_dictionary", type=Path, default=None,
-      help="token_dictionary.pkl or tokenizer.json (default: the checkpoint's tokenizer.json, if any).")
+      help="token_dictionary.json ({token: id}), token_dictionary.pkl or tokenizer.json (default: the "
+           "checkpoint's tokenizer.json, if any).")
     p("--epochs", type=int, default=1, help="Passes over the cells (%(default)s).")
     p("--batch_size", type=int, default=16, help="Cells per batch (%(default)s).")
     p("--lr", type=float, default=1e-3, help="Peak learning rate (%(default)s).")

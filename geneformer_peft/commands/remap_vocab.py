@@ -22,10 +22,12 @@ HELP = "copy a checkpoint onto another gene vocabulary (shared genes keep their 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
     p("--model_path", required=True, type=Path, help="Pretrained checkpoint folder.")
-    p("--token_dictionary", required=True, type=Path, help="The new vocabulary (.pkl or tokenizer.json).")
+    p("--token_dictionary", required=True, type=Path,
+      help="The new vocabulary (a .json {token: id} such as token_dictionary.json, a .pkl or a tokenizer.json).")
     p("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
     p("--old_token_dictionary", type=Path, default=None,
-      help="The checkpoint's vocabulary, when it has no tokenizer.json.")
+      help="The checkpoint's vocabulary (.json {token: id}, .pkl or tokenizer.json), when it has no "
+           "tokenizer.json.")
     p("--pad_to_multiple_of", type=int, default=8, help="Round the vocabulary size up to a multiple (%(default)s).")
     p("--seed", type=int, default=0, help="Seed of the fresh rows (%(default)s).")
     p("--allow_low_gene_overlap", action="store_true",

@@ -5,9 +5,10 @@ Each cell becomes its genes sorted by normalised expression
 The dataset is saved with datasets' save_to_disk (columns input_ids, length, the label
 column and --keep_columns).
 
-Vocabulary: either Geneformer's dictionaries (--token_dictionary and
---gene_median_dictionary), or --build_vocab DIR to build both from this file's own counts
-(written to DIR as token_dictionary.pkl, gene_median_dictionary.pkl and tokenizer.json).
+Vocabulary: either two dictionaries (--token_dictionary and --gene_median_dictionary: JSON
+objects {token: id} and {gene: median}, or Geneformer's .pkl files, read without running code
+from them), or --build_vocab DIR to build both from this file's own counts (written to DIR as
+token_dictionary.json, gene_median_dictionary.json, their .pkl forms and tokenizer.json).
 
 Cell filters: cells with obs[--filter_column] != 1 are skipped when that column exists;
 --obs_filter col=value (repeatable; value may be a comma-separated list) keeps only cells
@@ -42,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path, help="Input .h5ad (read backed) or .loom file of raw counts.")
     parser.add_argument("--output", required=True, type=Path, help="Output directory of the saved dataset (e.g. X.dataset).")
     vocab = parser.add_argument_group("vocabulary (give both dictionaries, or --build_vocab)")
-    vocab.add_argument("--token_dictionary", type=Path, help="Token dictionary: Geneformer .pkl, tokenizer.json or a directory holding one.")
-    vocab.add_argument("--gene_median_dictionary", type=Path, help="Gene median dictionary .pkl ({ensembl_id: median}).")
-    vocab.add_argument("--build_vocab", type=Path, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR.")
+    vocab.add_argument("--token_dictionary", type=Path, help="Token dictionary: a .json {token: id} (token_dictionary.json), Geneformer's .pkl, a tokenizer.json, or a directory holding one.")
+    vocab.add_argument("--gene_median_dictionary", type=Path, help="Gene median dictionary: a .json {ensembl_id: median} (gene_median_dictionary.json) or Geneformer's .pkl.")
+    vocab.add_argument("--build_vocab", type=Path, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR (token_dictionary.json, gene_median_dictionary.json, their .pkl forms, tokenizer.json).")
     parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")

@@ -1,10 +1,12 @@
 """Gene vocabularies: Geneformer's dictionaries, ``tokenizer.json``, custom vocabularies.
 
-- :func:`load_token_dictionary` / :func:`load_gene_median_dictionary` read Geneformer's
-  pickles (and ``tokenizer.json``).
+- :func:`load_token_dictionary` / :func:`load_gene_median_dictionary` read plain JSON
+  dictionaries (``token_dictionary.json``: ``{token: id}``, ``gene_median_dictionary.json``:
+  ``{gene: median}``), Geneformer's pickles (with a restricted unpickler that runs no code from
+  the file) and ``tokenizer.json``.
 - :func:`save_tokenizer_json` writes a ``tokenizers`` WordLevel ``tokenizer.json``.
 - :func:`build_vocabulary` builds both dictionaries from the user's own raw counts and
-  :func:`write_dictionaries` saves them as pickles.
+  :func:`write_dictionaries` saves them as JSON and as pickles.
 
 Putting a checkpoint on another vocabulary is a model operation:
 :func:`geneformer_peft.models.vocabulary.remap_checkpoint_vocabulary`.
@@ -12,6 +14,7 @@ Putting a checkpoint on another vocabulary is a model operation:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -35,6 +38,7 @@ __all__ = [
     "EOS_TOKEN",
     "load_token_dictionary",
     "load_gene_median_dictionary",
+    "read_json_dictionary",
     "save_tokenizer_json",
     "build_vocabulary",
     "write_dictionaries",
@@ -50,6 +54,8 @@ UNK_TOKEN = "<unk>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_DICTIONARY_FILE = "token_dictionary.pkl"
 GENE_MEDIAN_DICTIONARY_FILE = "gene_median_dictionary.pkl"
+TOKEN_DICTIONARY_JSON_FILE = "token_dictionary.json"
+GENE_MEDIAN_DICTIONARY_JSON_FILE = "gene_median_dictionary.json"
 
 PathLike = str | Path
 
@@ -81,9 +87,11 @@ def validate_token_dictionary(raw: Any, source: str) -> dict[str, int]:
         raise DataError(f"{source}: token dictionary is a {type(raw).__name__}; expected a dict of token -> id")
     result: dict[str, int] = {}
     for token, value in raw.items():
+        if isinstance(value, (bool, np.bool_)):
+            raise DataError(f"{source}: token {token!r} has id {value!r}; expected an integer")
         try:
             token_id = int(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise DataError(f"{source}: token {token!r} has id {value!r}; expected an integer") from exc
         if token_id < 0 or token_id != value:
             raise DataError(f"{source}: token {token!r} has id {value!r}; expected a non-negative integer")
@@ -95,25 +103,69 @@ def validate_token_dictionary(raw: Any, source: str) -> dict[str, int]:
     return result
 
 
+def read_json_dictionary(path: PathLike, what: str) -> Any:
+    """The JSON value in ``path``; a duplicated key or unreadable JSON is a :class:`DataError`.
+
+    Parameters
+    ----------
+    path
+        A ``.json`` file.
+    what
+        What the file should hold, for the messages (e.g. ``"a token dictionary {token: id}"``).
+    """
+    path = Path(path)
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            twice = sorted({key for key in keys if keys.count(key) > 1})
+            raise DataError(f"{path}: keys {twice[:5]} appear twice; expected {what} with unique keys")
+        return dict(pairs)
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); expected {what} "
+                        "as JSON") from error
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                        f"expected {what}") from error
+
+
+def _is_tokenizers_json(raw: Any) -> bool:
+    """Whether ``raw`` is a ``tokenizers`` tokenizer.json (they all have a ``model`` object)
+    rather than a plain ``{token: id}`` dictionary (whose values are numbers)."""
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+
+
 def load_token_dictionary(path: PathLike) -> dict[str, int]:
     """Load a token dictionary ``{token: id}``.
 
     Parameters
     ----------
     path
-        Geneformer's ``token_dictionary.pkl`` (``{"<pad>": 0, "<mask>": 1, ensembl_id: id}``;
-        numpy integer ids are converted to ``int``), a ``tokenizer.json`` written by the
-        ``tokenizers`` library, or a directory holding ``tokenizer.json`` (or
-        ``token_dictionary.pkl``).
+        A JSON object ``{token: id}`` (``token_dictionary.json``, as ``tokenize --build_vocab``
+        writes), a ``tokenizer.json`` written by the ``tokenizers`` library, Geneformer's
+        ``token_dictionary.pkl`` (``{"<pad>": 0, "<mask>": 1, ensembl_id: id}``; numpy integer
+        ids are converted to ``int``; read without running code from the file), or a directory
+        holding ``tokenizer.json``, ``token_dictionary.json`` or ``token_dictionary.pkl`` (the
+        first found).
 
     Returns
     -------
     dict
         Token -> integer id.
+
+    Raises
+    ------
+    DataError
+        When the file is missing or unreadable, or an id is not a unique non-negative integer.
     """
     path = Path(path)
     if path.is_dir():
-        candidates = [path / TOKENIZER_FILE, path / TOKEN_DICTIONARY_FILE]
+        candidates = [path / TOKENIZER_FILE, path / TOKEN_DICTIONARY_JSON_FILE, path / TOKEN_DICTIONARY_FILE]
         found = [c for c in candidates if c.is_file()]
         if not found:
             raise DataError(
@@ -121,8 +173,12 @@ def load_token_dictionary(path: PathLike) -> dict[str, int]:
             )
         path = found[0]
     if not path.is_file():
-        raise DataError(f"{path}: token dictionary file does not exist; expected a .pkl or tokenizer.json")
+        raise DataError(f"{path}: token dictionary file does not exist; expected a .json ({{token: id}} or "
+                        "tokenizer.json) or a .pkl file")
     if path.suffix.lower() == ".json":
+        raw = read_json_dictionary(path, "a token dictionary {token: id} or a tokenizers tokenizer.json")
+        if not _is_tokenizers_json(raw):
+            return validate_token_dictionary(raw, str(path))
         from tokenizers import Tokenizer
 
         try:
@@ -134,24 +190,42 @@ def load_token_dictionary(path: PathLike) -> dict[str, int]:
 
 
 def load_gene_median_dictionary(path: PathLike) -> dict[str, float]:
-    """Load Geneformer's ``gene_median_dictionary.pkl`` as ``{ensembl_id: float}``.
+    """Load a gene median dictionary as ``{ensembl_id: float}``.
+
+    Parameters
+    ----------
+    path
+        A JSON object ``{gene: median}`` (``gene_median_dictionary.json``, as ``tokenize
+        --build_vocab`` writes), Geneformer's ``gene_median_dictionary.pkl`` (read without
+        running code from the file), or a directory holding either (the JSON preferred).
 
     Raises
     ------
     DataError
-        When a median is not a finite positive number.
+        When the file is missing or unreadable, or a median is not a finite number > 0 (the
+        message names the file, the gene and the value).
     """
     path = Path(path)
     if path.is_dir():
-        path = path / GENE_MEDIAN_DICTIONARY_FILE
+        json_path = path / GENE_MEDIAN_DICTIONARY_JSON_FILE
+        path = json_path if json_path.is_file() else path / GENE_MEDIAN_DICTIONARY_FILE
     if not path.is_file():
-        raise DataError(f"{path}: gene median dictionary file does not exist; expected a .pkl file")
-    raw = load_plain_pickle(path)
+        raise DataError(f"{path}: gene median dictionary file does not exist; expected a .json ({{gene: median}}) "
+                        "or a .pkl file")
+    if path.suffix.lower() == ".json":
+        raw = read_json_dictionary(path, "a gene median dictionary {gene: median}")
+    else:
+        raw = load_plain_pickle(path)
     if not isinstance(raw, Mapping):
         raise DataError(f"{path}: gene median dictionary is a {type(raw).__name__}; expected a dict")
     result = {}
     for gene, value in raw.items():
-        median = float(value)
+        median = math.nan  # strings, booleans, None ... are refused, not converted
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+            try:
+                median = float(value)
+            except OverflowError:  # an integer beyond float range
+                pass
         if not (math.isfinite(median) and median > 0):
             raise DataError(f"{path}: gene {gene!r} has median {value!r}; expected a finite number > 0")
         result[str(gene)] = median
@@ -322,23 +396,36 @@ def write_dictionaries(
     *,
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
-    """Save both dictionaries as Geneformer-style pickles (and a ``tokenizer.json``).
+    """Save both dictionaries as JSON (``token_dictionary.json``, ``gene_median_dictionary.json``),
+    as Geneformer-style pickles (``token_dictionary.pkl``, ``gene_median_dictionary.pkl``) and
+    as a ``tokenizer.json``.
+
+    The JSON files hold the same dictionaries as the pickles and can be read without trusting
+    the file; :func:`load_token_dictionary` and :func:`load_gene_median_dictionary` read both.
 
     Returns
     -------
     (token_dictionary_path, gene_median_dictionary_path)
+        The pickles' paths (the JSON files lie beside them).
     """
+    from geneformer_peft.files import write_json
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     token_path = directory / TOKEN_DICTIONARY_FILE
     median_path = directory / GENE_MEDIAN_DICTIONARY_FILE
-    for path in (token_path, median_path):
+    token_json, median_json = directory / TOKEN_DICTIONARY_JSON_FILE, directory / GENE_MEDIAN_DICTIONARY_JSON_FILE
+    for path in (token_path, median_path, token_json, median_json):
         if path.exists() and not overwrite:
             raise DataError(f"{path}: file exists; expected a new path (pass overwrite=True to replace it)")
+    tokens = {str(k): int(v) for k, v in token_dictionary.items()}
+    medians = {str(k): float(v) for k, v in median_dictionary.items()}
+    write_json(token_json, tokens, indent=0)
+    write_json(median_json, medians, indent=0)
     with open(token_path, "wb") as handle:
-        pickle.dump({str(k): int(v) for k, v in token_dictionary.items()}, handle)
+        pickle.dump(tokens, handle)
     with open(median_path, "wb") as handle:
-        pickle.dump({str(k): float(v) for k, v in median_dictionary.items()}, handle)
+        pickle.dump(medians, handle)
     save_tokenizer_json(token_dictionary, directory)
-    logger.info("wrote %s and %s", token_path, median_path)
+    logger.info("wrote %s, %s and their .pkl forms in %s", token_json.name, median_json.name, directory)
     return token_path, median_path

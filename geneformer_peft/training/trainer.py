@@ -2,10 +2,12 @@
 early stopping on validation macro-F1 (or loss), best model restored, resumable per epoch."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +104,6 @@ class FitResult:
 
 def set_seed(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators."""
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -126,7 +126,13 @@ def _trainable_state(model) -> dict:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors, strings and numbers, which ``torch.load(weights_only=True)`` reads."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": int(version), "internal": [int(x) for x in internal], "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,9 +140,69 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["bit_generator"], numpy_state["key"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: the entries of a resume checkpoint, and the type of each
+_CHECKPOINT_FIELDS = {"epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict, "best": dict,
+                      "history": list, "train_seconds": (int, float), "train_cells": int}
+_BEST_FIELDS = {"score": (int, float), "loss": (int, float), "epoch": int, "stale": int, "by": str}
+
+
+def _checkpoint_problem(payload, trainable: dict[str, torch.Tensor]) -> str | None:
+    """Why ``payload`` is not a resume checkpoint of a model with these ``trainable`` weights (``None``: it is)."""
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}, not a resume checkpoint"
+    for key, kind in _CHECKPOINT_FIELDS.items():
+        if key not in payload:
+            return f"it has no {key!r} entry (not a resume checkpoint of this version)"
+        if not isinstance(payload[key], kind) or isinstance(payload[key], bool):
+            return f"its {key!r} entry is a {type(payload[key]).__name__}"
+    if payload["epoch"] < 1:
+        return f"its epoch is {payload['epoch']}"
+    if not all(k in payload["rng"] for k in ("torch", "numpy", "python")):
+        return "its random generator states are incomplete (a checkpoint of an older version)"
+    weights = payload["model"]
+    missing, unexpected = sorted(set(trainable) - set(weights)), sorted(set(weights) - set(trainable))
+    if missing or unexpected:
+        return (f"its weights are not this model's trainable weights ({len(missing)} missing, e.g. {missing[:2]}; "
+                f"{len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    best = payload["best"]
+    unknown = set(best) - {f.name for f in fields(BestModel)}
+    if unknown:
+        return f"its best-epoch record has unknown entries {sorted(unknown)}"
+    for key, kind in _BEST_FIELDS.items():
+        if key in best and (not isinstance(best[key], kind) or isinstance(best[key], bool)):
+            return f"its best-epoch {key} is a {type(best[key]).__name__}"
+    best_state = best.get("state")
+    if best_state is not None and not isinstance(best_state, dict):
+        return f"its best-epoch weights are a {type(best_state).__name__}"
+    for name, value in [*weights.items(), *(best_state or {}).items()]:
+        if name not in trainable:
+            return f"its best-epoch weight {name} is not one of this model's trainable weights"
+        if not isinstance(value, torch.Tensor) or value.shape != trainable[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"its weight {name} is {shape}; this model's is {tuple(trainable[name].shape)}"
+    if not all(isinstance(record, dict) for record in payload["history"]):
+        return "its history is not a list of per-epoch records"
+    return None
+
+
+def _load_failure(error: Exception) -> str:
+    """torch.load's error in one line (its messages run to paragraphs of advice that does not apply here)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # the file names a global (code) or an opcode that weights_only refuses
+        text = text[text.index(marker) + len(marker):].strip()
+        text = text.split(". Please use")[0]
+    text = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
+    return f"not a readable torch file: {type(error).__name__}" + (f": {text}" if text else " (it ends early)")
 
 
 class FoldTrainer:
@@ -235,18 +301,54 @@ class FoldTrainer:
         os.replace(tmp, path)
 
     def _load_checkpoint(self) -> dict | None:
+        """The epoch checkpoint, its states loaded into the model, optimiser, scheduler and
+        generators; ``None`` when there is none or it is unusable.
+
+        It is read with ``torch.load(weights_only=True)``, so a file that names any code (a
+        planted pickle) runs nothing. A truncated, foreign or older-format file is discarded
+        with a warning (the fold starts from epoch 1 and the next epoch's checkpoint replaces
+        it): a checkpoint only saves time, so it never stops a run.
+        """
         path = self._checkpoint_path()
         if path is None or not path.is_file():
             return None
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(payload["model"], strict=False)
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        if self.scaler is not None and "scaler" in payload:
-            self.scaler.load_state_dict(payload["scaler"])
-        _set_rng_state(payload["rng"])
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError ... for a bad file
+            return self._discard_checkpoint(path, _load_failure(error))
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        problem = _checkpoint_problem(payload, trainable)
+        if problem is not None:
+            return self._discard_checkpoint(path, problem)
+        before = self._resumable_state()
+        try:
+            self._restore(payload)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            self._restore(before)  # a half-loaded state would train neither the old run nor a fresh one
+            return self._discard_checkpoint(path, f"it does not fit this run ({type(error).__name__}: "
+                                                  f"{str(error).splitlines()[0] if str(error) else ''})")
         logger.info("%s: resuming after epoch %d from %s", self.desc, payload["epoch"], path)
         return payload
+
+    def _resumable_state(self) -> dict:
+        state = {"model": _trainable_state(self.model), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                 "scheduler": copy.deepcopy(self.scheduler.state_dict()), "rng": _rng_state()}
+        if self.scaler is not None:
+            state["scaler"] = copy.deepcopy(self.scaler.state_dict())
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+
+    def _discard_checkpoint(self, path: Path, reason: str) -> None:
+        logger.warning("%s: the resume checkpoint %s cannot be used (%s); it is ignored and the fold starts again "
+                       "from epoch 1", self.desc, path, reason)
+        return None
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> FitResult:
