@@ -51,8 +51,20 @@ PEFT_SHARED_DEFAULTS: dict[str, Any] = {
     "freeze_layers": 0,
     "finetune_max_length": None,
 }
-#: PEFT methods of the registry CellFM has no hook point for yet (``docs/cellfm.md``, "Not done yet").
-UNSUPPORTED_PEFT = ("lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt", "ia3", "dora")
+#: The encoder's linear projections, by path inside ``encoder.N``: what ``lora_target_modules`` and
+#: ``ia3_target_modules`` name on a CellFM model (``peft.base.linear_paths``).
+LINEAR_PATHS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.u_proj", "attn.o_proj",
+                "ffn.u_proj", "ffn.v_proj", "ffn.o_proj")
+#: The method keys whose registry defaults name BERT projections, with CellFM's counterparts:
+#: LoRA / DoRA on q and v; IA3 on k and v (outputs scaled) and the feed-forward output (input scaled).
+CELLFM_PEFT_DEFAULTS: dict[str, Any] = {
+    "lora_target_modules": ["attn.q_proj", "attn.v_proj"],
+    "ia3_target_modules": ["attn.k_proj", "attn.v_proj", "ffn.o_proj"],
+    "ia3_feedforward_modules": ["ffn.o_proj"],
+}
+#: PEFT methods of the registry CellFM has no hook point for, and why.
+UNSUPPORTED_PEFT = {"prefix_prompt": "prompt tokens have no place in CellFM's linear attention (its length scale "
+                                     "1 / sqrt(genes) and the zeroed padded keys count real genes only)"}
 
 
 def _is_int(value: Any) -> bool:
@@ -84,7 +96,8 @@ class CellFMConfig(ConfigBase):
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
-        for key, default in {**CELLFM_DEFAULTS, **PEFT_SHARED_DEFAULTS, **config_defaults()}.items():
+        for key, default in {**CELLFM_DEFAULTS, **PEFT_SHARED_DEFAULTS, **config_defaults(),
+                             **CELLFM_PEFT_DEFAULTS}.items():
             setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
         self._extra_keys = list(kwargs)
         for key, value in kwargs.items():
@@ -101,6 +114,11 @@ class CellFMConfig(ConfigBase):
     def deepnorm_alpha(self) -> float:
         """The residual's weight in each post-norm: ``(2 * num_hidden_layers) ** 0.25``."""
         return (2 * self.num_hidden_layers) ** 0.25
+
+    @property
+    def peft_linear_paths(self) -> tuple[str, ...]:
+        """The projections PEFT methods may target (:data:`LINEAR_PATHS`)."""
+        return LINEAR_PATHS
 
     @property
     def max_position_embeddings(self) -> int:
@@ -126,8 +144,8 @@ class CellFMConfig(ConfigBase):
         if self.if_use_prompt:
             for name in methods:
                 if name in UNSUPPORTED_PEFT:
-                    raise _bad("prompt_type", self.prompt_type, f"methods without {name!r}: it is not built for "
-                               f"{MODEL_TYPE} models yet (docs/cellfm.md); use full fine-tuning ('')", src)
+                    raise _bad("prompt_type", self.prompt_type, f"methods without {name!r}: a {MODEL_TYPE} model "
+                               f"has no hook for it ({UNSUPPORTED_PEFT[name]})", src)
         check_config(self, methods if self.if_use_prompt else (), src)
         if not _is_int(self.freeze_layers) or not 0 <= self.freeze_layers <= self.num_hidden_layers:
             raise _bad("freeze_layers", self.freeze_layers, f"an integer in [0, {self.num_hidden_layers}]", src)

@@ -22,6 +22,12 @@ Module attribute paths are the released checkpoint's names (after ``gamma`` / ``
     classifier.*                               CellFMForSequenceClassification (ours)
     value_head.*                               CellFMForMaskedValues (ours)
 
+PEFT hook points (empty unless a method of the registry puts something there; ``docs/cellfm.md``):
+the eight projections ``encoder.N.attn.{q,k,v,u,o}_proj`` and ``encoder.N.ffn.{u,v,o}_proj``
+(:data:`~.configuration_cellfm.LINEAR_PATHS`, named so in ``lora_target_modules`` /
+``ia3_target_modules``); ``adapter`` on the embedded sequence, and per layer ``Space_Adapter`` on
+the attention output and ``MLP_Adapter`` beside the feed-forward.
+
 No linear of the encoder has a bias. Shapes: B batch, L gene tokens, N = 1 + L positions
 (cls first), d hidden size, h heads, e head dim.
 """
@@ -37,9 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .configuration_cellfm import CellFMConfig
+from .configuration_cellfm import LINEAR_PATHS, CellFMConfig
 from .modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 from .modeling_utils import _layer_pattern, find_weights_file, log_loading_report, read_state_dict, write_state_dict
+from .peft.registry import owner_of, peft_linear, peft_module
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +55,6 @@ __all__ = [
     "mask_values",
 ]
 
-#: the encoder's linear projections, by path inside ``encoder.N``
-LINEAR_PATHS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.u_proj", "attn.o_proj",
-                "ffn.u_proj", "ffn.v_proj", "ffn.o_proj")
 #: head parameters of the two task models (another head's keys are dropped on load, with a log line)
 HEAD_PREFIXES = ("classifier.", "value_head.")
 
@@ -107,7 +111,7 @@ class RetentionAttention(nn.Module):
         self.heads = config.num_attention_heads
         self.head_dim = config.head_dim
         for name in ("q_proj", "k_proj", "v_proj", "u_proj", "o_proj"):
-            setattr(self, name, nn.Linear(d, d, bias=False))
+            setattr(self, name, peft_linear(config, f"attn.{name}", nn.Linear(d, d, bias=False)))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -134,9 +138,9 @@ class GatedFeedForward(nn.Module):
     def __init__(self, config: CellFMConfig) -> None:
         super().__init__()
         d, inner = config.hidden_size, config.intermediate_size
-        self.u_proj = nn.Linear(d, inner, bias=False)
-        self.v_proj = nn.Linear(d, inner, bias=False)
-        self.o_proj = nn.Linear(inner, d, bias=False)
+        self.u_proj = peft_linear(config, "ffn.u_proj", nn.Linear(d, inner, bias=False))
+        self.v_proj = peft_linear(config, "ffn.v_proj", nn.Linear(d, inner, bias=False))
+        self.o_proj = peft_linear(config, "ffn.o_proj", nn.Linear(inner, d, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.u_proj(x) * self.v_proj(x))
@@ -144,20 +148,33 @@ class GatedFeedForward(nn.Module):
 
 # ----------------------------------------------------------------------------- layer
 class CellFMLayer(nn.Module):
-    """DeepNorm post-norm: ``x = post_norm1(alpha x + attn(x))``; ``x = post_norm2(alpha x + ffn(x))``,
-    ``alpha = (2 * num_hidden_layers) ** 0.25``."""
+    """DeepNorm post-norm, ``alpha = (2 * num_hidden_layers) ** 0.25``:
 
-    def __init__(self, config: CellFMConfig) -> None:
+        a = attn(x);  a = a + Space_Adapter(a)      x = post_norm1(alpha x + a)
+        f = ffn(x);   f = f + MLP_Adapter(x)        x = post_norm2(alpha x + f)
+
+    The adapters are ``None`` (absent) unless a PEFT method (``encoder_prompt``) sets them.
+    """
+
+    def __init__(self, config: CellFMConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.alpha = config.deepnorm_alpha
         self.attn = RetentionAttention(config)
         self.ffn = GatedFeedForward(config)
         self.post_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.Space_Adapter: nn.Module | None = peft_module("attention_output", config, layer_index)
+        self.MLP_Adapter: nn.Module | None = peft_module("ffn_output", config, layer_index)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor, len_scale: torch.Tensor) -> torch.Tensor:
-        x = self.post_norm1(self.alpha * x + self.attn(x, key_mask, len_scale))
-        return self.post_norm2(self.alpha * x + self.ffn(x))
+        a = self.attn(x, key_mask, len_scale)
+        if self.Space_Adapter is not None:
+            a = a + self.Space_Adapter(a)
+        x = self.post_norm1(self.alpha * x + a)
+        f = self.ffn(x)
+        if self.MLP_Adapter is not None:
+            f = f + self.MLP_Adapter(x)
+        return self.post_norm2(self.alpha * x + f)
 
 
 # ----------------------------------------------------------------------------- loading / saving
@@ -266,8 +283,8 @@ class CellFMPreTrainedModel(nn.Module):
         self.loading_info = {"missing_keys": missing, "unexpected_keys": [], "discarded_head_keys": other_heads,
                              "mismatched_keys": mismatched}
         if report_missing:
-            log_loading_report(self, source, self.loading_info, layer_word="encoder",
-                               is_surprising=lambda k: not k.startswith(self.head_prefixes))
+            log_loading_report(self, source, self.loading_info, layer_word="encoder", is_surprising=lambda k: (
+                not k.startswith(self.head_prefixes) and owner_of(k, self.config.peft_methods) is None))
         return self.loading_info
 
 
@@ -276,7 +293,8 @@ class CellFMModel(CellFMPreTrainedModel):
     """The CellFM encoder: gene ids and their values -> (B, 1 + L, d), the cls token at position 0.
 
     A gene token is ``gene_emb[id] + value embedding``; no positions. The cls token goes first,
-    the embedded sequence is multiplied by the 0/1 mask, then the layers run.
+    (``Gene_token_prompt``: ``E' = E + adapter(E)``), the embedded sequence is multiplied by the
+    0/1 mask, then the layers run.
     """
 
     def __init__(self, config: CellFMConfig) -> None:
@@ -285,9 +303,13 @@ class CellFMModel(CellFMPreTrainedModel):
         self.gene_emb = nn.Parameter(torch.zeros(config.vocab_size, d))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.value_enc = ValueEmbedding(config)
-        self.encoder = nn.ModuleList(CellFMLayer(config) for _ in range(config.num_hidden_layers))
+        self.encoder = nn.ModuleList(CellFMLayer(config, i) for i in range(config.num_hidden_layers))
+        self.adapter: nn.Module | None = peft_module("embedding_output", config)  # E' = E + adapter(E)
         self.gradient_checkpointing = False
         self.init_weights()
+        for module in self.modules():  # PEFT modules start at the base model (zero adapters, B = 0)
+            if module is not self and hasattr(module, "reset_peft_parameters"):
+                module.reset_peft_parameters()
 
     def _check_inputs(self, input_ids: torch.Tensor, values: torch.Tensor,
                       attention_mask: torch.Tensor | None, value_mask: torch.Tensor | None) -> torch.Tensor:
@@ -339,6 +361,8 @@ class CellFMModel(CellFMPreTrainedModel):
         dtype = self.gene_emb.dtype
         tokens = self.gene_emb[input_ids] + self.value_enc(values, value_mask)
         x = torch.cat([self.cls_token.expand(b, 1, -1).to(tokens.dtype), tokens], dim=1)
+        if self.adapter is not None:
+            x = x + self.adapter(x)
         mask = torch.cat([attention_mask.new_ones(b, 1), attention_mask], dim=1).to(dtype).unsqueeze(-1)  # (B, N, 1)
         x = x * mask
         # 1 / sqrt(number of real genes), the cls not counted; a cell without genes reads 1

@@ -108,7 +108,7 @@ def test_round_trip_keeps_unknown_keys(tmp_path):
     ("layer_norm_eps", 0, "a positive number"),
     ("classifier_head", "conv", "one of ['linear', 'mlp']"),
     ("mask_ratio", 1.5, "a number in (0, 1)"),
-    ("prompt_type", "prefix_prompt", "not built for cellfm models"),
+    ("prompt_type", "prefix_prompt", "a cellfm model has no hook for it"),
 ])
 def test_bad_values_name_key_value_and_expectation(key, value, expected):
     with pytest.raises(ValueError, match="config key '" + key + "'") as err:
