@@ -14,6 +14,9 @@ and the feed-forward ``output.dense`` (this is what peft wraps for BERT, and wha
 ``feedforward_modules=["output.dense"]`` makes input-scaled); ``"attention.output.dense"``
 selects the attention output alone.
 
+On a family that names its own projections (CellFM: ``attn.k_proj``, ``ffn.o_proj`` ...;
+``base.linear_paths``) the names are those paths, matched the same way.
+
 Config keys: ``ia3_target_modules``, ``ia3_feedforward_modules``.
 """
 from __future__ import annotations
