@@ -23,7 +23,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointFormatError", "ConversionReport", "cellfm_state_dict", "config_from_cellfm_state",
-    "convert_cellfm_checkpoint", "read_mindspore_checkpoint", "write_mindspore_checkpoint",
+    "convert_cellfm_checkpoint", "list_mindspore_checkpoint", "plan_cellfm_conversion", "read_mindspore_checkpoint",
+    "write_mindspore_checkpoint",
 ]
 
 CRC_MAGIC = b"crc_num"
@@ -182,13 +183,70 @@ def _assemble(pieces: list[_Piece], buf, path: Path) -> np.ndarray:
     return array.copy()
 
 
-def read_mindspore_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _scan(path: Path, buf, size: int) -> list[list[_Piece]]:
+    """The pieces of every tensor, grouped by tag, in file order (nothing decoded beyond headers)."""
+    end = size
+    if size >= CRC_TRAILER_BYTES and buf[size - CRC_TRAILER_BYTES:size - CRC_TRAILER_BYTES + len(CRC_MAGIC)] \
+            == CRC_MAGIC:
+        end = size - CRC_TRAILER_BYTES
+        logger.info("%s: ends with a crc_num trailer (not checked)", path)
+    groups: list[list[_Piece]] = []
+    seen: set[str] = set()
+    for number, wire, value in _fields(buf, 0, end, path, "Checkpoint"):
+        if number != 1 or wire != 2:
+            raise CheckpointFormatError(f"{path}: not a MindSpore checkpoint (top-level field {number}, wire "
+                                        f"type {wire}); expected repeated Value messages (field 1)")
+        piece = _read_value(buf, value, path)
+        if groups and groups[-1][0].tag == piece.tag:
+            groups[-1].append(piece)
+            continue
+        if piece.tag in seen:
+            raise CheckpointFormatError(f"{path}: tensor {piece.tag!r} appears twice, not in consecutive pieces; "
+                                        "expected each tag once")
+        seen.add(piece.tag)
+        groups.append([piece])
+    if not groups:
+        raise CheckpointFormatError(f"{path}: holds no tensors; expected a MindSpore .ckpt")
+    return groups
+
+
+def _open(path: str | os.PathLike) -> tuple[Path, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist; expected a MindSpore .ckpt file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointFormatError(f"{path}: empty file; expected a MindSpore .ckpt written by save_checkpoint")
+    return path, size
+
+
+def list_mindspore_checkpoint(path: str | os.PathLike) -> dict[str, int]:
+    """The tags of a MindSpore ``.ckpt`` and the number of values of each, in file order, without
+    reading the values (an optimizer's moments need not be loaded to be dropped).
+
+    Raises
+    ------
+    FileNotFoundError, CheckpointFormatError
+        As :func:`read_mindspore_checkpoint`.
+    """
+    path, size = _open(path)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        groups = _scan(path, buf, size)
+    return {g[0].tag: sum(p.span[1] - p.span[0] for p in g) // np.dtype(DTYPES[g[0].type_name]).itemsize
+            for g in groups}
+
+
+def read_mindspore_checkpoint(path: str | os.PathLike, *, select: Callable[[str], bool] | None = None
+                              ) -> dict[str, np.ndarray]:
     """The tensors of a MindSpore ``.ckpt``, by tag, in file order (pieces concatenated).
 
     Parameters
     ----------
     path
         The checkpoint file.
+    select
+        Read only the tags for which ``select(tag)`` is true (the whole file is still checked);
+        ``None``: every tensor.
 
     Returns
     -------
@@ -202,38 +260,10 @@ def read_mindspore_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     CheckpointFormatError
         If the file is not a MindSpore checkpoint (the message names it and where reading failed).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist; expected a MindSpore .ckpt file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointFormatError(f"{path}: empty file; expected a MindSpore .ckpt written by save_checkpoint")
+    path, size = _open(path)
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        end = size
-        if size >= CRC_TRAILER_BYTES and buf[size - CRC_TRAILER_BYTES:size - CRC_TRAILER_BYTES + len(CRC_MAGIC)] \
-                == CRC_MAGIC:
-            end = size - CRC_TRAILER_BYTES
-            logger.info("%s: ends with a crc_num trailer (not checked)", path)
-        groups: list[list[_Piece]] = []
-        for number, wire, value in _fields(buf, 0, end, path, "Checkpoint"):
-            if number != 1 or wire != 2:
-                raise CheckpointFormatError(f"{path}: not a MindSpore checkpoint (top-level field {number}, wire "
-                                            f"type {wire}); expected repeated Value messages (field 1)")
-            piece = _read_value(buf, value, path)
-            if groups and groups[-1][0].tag == piece.tag:
-                groups[-1].append(piece)
-            else:
-                groups.append([piece])
-        tensors: dict[str, np.ndarray] = {}
-        for pieces in groups:
-            tag = pieces[0].tag
-            if tag in tensors:
-                raise CheckpointFormatError(f"{path}: tensor {tag!r} appears twice, not in consecutive pieces; "
-                                            "expected each tag once")
-            tensors[tag] = _assemble(pieces, buf, path)
-    if not tensors:
-        raise CheckpointFormatError(f"{path}: holds no tensors; expected a MindSpore .ckpt")
-    return tensors
+        return {pieces[0].tag: _assemble(pieces, buf, path) for pieces in _scan(path, buf, size)
+                if select is None or select(pieces[0].tag)}
 
 
 def _encode_varint(value: int) -> bytes:
@@ -334,14 +364,14 @@ def _strip_wrapper(tensors: Mapping[str, np.ndarray]) -> str:
     return candidates[0] if len(candidates) == 1 else ""
 
 
-def cellfm_state_dict(tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint",
-                      drop_unknown: bool = False) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """Our state dict from a released checkpoint's tensors, and what was dropped.
+def plan_cellfm_conversion(sizes: Mapping[str, int], *, source: str = "checkpoint",
+                           drop_unknown: bool = False) -> ConversionReport:
+    """What becomes of each entry of a released checkpoint, from its tags and sizes alone.
 
     Parameters
     ----------
-    tensors
-        Tag -> array, as :func:`read_mindspore_checkpoint` returns.
+    sizes
+        Tag -> number of values, as :func:`list_mindspore_checkpoint` returns.
     source
         Named in messages.
     drop_unknown
@@ -352,22 +382,19 @@ def cellfm_state_dict(tensors: Mapping[str, np.ndarray], *, source: str = "check
     CheckpointFormatError
         If the encoder's tensors are not there, or an entry is unknown and ``drop_unknown`` is false.
     """
-    prefix = _strip_wrapper(tensors)
+    prefix = _strip_wrapper(sizes)
     report = ConversionReport()
-    state: dict[str, torch.Tensor] = {}
-    for tag, array in tensors.items():
+    for tag, size in sizes.items():
         name = tag[len(prefix):] if prefix and tag.startswith(prefix) else tag
         match = _LAYER_KEY.match(name)
         if name in _TOP_KEYS or match:
-            ours = name.replace(".gamma", ".weight").replace(".beta", ".bias") if match else name
-            state[ours] = torch.from_numpy(np.asarray(array))
-            report.kept[tag] = ours
+            report.kept[tag] = name.replace(".gamma", ".weight").replace(".beta", ".bias") if match else name
             continue
         if _OPTIMIZER.match(tag):
             reason = "optimizer moments"
         elif _PRETRAINING.match(name):
             reason = "pretraining only"
-        elif np.asarray(array).size <= 1:
+        elif size <= 1:
             reason = "training scalars"
         else:
             reason = "unknown"
@@ -378,11 +405,20 @@ def cellfm_state_dict(tensors: Mapping[str, np.ndarray], *, source: str = "check
                                     f"optimizer state, training scalars or pretraining decoders: "
                                     f"{_layer_pattern(unknown, layer_word='encoder')[:12]}; pass --drop_unknown "
                                     "to convert without them")
-    missing = [k for k in _TOP_KEYS if k not in state]
+    missing = [k for k in _TOP_KEYS if k not in report.kept.values()]
     if missing:
-        raise CheckpointFormatError(f"{source}: no {missing} among its {len(tensors)} tensors; expected a CellFM "
+        raise CheckpointFormatError(f"{source}: no {missing} among its {len(sizes)} tensors; expected a CellFM "
                                     "checkpoint (gene_emb, cls_token, value_enc.*, encoder.N.*)")
-    return state, report
+    return report
+
+
+def cellfm_state_dict(tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint",
+                      drop_unknown: bool = False) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """Our state dict from a released checkpoint's tensors, and what was dropped
+    (:func:`plan_cellfm_conversion` applied to ``tensors``, tag -> array)."""
+    report = plan_cellfm_conversion({k: int(np.asarray(v).size) for k, v in tensors.items()}, source=source,
+                                    drop_unknown=drop_unknown)
+    return {ours: torch.from_numpy(np.asarray(tensors[tag])) for tag, ours in report.kept.items()}, report
 
 
 def config_from_cellfm_state(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
@@ -446,8 +482,9 @@ def convert_cellfm_checkpoint(checkpoint: str | os.PathLike, output_dir: str | o
         What was kept and what dropped (also logged).
     """
     source = str(checkpoint)
-    state, report = cellfm_state_dict(read_mindspore_checkpoint(checkpoint), source=source,
-                                      drop_unknown=drop_unknown)
+    report = plan_cellfm_conversion(list_mindspore_checkpoint(checkpoint), source=source, drop_unknown=drop_unknown)
+    tensors = read_mindspore_checkpoint(checkpoint, select=report.kept.__contains__)  # moments are never loaded
+    state = {ours: torch.from_numpy(tensors.pop(tag)) for tag, ours in report.kept.items()}
     config = config_from_cellfm_state(state, source=source, num_attention_heads=num_attention_heads,
                                       **config_overrides)
     casts = sorted({str(v.dtype) for v in state.values() if v.dtype != torch.float32})

@@ -17,6 +17,7 @@ from transformerslocal.convert_cellfm import (
     cellfm_state_dict,
     config_from_cellfm_state,
     convert_cellfm_checkpoint,
+    list_mindspore_checkpoint,
     read_mindspore_checkpoint,
     write_mindspore_checkpoint,
 )
@@ -129,3 +130,23 @@ def test_a_training_wrapper_prefix_is_removed():
     state, report = cellfm_state_dict(tensors)
     assert "gene_emb" in state and "encoder.1.post_norm2.bias" in state
     assert report.kept["network.backbone.encoder.0.post_norm1.gamma"] == "encoder.0.post_norm1.weight"
+
+
+def test_listing_and_selecting_read_only_what_is_asked(tmp_path):
+    tensors = _tensors()
+    file = write_mindspore_checkpoint(tmp_path / "a.ckpt", tensors, piece_bytes=8)
+    assert list_mindspore_checkpoint(file) == {"w": 15, "h": 7, "i": 6, "s": 1}
+    picked = read_mindspore_checkpoint(file, select=lambda tag: tag in ("h", "s"))
+    assert list(picked) == ["h", "s"] and np.array_equal(picked["h"], tensors["h"])
+
+
+def test_dropped_entries_are_never_decoded(tmp_path, monkeypatch):
+    import transformerslocal.convert_cellfm as cc
+
+    decoded = []
+    assemble = cc._assemble
+    monkeypatch.setattr(cc, "_assemble", lambda pieces, buf, path: decoded.append(pieces[0].tag)
+                        or assemble(pieces, buf, path))
+    write_mindspore_checkpoint(tmp_path / "release.ckpt", released_tensors())
+    report = convert_cellfm_checkpoint(tmp_path / "release.ckpt", tmp_path / "out")
+    assert sorted(decoded) == sorted(report.kept)
