@@ -90,7 +90,7 @@ class ValueEmbedding(nn.Module):
     def forward(self, values: torch.Tensor, value_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.value_enc(values)  # (B, L, d)
         if value_mask is not None:
-            out = torch.where(value_mask.unsqueeze(-1), self.mask_emb.to(out.dtype), out)
+            out = torch.where(value_mask.bool().unsqueeze(-1), self.mask_emb.to(out.dtype), out)
         return out
 
 

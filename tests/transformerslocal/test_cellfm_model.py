@@ -160,6 +160,8 @@ def test_value_mask_puts_mask_emb_in_place_of_the_value():
     assert torch.allclose(out[real].double(), ref[real], atol=1e-4)
     assert torch.equal(out, again)
     assert not torch.allclose(out[real], unmasked[real], atol=1e-3)
+    with torch.no_grad():  # a 0/1 mask (the release's "unmask" flag inverted) reads as the bool one
+        assert torch.equal(model(ids, values, mask, value_mask.long()).last_hidden_state, out)
 
 
 def test_padding_does_not_change_real_positions():
