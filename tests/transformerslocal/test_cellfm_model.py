@@ -93,6 +93,15 @@ def test_defaults_are_the_released_80m_model():
     assert config.deepnorm_alpha == pytest.approx(4 ** 0.25)
 
 
+def test_the_80m_shape_has_the_released_parameter_count():
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = tl.CellFMModel(tl.CellFMConfig())
+    d = 1536
+    layers = 2 * (8 * d * d + 4 * d)  # eight d x d projections and two LayerNorms per layer
+    embeddings = 27856 * d + 2 * d + 1 + 256 + 256 * 256 + d * 256  # genes, cls, mask_emb, a, w1, w3, table
+    assert model.num_parameters() == layers + embeddings == 81_009_921
+
+
 def test_round_trip_keeps_unknown_keys(tmp_path):
     config = tl.CellFMConfig(**TINY, num_labels=3, classifier_head="mlp", some_future_key=[1])
     config.save_pretrained(tmp_path)
