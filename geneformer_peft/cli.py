@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "predict": "geneformer_peft.commands.predict",
     "remap-vocab": "geneformer_peft.commands.remap_vocab",
     "convert-scbert": "geneformer_peft.commands.convert_scbert",
+    "convert-cellfm": "geneformer_peft.commands.convert_cellfm",
     "embed": "geneformer_peft.commands.embed",
     "perturb": "geneformer_peft.commands.perturb",
     "search": "geneformer_peft.commands.search",

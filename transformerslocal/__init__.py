@@ -10,6 +10,8 @@ from .modeling_bert import (
 )
 from .configuration_performer import PerformerConfig
 from .modeling_performer import PerformerForMaskedLM, PerformerForSequenceClassification, PerformerModel
+from .configuration_cellfm import CellFMConfig
+from .modeling_cellfm import CellFMForMaskedValues, CellFMForSequenceClassification, CellFMModel
 from .peft import (
     load_peft_model,
     load_peft_weights,
@@ -28,7 +30,8 @@ _peft_io.set_default_model_class(BertForSequenceClassification)
 
 __all__ = [
     "PEFT_METHODS", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification",
-    "BertModel", "PerformerConfig", "PerformerForMaskedLM", "PerformerForSequenceClassification", "PerformerModel",
+    "BertModel", "CellFMConfig", "CellFMForMaskedValues", "CellFMForSequenceClassification", "CellFMModel",
+    "PerformerConfig", "PerformerForMaskedLM", "PerformerForSequenceClassification", "PerformerModel",
     "load_peft_model", "load_peft_weights", "mark_trainable", "merge_lora", "merge_peft",
     "parameter_report", "save_peft_weights", "trainable_parameter_names",
 ]

@@ -52,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.data.dataset_io import load_saved_dataset
     from geneformer_peft.data.vocab import load_token_dictionary
     from geneformer_peft.training.pretrain import pretrain
-    from geneformer_peft.models.families import FAMILIES, model_type_of
-
     from geneformer_peft.compat import check_compatibility
+    from geneformer_peft.models.families import family_of
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
     dataset = load_saved_dataset(args.input)
@@ -64,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
     token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
     config = None
     if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
-        model_type = model_type_of(args.config)
-        if model_type not in FAMILIES:
-            raise ValueError(f"--config {args.config}: model_type {model_type!r}; expected one of {sorted(FAMILIES)}")
-        config = FAMILIES[model_type].config_class.from_pretrained(args.config)
+        config = family_of(args.config).config_class.from_pretrained(args.config)
         if args.resize_vocab and token_dictionary is not None and hasattr(config, "vocab_size"):
             logger.info("--resize_vocab: vocab_size %d -> %d (%s)", config.vocab_size, len(token_dictionary),
                         vocab_source)

@@ -1,5 +1,5 @@
-"""Model families: what differs between a Geneformer (BERT) and a scBERT (Performer) checkpoint
-for the job, chosen by the ``model_type`` of the checkpoint's ``config.json``.
+"""Model families: what differs between a Geneformer (BERT), a scBERT (Performer) and a CellFM
+checkpoint for the job, chosen by the ``model_type`` of the checkpoint's ``config.json``.
 
 The rest of the application asks the :class:`Family` of a checkpoint (:func:`family_of`) or of a
 loaded config (:func:`family_of_config`) for its classes, its head and its input length, and names
@@ -17,11 +17,15 @@ from transformerslocal import (
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
+    CellFMConfig,
+    CellFMForMaskedValues,
+    CellFMForSequenceClassification,
     PerformerConfig,
     PerformerForMaskedLM,
     PerformerForSequenceClassification,
 )
 from transformerslocal.configuration_bert import PEFT_DEFAULTS
+from transformerslocal.configuration_cellfm import PEFT_SHARED_DEFAULTS as CELLFM_PEFT_SHARED
 from transformerslocal.configuration_performer import PEFT_SHARED_DEFAULTS
 from transformerslocal.peft.registry import config_defaults
 
@@ -52,7 +56,10 @@ class Family:
         Whether every cell must have exactly ``input_length`` tokens (no truncation, no padding).
     encoding
         The encoding of the cells it reads, as tokenizers record it in a dataset's summary
-        (``"rank_value"``, ``"binned"``).
+        (``"rank_value"``, ``"binned"``, ``"cellfm"``).
+    not_in_job
+        ``None`` when the job (finetune, predict, embed, pretrain, perturb) runs the family; else
+        why it does not yet, said by :func:`family_of` when a job is pointed at such a checkpoint.
     """
 
     model_type: tuple[str, ...]
@@ -66,6 +73,7 @@ class Family:
     input_length: Callable[[Any], int]
     fixed_length: bool
     encoding: str = "rank_value"
+    not_in_job: str | None = None
 
 
 BERT = Family(
@@ -93,8 +101,25 @@ SCBERT = Family(
     fixed_length=True,
     encoding="binned",
 )
+CELLFM = Family(
+    model_type=("cellfm",),
+    config_class=CellFMConfig,
+    classifier_class=CellFMForSequenceClassification,
+    masked_lm_class=CellFMForMaskedValues,
+    head_prefix="classifier.",
+    head_out_weight="classifier.out.weight",
+    shape_keys=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "value_slots"),
+    peft_keys=tuple(CELLFM_PEFT_SHARED) + tuple(config_defaults()),
+    input_length=lambda config: config.finetune_max_length or config.max_position_embeddings,
+    fixed_length=False,
+    encoding="cellfm",
+    not_in_job=("its cells need each gene's expression value beside its id, which the tokenized datasets of the "
+                "job do not hold yet (docs/cellfm.md, \"Not done yet\"); use transformerslocal.CellFMModel "
+                "directly"),
+)
 #: every family, by the ``model_type`` values it reads
-FAMILIES: dict[str, Family] = {t: f for f in (BERT, SCBERT) for t in f.model_type}
+FAMILIES: dict[str, Family] = {t: f for f in (BERT, SCBERT, CELLFM) for t in f.model_type}
 
 
 def model_type_of(path: str | Path) -> str:
@@ -117,12 +142,18 @@ def family_of(path: str | Path) -> Family:
     Raises
     ------
     ValueError
-        If the ``model_type`` is none of :data:`FAMILIES`.
+        If the ``model_type`` is none of :data:`FAMILIES`, or one the job does not run yet
+        (:attr:`Family.not_in_job`).
     """
     model_type = model_type_of(path)
     if model_type not in FAMILIES:
         raise ValueError(f"{path}: config.json has model_type {model_type!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
+    family = FAMILIES[model_type]
+    if family.not_in_job is not None:
+        runnable = sorted(t for t, f in FAMILIES.items() if f.not_in_job is None)
+        raise ValueError(f"{path}: config.json has model_type {model_type!r}, which the job does not run yet: "
+                         f"{family.not_in_job}; the job runs {runnable}")
+    return family
 
 
 def family_of_config(config: Any) -> Family:

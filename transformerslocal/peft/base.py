@@ -30,6 +30,25 @@ LINEAR_PATHS = (
     "output.dense",
 )
 
+
+
+def linear_paths(config: Any) -> tuple[str, ...]:
+    """The projections of an encoder layer that methods may target under ``config``.
+
+    A family whose layers have other projections than BERT's declares them as
+    ``config.peft_linear_paths`` (CellFM: ``attn.q_proj`` ... ``ffn.o_proj``); then the method
+    keys (``lora_target_modules``, ``ia3_target_modules``) name those paths. Otherwise the BERT
+    names of :data:`LINEAR_PATHS` (the Performer maps its projections onto them).
+    """
+    own = getattr(config, "peft_linear_paths", None)
+    return LINEAR_PATHS if own is None else tuple(own)
+
+
+def names_own_linears(config: Any) -> bool:
+    """Whether ``config``'s family names its projections itself (see :func:`linear_paths`)."""
+    return getattr(config, "peft_linear_paths", None) is not None
+
+
 #: Points where a method may add a module of its own -> the attribute the module lives at
 #: (fixed: the checkpoint contract). At most one active method may use a point. What the
 #: model does with the module:

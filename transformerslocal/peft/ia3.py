@@ -14,6 +14,9 @@ and the feed-forward ``output.dense`` (this is what peft wraps for BERT, and wha
 ``feedforward_modules=["output.dense"]`` makes input-scaled); ``"attention.output.dense"``
 selects the attention output alone.
 
+On a family that names its own projections (CellFM: ``attn.k_proj``, ``ffn.o_proj`` ...;
+``base.linear_paths``) the names are those paths, matched the same way.
+
 Config keys: ``ia3_target_modules``, ``ia3_feedforward_modules``.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LINEAR_PATHS, PeftMethod, config_error
+from .base import PeftMethod, config_error, linear_paths, names_own_linears
 
 IA3_KEYS = (".ia3_l",)
 #: the names ``ia3_target_modules`` / ``ia3_feedforward_modules`` may hold
@@ -75,9 +78,10 @@ def _selects(name: str, path: str) -> bool:
 
 def _check_names(config: Any, key: str, source: str | None, *, allow_empty: bool) -> list[str]:
     names = getattr(config, key)
-    what = "a list" + (" (may be empty)" if allow_empty else ", non-empty,") + f" of names from {list(IA3_TARGETS)}"
+    allowed = linear_paths(config) if names_own_linears(config) else IA3_TARGETS
+    what = "a list" + (" (may be empty)" if allow_empty else ", non-empty,") + f" of names from {list(allowed)}"
     if (not isinstance(names, (list, tuple)) or (not names and not allow_empty)
-            or any(n not in IA3_TARGETS for n in names)):
+            or any(n not in allowed for n in names)):
         raise config_error(key, names, what, source)
     return list(names)
 
@@ -92,7 +96,7 @@ def _validate(config: Any, source: str | None) -> None:
 
 
 def _targets(config: Any) -> frozenset[str]:
-    return frozenset(p for p in LINEAR_PATHS if any(_selects(n, p) for n in config.ia3_target_modules))
+    return frozenset(p for p in linear_paths(config) if any(_selects(n, p) for n in config.ia3_target_modules))
 
 
 def _build_linear(config: Any, path: str, base: nn.Linear) -> IA3Linear:

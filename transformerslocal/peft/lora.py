@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PeftMethod, config_error
+from .base import PeftMethod, config_error, linear_paths, names_own_linears
 
 LORA_KEYS = ("lora_A", "lora_B")
 #: the projections ``lora_target_modules`` may name (``encoder.layer.N.attention.self.<name>``)
@@ -101,8 +101,9 @@ def check_rank_keys(config: Any, source: str | None, method: str = "lora") -> No
     if config.lora_r <= 0:
         raise config_error("lora_r", config.lora_r, f"an integer >= 1 when prompt_type includes '{method}'", source)
     targets = config.lora_target_modules
-    if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
-        raise config_error("lora_target_modules", targets, f"a non-empty list from {list(LORA_TARGETS)}", source)
+    allowed = linear_paths(config) if names_own_linears(config) else LORA_TARGETS
+    if isinstance(targets, str) or not targets or any(t not in allowed for t in targets):
+        raise config_error("lora_target_modules", targets, f"a non-empty list from {list(allowed)}", source)
     if not (0.0 <= float(config.lora_dropout) < 1.0):
         raise config_error("lora_dropout", config.lora_dropout, "a number in [0, 1)", source)
     if float(config.lora_alpha) <= 0:
@@ -110,7 +111,10 @@ def check_rank_keys(config: Any, source: str | None, method: str = "lora") -> No
 
 
 def rank_targets(config: Any) -> frozenset[str]:
-    """The projection paths ``lora_target_modules`` names."""
+    """The projection paths ``lora_target_modules`` names (a family naming its own projections
+    lists their paths; BERT's names are ``attention.self.<name>``)."""
+    if names_own_linears(config):
+        return frozenset(config.lora_target_modules)
     return frozenset(f"attention.self.{name}" for name in config.lora_target_modules)
 
 

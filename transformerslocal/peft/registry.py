@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import dora, encoder_adapter, gene_token, ia3, lora, prefix
-from .base import LINEAR_PATHS, MODULE_POINTS, PeftMethod, config_error
+from .base import MODULE_POINTS, PeftMethod, config_error, linear_paths
 
 
 def _index(*methods: PeftMethod) -> dict[str, PeftMethod]:
@@ -93,10 +93,11 @@ def check_config(config: Any, active: Iterable[str], source: str | None = None) 
 
 
 def peft_linear(config: Any, path: str, base: nn.Linear) -> nn.Module:
-    """Hook point "linear": the projection at ``path`` (one of ``LINEAR_PATHS``) of an encoder
-    layer: ``base`` itself, or its replacement by the active method that targets it."""
-    if path not in LINEAR_PATHS:
-        raise ValueError(f"peft_linear: unknown projection {path!r}; expected one of {list(LINEAR_PATHS)}")
+    """Hook point "linear": the projection at ``path`` (one of ``base.linear_paths(config)``) of an
+    encoder layer: ``base`` itself, or its replacement by the active method that targets it."""
+    paths = linear_paths(config)
+    if path not in paths:
+        raise ValueError(f"peft_linear: unknown projection {path!r}; expected one of {list(paths)}")
     for method in active_methods(config):
         if method.build_linear is not None and path in method.linear_targets(config):
             return method.build_linear(config, path, base)

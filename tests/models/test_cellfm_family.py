@@ -1,0 +1,45 @@
+"""CellFM as a model family: found by its config and model_type, and refused clearly by the job,
+which does not run it yet (its cells need expression values)."""
+from __future__ import annotations
+
+import pytest
+
+import transformerslocal as tl
+from geneformer_peft.cli import main
+from geneformer_peft.models.families import FAMILIES, family_of, family_of_config
+
+SIZES = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
+             value_slots=16, max_genes=16)
+
+
+def test_the_family_of_a_cellfm_config():
+    family = family_of_config(tl.CellFMConfig(**SIZES))
+    assert FAMILIES["cellfm"] is family
+    assert family.classifier_class is tl.CellFMForSequenceClassification
+    assert family.masked_lm_class is tl.CellFMForMaskedValues
+    model = family.classifier_class(tl.CellFMConfig(**SIZES, num_labels=4))
+    assert tuple(model.state_dict()[family.head_out_weight].shape) == (4, 32)
+    assert family.input_length(tl.CellFMConfig(**SIZES)) == 17  # max_genes + the cls token
+    assert {"prompt_type", "lora_target_modules", "ia3_target_modules"} <= set(family.peft_keys)
+
+
+def test_the_job_refuses_a_cellfm_checkpoint_saying_why(tmp_path):
+    tl.CellFMModel(tl.CellFMConfig(**SIZES)).save_pretrained(tmp_path / "cellfm")
+    with pytest.raises(ValueError, match="model_type 'cellfm', which the job does not run yet: its cells need"):
+        family_of(tmp_path / "cellfm")
+    assert FAMILIES["bert"].not_in_job is None and FAMILIES["scbert"].not_in_job is None
+
+
+@pytest.mark.parametrize("command", ["pretrain_config", "finetune"])
+def test_the_commands_exit_2_on_cellfm(job_data, tmp_path, caplog, command):
+    folder = tmp_path / "cellfm"
+    tl.CellFMModel(tl.CellFMConfig(**SIZES)).save_pretrained(folder)
+    if command == "pretrain_config":
+        argv = ["pretrain", "--input", str(job_data.cells), "--output_dir", str(tmp_path / "out"),
+                "--config", str(folder / "config.json"), "--max_steps", "1"]
+    else:
+        argv = ["finetune", *job_data.finetune_argv(tmp_path / "runs")]
+        argv[argv.index("--model_path") + 1] = str(folder)
+    assert main(argv) == 2
+    assert "which the job does not run yet" in caplog.text
+    assert not (tmp_path / "out").exists()
