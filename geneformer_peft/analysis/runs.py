@@ -89,7 +89,7 @@ def check_analysis_input(model_path, dataset, input_path, *, base_model=None, to
                          allow_low_gene_overlap: bool = False, allow_other_base: bool = False):
     """The compatibility report of an analysis's model and input (before the model is loaded);
     raises on a refusal, returns the report otherwise."""
-    from geneformer_peft.compat import check_compatibility
+    from geneformer_peft.checks import check_compatibility
 
     report = check_compatibility(model_path, {str(input_path): dataset}, token_dictionary=token_dictionary,
                                  base_model=base_model, allow_low_gene_overlap=allow_low_gene_overlap,

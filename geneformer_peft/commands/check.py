@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.compat.inputs import check_input
+    from geneformer_peft.checks.inputs import check_input
 
     reports = check_input(args.model_path, args.input, base_model=args.base_model,
                           token_dictionary=args.token_dictionary, gene_median_dictionary=args.gene_median_dictionary,
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"report -> {args.output}")
     refused = [(name, f) for name, report in reports.items() for f in report.refusals]
     if refused:
-        from geneformer_peft.compat import IncompatibleData
+        from geneformer_peft.checks import IncompatibleData
 
         raise IncompatibleData(f"--model_path {args.model_path} and --input {args.input} do not fit together:\n  "
                                + "\n  ".join(f"{name}: {f.check}: {f.message}" for name, f in refused))

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.data.dataset_io import load_saved_dataset
     from geneformer_peft.data.vocab import load_token_dictionary
     from geneformer_peft.training.pretrain import pretrain
-    from geneformer_peft.compat import check_compatibility
+    from geneformer_peft.checks import check_compatibility
     from geneformer_peft.models.families import family_of
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands._common import check_output_path
-    from geneformer_peft.compat import MIN_GENE_OVERLAP
+    from geneformer_peft.checks import MIN_GENE_OVERLAP
     from geneformer_peft.models.vocabulary import remap_checkpoint_vocabulary
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")

@@ -40,12 +40,12 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
     does; the metrics are those of the arg-max labels of all cells (an unassigned cell has no
     class id), and the count of unassigned cells is logged. Both model families.
 
-    The model and the cells are checked first (:func:`geneformer_peft.compat.check_compatibility`):
+    The model and the cells are checked first (:func:`geneformer_peft.checks.check_compatibility`):
     a PEFT-only fold on another ``base_model`` than the one it was trained on is refused unless
     ``allow_other_base``; cells with few genes the model was pretrained on, unless
     ``allow_low_gene_overlap``.
     """
-    from geneformer_peft.compat import check_compatibility
+    from geneformer_peft.checks import check_compatibility
 
     if unassign_threshold is not None and not 0.0 <= float(unassign_threshold) <= 1.0:
         raise ValueError(f"unassign_threshold is {unassign_threshold!r}; expected a probability in [0, 1]")

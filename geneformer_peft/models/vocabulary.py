@@ -21,7 +21,7 @@ from geneformer_peft.data.vocab import (
     save_tokenizer_json,
     validate_token_dictionary,
 )
-from geneformer_peft.compat.checkpoint import REMAP_RECORD, new_gene_rows
+from geneformer_peft.checks.checkpoint import REMAP_RECORD, new_gene_rows
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_directory, write_json
 from transformerslocal.modeling_utils import (

@@ -113,7 +113,7 @@ class RunOptions:
     num_threads: int | None = None  # torch CPU threads; None: chosen from the free cores (training/threads.py)
     baselines: str = "logreg"  # linear baseline per fold: "logreg" or "none" (training/baseline_job.py)
     baseline_features: str = "tokens"  # "tokens" (rank-weighted bag of genes) or "expression"
-    allow_low_gene_overlap: bool = False  # go on when few of the data's genes have pretrained rows (compat/)
+    allow_low_gene_overlap: bool = False  # go on when few of the data's genes have pretrained rows (checks/)
 
 
 def run_directory(opts: RunOptions, prompt_type: str) -> Path:
@@ -226,7 +226,7 @@ def _log_to_file(handler: logging.Handler | None, error: BaseException) -> None:
 def report_compatibility(run_dir: Path, checks: list[FoldCheck]) -> None:
     """Log the folds' compatibility warnings (once per distinct message) and write every fold's
     report to ``<run_dir>/compatibility.json``."""
-    from geneformer_peft.compat import REPORT_FILE
+    from geneformer_peft.checks import REPORT_FILE
 
     reports = {c.fold: c.compatibility for c in checks if c.compatibility is not None}
     if not reports or not distributed.is_main_process():

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from geneformer_peft.compat import CompatibilityReport, check_compatibility
-from geneformer_peft.compat.data import token_id_problems
+from geneformer_peft.checks import CompatibilityReport, check_compatibility
+from geneformer_peft.checks.data import token_id_problems
 from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.data.folds import SPLITS, fold_paths
 from geneformer_peft.errors import DataError

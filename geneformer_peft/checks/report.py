@@ -2,7 +2,7 @@
 each check's numbers, and whether it passed, warned or refused.
 
 Every command that pairs data with a model builds one report up front (through
-:func:`geneformer_peft.compat.check_compatibility`), logs it, writes it as JSON where the command
+:func:`geneformer_peft.checks.check_compatibility`), logs it, writes it as JSON where the command
 writes outputs, and stops on a refusal before any work. ``geneformer-peft check`` prints it.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from geneformer_peft.errors import DataError
 
-logger = logging.getLogger("geneformer_peft.compat")
+logger = logging.getLogger("geneformer_peft.checks")
 
 __all__ = ["OK", "WARNING", "REFUSED", "Finding", "CompatibilityReport", "IncompatibleData", "REPORT_FILE"]
 

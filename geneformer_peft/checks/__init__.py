@@ -13,14 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from geneformer_peft.compat.checkpoint import (
+from geneformer_peft.checks.checkpoint import (
     check_base_model,
     check_checkpoint_shapes,
     check_token_dictionary,
     checkpoint_token_dictionary,
     new_gene_rows,
 )
-from geneformer_peft.compat.data import (
+from geneformer_peft.checks.data import (
     MIN_GENE_OVERLAP,
     check_encoding,
     check_labels,
@@ -28,7 +28,7 @@ from geneformer_peft.compat.data import (
     check_truncation,
     check_vocabulary,
 )
-from geneformer_peft.compat.report import REPORT_FILE, CompatibilityReport, Finding, IncompatibleData
+from geneformer_peft.checks.report import REPORT_FILE, CompatibilityReport, Finding, IncompatibleData
 from geneformer_peft.data.vocab import is_special_token
 
 __all__ = ["MIN_GENE_OVERLAP", "REPORT_FILE", "CompatibilityReport", "Finding", "IncompatibleData",

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from geneformer_peft.compat.report import OK, REFUSED, CompatibilityReport
+from geneformer_peft.checks.report import OK, REFUSED, CompatibilityReport
 from geneformer_peft.data.vocab import CLS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, TOKENIZER_FILE, is_special_token
 from geneformer_peft.errors import DataError
 

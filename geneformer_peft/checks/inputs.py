@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from geneformer_peft.compat import check_compatibility
-from geneformer_peft.compat.report import CompatibilityReport
+from geneformer_peft.checks import check_compatibility
+from geneformer_peft.checks.report import CompatibilityReport
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def check_input(model_path: str | Path, input_path: str | Path, *, base_model=No
         over its train/val/test splits) or a ``.h5ad``/``.loom`` of raw counts (tokenized in memory
         with the checkpoint's dictionaries, or those given).
     base_model, token_dictionary, label_column, max_length, allow_low_gene_overlap, allow_other_base
-        As for :func:`geneformer_peft.compat.check_compatibility`.
+        As for :func:`geneformer_peft.checks.check_compatibility`.
     gene_median_dictionary, gene_id_column, gene_name_id_dictionary
         Tokenizer options for raw counts.
     output

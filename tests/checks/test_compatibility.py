@@ -142,8 +142,8 @@ def test_remap_onto_an_unshared_vocabulary_is_refused_and_so_is_its_data(tmp_pat
 
 
 def test_half_shared_vocabulary_threshold(tmp_path):
-    from geneformer_peft.compat.data import check_vocabulary
-    from geneformer_peft.compat.report import CompatibilityReport
+    from geneformer_peft.checks.data import check_vocabulary
+    from geneformer_peft.checks.report import CompatibilityReport
     from geneformer_peft.data.dataset_io import load_saved_dataset
 
     data = {"test": load_saved_dataset(EXAMPLE_TEST0)}
@@ -261,8 +261,8 @@ def test_single_class_and_nan_labels_are_named_up_front(change, expected, job_da
 def test_truncation_numbers_match_a_direct_count():
     import datasets
 
-    from geneformer_peft.compat.data import check_truncation
-    from geneformer_peft.compat.report import CompatibilityReport
+    from geneformer_peft.checks.data import check_truncation
+    from geneformer_peft.checks.report import CompatibilityReport
 
     lengths = [10, 30, 50, 12]
     ds = datasets.Dataset.from_dict({"input_ids": [list(range(2, 2 + n)) for n in lengths]})

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from geneformer_peft.compat.report import OK, REFUSED, WARNING, CompatibilityReport
+from geneformer_peft.checks.report import OK, REFUSED, WARNING, CompatibilityReport
 
 __all__ = ["MIN_GENE_OVERLAP", "TRUNCATION_WARNING_SHARE", "check_encoding", "check_labels", "check_token_ids",
            "check_truncation", "check_vocabulary", "data_encoding", "dataset_stats", "token_id_problems"]
