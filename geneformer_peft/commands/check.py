@@ -27,9 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--output", type=Path, default=None, help="Write the report as JSON here (default: print only).")
     p("--base_model", type=Path, default=None, help="Base checkpoint of a fold's peft_model.safetensors.")
     p("--token_dictionary", type=Path, default=None,
-      help="The data's token dictionary (default: the checkpoint's tokenizer.json).")
+      help="The data's token dictionary: Geneformer .pkl, tokenizer.json or a plain .json {token: id} "
+           "(default: the checkpoint's tokenizer.json).")
     p("--gene_median_dictionary", type=Path, default=None,
-      help="Raw counts: gene median dictionary (default: the checkpoint folder's gene_median_dictionary.pkl).")
+      help="Raw counts: gene median dictionary, .pkl or a plain .json {gene: median} (default: the checkpoint "
+           "folder's gene_median_dictionary.pkl).")
     p("--gene_id_column", default=None, help="Raw counts: var column of gene ids (default: as tokenize).")
     p("--gene_name_id_dictionary", type=Path, default=None,
       help="Raw counts named by gene symbols: symbol -> Ensembl id map (as tokenize).")
