@@ -229,7 +229,7 @@ def _add_entry(result: dict[str, str], symbol: str, ensembl_id: str, where: str)
 
 
 def validate_gene_name_map(raw: Mapping, source: str) -> dict[str, str]:
-    """``raw`` as ``{symbol: Ensembl id}`` (stripped strings), or a :class:`DataError` naming ``source`` and the entry."""
+    """``raw`` as ``{symbol: Ensembl id}`` (stripped strings), or a :class:`DataError` naming ``source``, entry."""
     if not isinstance(raw, Mapping):
         raise DataError(f"{source}: the gene name map is a {type(raw).__name__}; expected a dict of symbol -> "
                         "Ensembl id")
@@ -264,7 +264,7 @@ def _read_delimited(path: Path) -> dict[str, str]:
         symbol, ensembl_id = (cell.strip() for cell in row)
         if not first_line_seen:
             first_line_seen = True
-            if not is_ensembl_id(ensembl_id):  # a header such as "symbol,ensembl_id"
+            if not is_ensembl_id(ensembl_id) and not is_ensembl_id(symbol):  # a header: "symbol,ensembl_id"
                 logger.info("%s: line %d %r taken as the header", path, number, row)
                 continue
         where = f"{path}: line {number}"
@@ -284,7 +284,7 @@ def read_gene_name_map(path: PathLike) -> dict[str, str]:
         :func:`~geneformer_peft.data.safe_pickle.load_plain_pickle`, so the file cannot run
         code) or a ``.pickle``; any other file is read as a two-column CSV or TSV
         (``symbol, ensembl_id``; the delimiter is detected from the first line, a first row
-        whose second field is not an Ensembl id is taken as a header).
+        in which neither field is an Ensembl id is taken as a header).
 
     Returns
     -------
