@@ -47,6 +47,7 @@ _WHERE = {
     "GeneNameMapping": "gene_ids",
     "check_gene_id_kinds": "gene_ids",
     "classify_gene_ids": "gene_ids",
+    "classify_vocabulary": "gene_ids",
     "map_gene_names": "gene_ids",
     "read_gene_name_map": "gene_ids",
     "rank_value_encode": "rank_value",

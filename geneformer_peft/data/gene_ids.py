@@ -33,6 +33,7 @@ __all__ = [
     "GeneNameMapping",
     "check_gene_id_kinds",
     "classify_gene_ids",
+    "classify_vocabulary",
     "is_ensembl_id",
     "map_gene_names",
     "read_gene_name_map",
@@ -154,7 +155,8 @@ def classify_gene_ids(ids: Iterable[str]) -> GeneIdKinds:
     )
 
 
-def _vocabulary_kinds(token_dictionary: Iterable[str]) -> GeneIdKinds:
+def classify_vocabulary(token_dictionary: Iterable[str]) -> GeneIdKinds:
+    """:func:`classify_gene_ids` of a vocabulary's gene tokens (special tokens such as ``<pad>`` left out)."""
     from geneformer_peft.data.vocab import is_special_token
 
     return classify_gene_ids(t for t in token_dictionary if not is_special_token(str(t)))
@@ -193,7 +195,7 @@ def check_gene_id_kinds(
         field, example ids, the share that looks like symbols and the way forward.
     """
     kinds = classify_gene_ids(gene_ids)
-    vocabulary = _vocabulary_kinds(token_dictionary)
+    vocabulary = classify_vocabulary(token_dictionary)
     if vocabulary.n_ensembl > vocabulary.n_symbol and kinds.symbol_fraction > MAX_SYMBOL_FRACTION:
         vocab_example = next(iter(vocabulary.examples.get("human", ()) or
                                   vocabulary.examples.get("mouse", ()) or

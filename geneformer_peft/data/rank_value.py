@@ -323,14 +323,13 @@ def tokenize_anndata(
         CLS_TOKEN,
         EOS_TOKEN,
         check_model_version,
-        is_special_token,
         load_gene_median_dictionary,
         load_token_dictionary,
     )
 
     from geneformer_peft.data.gene_ids import (
         check_gene_id_kinds,
-        classify_gene_ids,
+        classify_vocabulary,
         map_gene_names,
         read_gene_name_map,
         validate_gene_name_map,
@@ -351,7 +350,7 @@ def tokenize_anndata(
         else:
             name_map_source = str(gene_name_id_dictionary)
             name_map = read_gene_name_map(gene_name_id_dictionary)
-        vocabulary = classify_gene_ids(t for t in token_dictionary if not is_special_token(t))
+        vocabulary = classify_vocabulary(token_dictionary)
         if vocabulary.n_ensembl == 0:
             raise DataError(
                 f"gene_name_id_dictionary {name_map_source}: maps gene symbols to Ensembl ids, but the token "
