@@ -319,20 +319,19 @@ def tokenize_anndata(
         open_cell_source,
         select_cells,
     )
-    from geneformer_peft.data.vocab import (
-        CLS_TOKEN,
-        EOS_TOKEN,
-        check_model_version,
-        load_gene_median_dictionary,
-        load_token_dictionary,
-    )
-
     from geneformer_peft.data.gene_ids import (
         check_gene_id_kinds,
         classify_vocabulary,
         map_gene_names,
         read_gene_name_map,
         validate_gene_name_map,
+    )
+    from geneformer_peft.data.vocab import (
+        CLS_TOKEN,
+        EOS_TOKEN,
+        check_model_version,
+        load_gene_median_dictionary,
+        load_token_dictionary,
     )
 
     check_model_version(model_version)
