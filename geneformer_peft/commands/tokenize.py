@@ -10,6 +10,12 @@ objects {token: id} and {gene: median}, or Geneformer's .pkl files, read without
 from them), or --build_vocab DIR to build both from this file's own counts (written to DIR as
 token_dictionary.json, gene_median_dictionary.json, their .pkl forms and tokenizer.json).
 
+Gene symbols: Geneformer's vocabulary is Ensembl ids; a file naming its genes by symbol is
+refused unless --gene_name_id_dictionary maps them (Geneformer's gene_name_id_dict.pkl, or a
+two-column CSV/TSV of symbol, Ensembl id). Symbols of one Ensembl id are summed; how many genes
+and what share of the counts were mapped, and the unmapped genes with the most counts, are in
+the dataset's stats (docs/outputs.md).
+
 Cell filters: cells with obs[--filter_column] != 1 are skipped when that column exists;
 --obs_filter col=value (repeatable; value may be a comma-separated list) keeps only cells
 whose obs[col] equals one of the values, e.g. --obs_filter demuxlet_cls=SNG.
@@ -47,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vocab.add_argument("--gene_median_dictionary", type=Path, help="Gene median dictionary: a .json {ensembl_id: median} (gene_median_dictionary.json) or Geneformer's .pkl.")
     vocab.add_argument("--build_vocab", type=Path, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR (token_dictionary.json, gene_median_dictionary.json, their .pkl forms, tokenizer.json).")
     parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
+    parser.add_argument("--gene_name_id_dictionary", type=Path, metavar="PATH",
+                        help="Map gene symbols to Ensembl ids before matching the vocabulary: Geneformer's "
+                             "gene_name_id_dict.pkl or a two-column CSV/TSV (symbol, Ensembl id). Ensembl ids in "
+                             "the file pass through; symbols of one Ensembl id are summed.")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")
     parser.add_argument("--model_input_size", type=int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
@@ -73,6 +83,9 @@ def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
 def run(args: argparse.Namespace) -> int:
     """Run ``tokenize``."""
     if args.encoding == "binned":
+        if args.gene_name_id_dictionary is not None:
+            raise DataError("--gene_name_id_dictionary applies to the rank value encoding; --encoding binned "
+                            "matches --gene_panel against --gene_id_column as given")
         return _binned_tokenize.run(args)
     _binned_tokenize.refuse_binned_options(args)
     from geneformer_peft.data.dataset_io import save_dataset_atomically
@@ -85,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if args.build_vocab is not None:
         if args.token_dictionary or args.gene_median_dictionary:
             raise DataError("--build_vocab cannot be combined with --token_dictionary/--gene_median_dictionary")
+        if args.gene_name_id_dictionary is not None:
+            raise DataError("--build_vocab builds the vocabulary from the file's own gene ids; "
+                            "--gene_name_id_dictionary maps symbols onto an Ensembl vocabulary "
+                            "(--token_dictionary): give one or the other")
         token_dictionary, median_dictionary = build_vocabulary(
             args.input,
             gene_id_column=args.gene_id_column,
@@ -117,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         obs_filter=obs_filter,
         show_progress=not args.no_progress,
         return_stats=True,
+        gene_name_id_dictionary=args.gene_name_id_dictionary,
     )
     save_dataset_atomically(dataset, args.output)
     logger.info("saved %d cells to %s", stats.n_cells_kept, args.output)

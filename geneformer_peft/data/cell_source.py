@@ -46,6 +46,8 @@ class CellSource:
         self._adata = None
         self._loom = None
         self._owns_file = False
+        #: Where the gene ids were read, for messages: ``"var_names"``, ``"var['ensembl_id']"``...
+        self.gene_id_field = "gene ids"
         if isinstance(source, (str, Path)):
             path = Path(source)
             self.name = str(path)
@@ -99,14 +101,17 @@ class CellSource:
         if gene_id_column is None:
             if "ensembl_id" in var.columns:
                 logger.info("%s: gene ids from var['ensembl_id']", self.name)
+                self.gene_id_field = "var['ensembl_id']"
                 return var["ensembl_id"].to_numpy()
             logger.info("%s: gene ids from var_names", self.name)
+            self.gene_id_field = "var_names"
             return np.asarray(self._adata.var_names)
         if gene_id_column not in var.columns:
             raise DataError(
                 f"{self.name}: gene id column var[{gene_id_column!r}] does not exist; "
                 f"expected one of {sorted(map(str, var.columns))} (or None to use var_names)"
             )
+        self.gene_id_field = f"var[{gene_id_column!r}]"
         return var[gene_id_column].to_numpy()
 
     def _open_loom(self, path: Path) -> None:
@@ -132,6 +137,7 @@ class CellSource:
                 f"expected one of {sorted(self._loom.ra.keys())}"
             )
         self.gene_ids = np.asarray(self._loom.ra[column]).astype(str)
+        self.gene_id_field = f"row attribute {column!r}"
         self.n_genes = len(self.gene_ids)
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:

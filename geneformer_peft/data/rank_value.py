@@ -33,6 +33,8 @@ __all__ = ["rank_value_encode", "tokenize_anndata", "TokenizationStats", "GeneMa
 
 PathLike = str | Path
 TARGET_SUM = 10_000.0
+#: A gene name map leaving more than this share of the counts unmapped is reported at WARNING.
+UNMAPPED_WARNING_FRACTION = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +204,7 @@ class TokenizationStats:
     length_median: float
     length_max: int
     columns: list[str] = field(default_factory=list)
+    gene_name_mapping: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Return the stats as a JSON string."""
@@ -250,6 +253,7 @@ def tokenize_anndata(
     show_progress: bool = True,
     cache_dir: PathLike | None = None,
     return_stats: bool = False,
+    gene_name_id_dictionary: Mapping[str, str] | PathLike | None = None,
 ):
     """Tokenize a ``.h5ad`` / ``.loom`` file or an AnnData into a ``datasets.Dataset``.
 
@@ -260,8 +264,11 @@ def tokenize_anndata(
     token_dictionary, gene_median_dictionary
         Dicts or paths (see :mod:`geneformer_peft.data.vocab`).
     gene_id_column
-        ``var`` column of Ensembl ids; ``None``: ``var["ensembl_id"]`` when present, else
-        ``var_names``. Genes missing from either dictionary are dropped (reported).
+        ``var`` column of Ensembl ids (or of symbols, with ``gene_name_id_dictionary``);
+        ``None``: ``var["ensembl_id"]`` when present, else ``var_names``. Genes missing from
+        either dictionary are dropped (reported). Ids that are mostly not Ensembl ids against a
+        vocabulary of Ensembl ids are refused (see
+        :func:`~geneformer_peft.data.gene_ids.check_gene_id_kinds`).
     label_column
         ``obs`` column copied to the dataset under its own name (e.g. ``cell_type``).
     keep_columns
@@ -283,6 +290,13 @@ def tokenize_anndata(
         directory removed when the interpreter exits (call ``save_to_disk`` to keep it).
     return_stats
         Also return the :class:`TokenizationStats`.
+    gene_name_id_dictionary
+        Gene symbol -> Ensembl id (a dict, Geneformer's ``gene_name_id_dict.pkl`` or a
+        two-column CSV/TSV; see :func:`~geneformer_peft.data.gene_ids.read_gene_name_map`):
+        the file's symbols are translated before matching the vocabulary; ids already Ensembl
+        pass through (without version suffix); columns that get the same Ensembl id are
+        summed, as repeated gene ids always are. The figures go to
+        ``TokenizationStats.gene_name_mapping``.
 
     Returns
     -------
@@ -294,7 +308,8 @@ def tokenize_anndata(
     ------
     DataError
         Missing file / column, 0 cells, no gene in the vocabulary, a matrix that is not
-        raw counts, invalid ``n_counts``, V2 special tokens missing from the dictionary.
+        raw counts, invalid ``n_counts``, V2 special tokens missing from the dictionary, gene
+        symbols against an Ensembl vocabulary without ``gene_name_id_dictionary``, a bad map.
     """
     import datasets
     import pyarrow as pa
@@ -303,6 +318,13 @@ def tokenize_anndata(
         iter_cell_chunks,
         open_cell_source,
         select_cells,
+    )
+    from geneformer_peft.data.gene_ids import (
+        check_gene_id_kinds,
+        classify_vocabulary,
+        map_gene_names,
+        read_gene_name_map,
+        validate_gene_name_map,
     )
     from geneformer_peft.data.vocab import (
         CLS_TOKEN,
@@ -319,6 +341,21 @@ def tokenize_anndata(
         token_dictionary = load_token_dictionary(token_dictionary)
     if not isinstance(gene_median_dictionary, Mapping):
         gene_median_dictionary = load_gene_median_dictionary(gene_median_dictionary)
+    name_map = name_map_source = None
+    if gene_name_id_dictionary is not None:
+        if isinstance(gene_name_id_dictionary, Mapping):
+            name_map_source = "<dict>"
+            name_map = validate_gene_name_map(gene_name_id_dictionary, "gene_name_id_dictionary")
+        else:
+            name_map_source = str(gene_name_id_dictionary)
+            name_map = read_gene_name_map(gene_name_id_dictionary)
+        vocabulary = classify_vocabulary(token_dictionary)
+        if vocabulary.n_ensembl == 0:
+            raise DataError(
+                f"gene_name_id_dictionary {name_map_source}: maps gene symbols to Ensembl ids, but the token "
+                f"dictionary holds none (e.g. {list(vocabulary.examples.get('symbol', ()))[:3]}); expected an "
+                "Ensembl vocabulary such as Geneformer's, or no gene name map"
+            )
     prefix: tuple[int, ...] = ()
     suffix: tuple[int, ...] = ()
     if model_version == "V2":
@@ -342,7 +379,16 @@ def tokenize_anndata(
         if column_clash := {"input_ids", "length"} & set(out_columns):
             raise DataError(f"{cells.name}: obs columns {sorted(column_clash)} clash with dataset columns")
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
-        gene_map = build_gene_map(cells.gene_ids, token_dictionary, gene_median_dictionary, source_name=cells.name)
+        mapping = column_counts = None
+        vocab_gene_ids = cells.gene_ids
+        if name_map is None:
+            check_gene_id_kinds(cells.gene_ids, token_dictionary, source_name=cells.name,
+                                gene_id_field=cells.gene_id_field)
+        else:
+            mapping = map_gene_names(cells.gene_ids, name_map)
+            vocab_gene_ids = mapping.ensembl_ids
+            column_counts = np.zeros(cells.n_genes, dtype=np.float64)
+        gene_map = build_gene_map(vocab_gene_ids, token_dictionary, gene_median_dictionary, source_name=cells.name)
         obs_arrays = {c: _obs_arrow_column(cells.obs[c]) for c in out_columns}
         for column, array in obs_arrays.items():
             if array.null_count:
@@ -377,6 +423,8 @@ def tokenize_anndata(
                         f"{str(chunk.cell_names[row])!r}; expected a positive total count"
                     )
                 total_counts += float(chunk.raw_totals.sum())
+                if column_counts is not None:
+                    column_counts += np.asarray(chunk.counts.sum(axis=0)).ravel()
                 matched_counts += float(matched.sum())
                 encoded = rank_value_encode(
                     matched,
@@ -416,6 +464,8 @@ def tokenize_anndata(
         length_median=float(np.median(lengths)),
         length_max=int(lengths.max()),
         columns=["input_ids", "length"] + out_columns,
+        gene_name_mapping=(None if mapping is None
+                           else mapping.summary(cells.gene_ids, column_counts, source=name_map_source)),
     )
     _log_stats(stats)
     dataset = datasets.Dataset.from_file(arrow_path)
@@ -431,6 +481,17 @@ def _log_stats(stats: TokenizationStats) -> None:
         stats.n_genes_missing_token, stats.n_genes_missing_median, 100 * stats.matched_count_fraction,
         stats.length_min, stats.length_median, stats.length_max, stats.n_cells_truncated, stats.model_input_size,
     )
+    if stats.gene_name_mapping is not None:
+        mapped = stats.gene_name_mapping
+        top = ", ".join(f"{g['gene']} ({g['counts']})" for g in mapped["top_unmapped_genes"][:5]) or "none"
+        unmapped_share = 1.0 - mapped["mapped_count_fraction"]
+        logger.log(
+            logging.WARNING if unmapped_share > UNMAPPED_WARNING_FRACTION else logging.INFO,
+            "%s: gene name map %s: %d genes mapped to Ensembl ids, %d given as Ensembl ids, %d unmapped "
+            "holding %.1f%% of counts (highest: %s)",
+            stats.source, mapped["gene_name_id_dictionary"], mapped["n_genes_mapped"], mapped["n_genes_ensembl"],
+            mapped["n_genes_unmapped"], 100 * unmapped_share, top,
+        )
     if stats.n_cells_empty:
         logger.warning(
             "%s: %d cells have no count in any vocabulary gene; they are kept with no gene token",

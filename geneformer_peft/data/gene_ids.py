@@ -1,0 +1,417 @@
+"""Gene id kinds (Ensembl ids vs gene symbols) and symbol -> Ensembl maps.
+
+Geneformer's vocabularies are keyed by Ensembl gene ids (``ENSG00000141510``); most files
+name their genes by symbol (``TP53``). This module tells the two apart from the values
+(:func:`classify_gene_ids`), refuses symbols against an Ensembl vocabulary up front
+(:func:`check_gene_id_kinds`), reads a symbol -> Ensembl map such as Geneformer's
+``gene_name_id_dict.pkl`` or a two-column CSV/TSV (:func:`read_gene_name_map`) and applies it
+to a file's gene ids (:func:`map_gene_names`).
+
+An Ensembl gene id is ``ENS`` + an optional species code + ``G`` + digits (human ``ENSG``,
+mouse ``ENSMUSG``, zebrafish ``ENSDARG``...), optionally followed by a version suffix
+(``ENSG00000000003.14``). The version is not part of the gene's identity and Geneformer's
+vocabularies carry none, so ids are matched without it (:func:`strip_version`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from geneformer_peft.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GeneIdKinds",
+    "GeneNameMapping",
+    "check_gene_id_kinds",
+    "classify_gene_ids",
+    "classify_vocabulary",
+    "is_ensembl_id",
+    "map_gene_names",
+    "read_gene_name_map",
+    "strip_version",
+    "validate_gene_name_map",
+]
+
+PathLike = str | Path
+
+_HUMAN = re.compile(r"ENSG\d+(?:\.\d+)?")
+_MOUSE = re.compile(r"ENSMUSG\d+(?:\.\d+)?")
+_ENSEMBL = re.compile(r"ENS[A-Z]*G\d+(?:\.\d+)?")
+_VERSION = re.compile(r"\.\d+$")
+
+#: Ids shown per kind in :attr:`GeneIdKinds.examples` and in messages.
+N_EXAMPLES = 5
+#: Unmapped genes listed by :class:`GeneNameMapping` (highest total counts first).
+N_TOP_UNMAPPED = 20
+#: Data refused against an Ensembl vocabulary above this share of symbol-like ids.
+MAX_SYMBOL_FRACTION = 0.5
+
+GENE_NAME_MAP_HINT = ("pass --gene_name_id_dictionary PATH (gene_name_id_dictionary= in Python): a map of symbol -> "
+                      "Ensembl id, e.g. Geneformer's gene_name_id_dict.pkl or a two-column CSV/TSV")
+
+
+def is_ensembl_id(gene_id: str) -> bool:
+    """Return whether ``gene_id`` is an Ensembl gene id of any species (version suffix allowed)."""
+    return _ENSEMBL.fullmatch(str(gene_id)) is not None
+
+
+def strip_version(gene_id: str) -> str:
+    """``"ENSG00000000003.14"`` -> ``"ENSG00000000003"``; anything but a versioned Ensembl id is returned as is."""
+    gene_id = str(gene_id)
+    return _VERSION.sub("", gene_id) if is_ensembl_id(gene_id) else gene_id
+
+
+@dataclass(frozen=True)
+class GeneIdKinds:
+    """How many of a set of gene ids are Ensembl ids, and of which species.
+
+    Attributes
+    ----------
+    n_human, n_mouse, n_other_ensembl
+        Ids matching ``ENSG\\d+``, ``ENSMUSG\\d+`` and any other ``ENS[A-Z]*G\\d+`` (each with
+        an optional version suffix).
+    n_symbol
+        All other ids (gene symbols, spike-ins, made-up names).
+    examples
+        Up to :data:`N_EXAMPLES` ids of each kind present (``"human"``, ``"mouse"``,
+        ``"other_ensembl"``, ``"symbol"``), in input order.
+    """
+
+    n_human: int
+    n_mouse: int
+    n_other_ensembl: int
+    n_symbol: int
+    examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def n_total(self) -> int:
+        """Number of ids classified."""
+        return self.n_human + self.n_mouse + self.n_other_ensembl + self.n_symbol
+
+    @property
+    def n_ensembl(self) -> int:
+        """Ids that are Ensembl gene ids of any species."""
+        return self.n_human + self.n_mouse + self.n_other_ensembl
+
+    @property
+    def symbol_fraction(self) -> float:
+        """Share of the ids that are not Ensembl ids (0.0 for no ids)."""
+        return self.n_symbol / self.n_total if self.n_total else 0.0
+
+    @property
+    def kind(self) -> str:
+        """``"ensembl"`` (every id is one), ``"symbol"`` (none is) or ``"mixed"``; ``"symbol"`` for no ids."""
+        if self.n_total and self.n_symbol == 0:
+            return "ensembl"
+        return "symbol" if self.n_ensembl == 0 else "mixed"
+
+
+def classify_gene_ids(ids: Iterable[str]) -> GeneIdKinds:
+    """Count the Ensembl ids (by species) and the other ids (symbols) among ``ids``.
+
+    Parameters
+    ----------
+    ids
+        Gene ids, e.g. a file's ``var_names`` or a token dictionary's keys (special tokens
+        such as ``<pad>`` should be left out: they count as symbols).
+
+    Returns
+    -------
+    GeneIdKinds
+        The counts, the overall :attr:`~GeneIdKinds.kind` and a few examples of each kind.
+
+    Examples
+    --------
+    >>> classify_gene_ids(["ENSG00000000003.14", "ENSMUSG00000000001", "TP53"]).kind
+    'mixed'
+    """
+    counts = {"human": 0, "mouse": 0, "other_ensembl": 0, "symbol": 0}
+    examples: dict[str, list[str]] = {key: [] for key in counts}
+    for gene_id in ids:
+        gene_id = str(gene_id)
+        if _HUMAN.fullmatch(gene_id):
+            key = "human"
+        elif _MOUSE.fullmatch(gene_id):
+            key = "mouse"
+        elif _ENSEMBL.fullmatch(gene_id):
+            key = "other_ensembl"
+        else:
+            key = "symbol"
+        counts[key] += 1
+        if len(examples[key]) < N_EXAMPLES:
+            examples[key].append(gene_id)
+    return GeneIdKinds(
+        n_human=counts["human"], n_mouse=counts["mouse"], n_other_ensembl=counts["other_ensembl"],
+        n_symbol=counts["symbol"], examples={key: tuple(value) for key, value in examples.items() if value},
+    )
+
+
+def classify_vocabulary(token_dictionary: Iterable[str]) -> GeneIdKinds:
+    """:func:`classify_gene_ids` of a vocabulary's gene tokens (special tokens such as ``<pad>`` left out)."""
+    from geneformer_peft.data.vocab import is_special_token
+
+    return classify_gene_ids(t for t in token_dictionary if not is_special_token(str(t)))
+
+
+def check_gene_id_kinds(
+    gene_ids: Iterable[str],
+    token_dictionary: Iterable[str],
+    *,
+    source_name: str,
+    gene_id_field: str,
+) -> GeneIdKinds:
+    """Refuse gene symbols against an Ensembl vocabulary, before any counts are read.
+
+    Parameters
+    ----------
+    gene_ids
+        The file's gene ids.
+    token_dictionary
+        The vocabulary's tokens (a token dictionary's keys; special tokens are skipped).
+    source_name
+        The file, for the message.
+    gene_id_field
+        Where the ids were read, for the message (e.g. ``"var_names"``, ``"var['symbol']"``).
+
+    Returns
+    -------
+    GeneIdKinds
+        The kinds of ``gene_ids``.
+
+    Raises
+    ------
+    DataError
+        When most of the vocabulary's genes are Ensembl ids and more than
+        :data:`MAX_SYMBOL_FRACTION` of the file's ids are not: the message names the file, the
+        field, example ids, the share that looks like symbols and the way forward.
+    """
+    kinds = classify_gene_ids(gene_ids)
+    vocabulary = classify_vocabulary(token_dictionary)
+    if vocabulary.n_ensembl > vocabulary.n_symbol and kinds.symbol_fraction > MAX_SYMBOL_FRACTION:
+        vocab_example = next(iter(vocabulary.examples.get("human", ()) or
+                                  vocabulary.examples.get("mouse", ()) or
+                                  vocabulary.examples.get("other_ensembl", ())))
+        raise DataError(
+            f"{source_name}: {100 * kinds.symbol_fraction:.1f}% of the {kinds.n_total} gene ids in {gene_id_field} "
+            f"are not Ensembl ids, they look like gene symbols (e.g. {list(kinds.examples['symbol'])}), while the "
+            f"token dictionary holds Ensembl ids (e.g. {vocab_example!r}); {GENE_NAME_MAP_HINT}, or pick a column "
+            "of Ensembl ids with --gene_id_column"
+        )
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Symbol -> Ensembl maps
+# ---------------------------------------------------------------------------------------------
+def _check_entry(symbol: object, ensembl_id: object, where: str) -> tuple[str, str]:
+    if not isinstance(symbol, (str, np.str_)) or not str(symbol).strip():
+        raise DataError(f"{where}: gene name {symbol!r} is not valid; expected a non-empty string (a gene symbol)")
+    if not isinstance(ensembl_id, (str, np.str_)) or not is_ensembl_id(str(ensembl_id).strip()):
+        raise DataError(
+            f"{where}: gene {str(symbol)!r} maps to {ensembl_id!r}, which is not an Ensembl gene id; expected "
+            "symbol -> Ensembl id such as 'ENSG00000141510' (is the map the other way round?)"
+        )
+    return str(symbol).strip(), str(ensembl_id).strip()
+
+
+def _add_entry(result: dict[str, str], symbol: str, ensembl_id: str, where: str) -> None:
+    previous = result.setdefault(symbol, ensembl_id)
+    if previous != ensembl_id:
+        raise DataError(f"{where} maps gene {symbol!r} to {ensembl_id!r}, an earlier entry to {previous!r}; "
+                        "expected one Ensembl id per symbol")
+
+
+def validate_gene_name_map(raw: Mapping, source: str) -> dict[str, str]:
+    """``raw`` as ``{symbol: Ensembl id}`` (stripped strings), or a :class:`DataError` naming ``source``, entry."""
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{source}: the gene name map is a {type(raw).__name__}; expected a dict of symbol -> "
+                        "Ensembl id")
+    result: dict[str, str] = {}
+    for symbol, ensembl_id in raw.items():
+        where = f"{source}: entry {symbol!r}"
+        _add_entry(result, *_check_entry(symbol, ensembl_id, where), where)
+    if not result:
+        raise DataError(f"{source}: the gene name map is empty; expected symbol -> Ensembl id entries")
+    return result
+
+
+def _read_delimited(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a UTF-8 text file ({error}); expected a two-column CSV/TSV of symbol, "
+                        "Ensembl id (or a .pkl dict)") from error
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    delimiter = "\t" if first.count("\t") >= first.count(",") and "\t" in first else ","
+    result: dict[str, str] = {}
+    first_line_seen = False
+    for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2:
+            raise DataError(
+                f"{path}: line {number} has {len(row)} fields ({row!r}); expected 2 (symbol, Ensembl id) "
+                f"separated by {'a tab' if delimiter == chr(9) else 'a comma'}"
+            )
+        symbol, ensembl_id = (cell.strip() for cell in row)
+        if not first_line_seen:
+            first_line_seen = True
+            if not is_ensembl_id(ensembl_id) and not is_ensembl_id(symbol):  # a header: "symbol,ensembl_id"
+                logger.info("%s: line %d %r taken as the header", path, number, row)
+                continue
+        where = f"{path}: line {number}"
+        _add_entry(result, *_check_entry(symbol, ensembl_id, where), where)
+    if not result:
+        raise DataError(f"{path}: the gene name map is empty; expected lines of symbol, Ensembl id")
+    return result
+
+
+def read_gene_name_map(path: PathLike) -> dict[str, str]:
+    """Read a map of gene symbol -> Ensembl gene id.
+
+    Parameters
+    ----------
+    path
+        Geneformer's ``gene_name_id_dict.pkl`` (a pickled dict, read with
+        :func:`~geneformer_peft.data.safe_pickle.load_plain_pickle`, so the file cannot run
+        code) or a ``.pickle``; any other file is read as a two-column CSV or TSV
+        (``symbol, ensembl_id``; the delimiter is detected from the first line, a first row
+        in which neither field is an Ensembl id is taken as a header).
+
+    Returns
+    -------
+    dict
+        Symbol -> Ensembl id, as written (a version suffix is kept; :func:`map_gene_names`
+        drops it).
+
+    Raises
+    ------
+    DataError
+        A missing or unreadable file, a row without exactly two fields, a value that is not an
+        Ensembl id, a symbol given two different ids, or an empty map; the message names the
+        file and the line or entry.
+    """
+    from geneformer_peft.data.safe_pickle import load_plain_pickle
+
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a gene name map (.pkl, or a CSV/TSV of symbol, Ensembl id)")
+    if not path.is_file():
+        raise DataError(f"{path}: gene name map file does not exist; expected a .pkl (Geneformer's "
+                        "gene_name_id_dict.pkl) or a CSV/TSV of symbol, Ensembl id")
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        return validate_gene_name_map(load_plain_pickle(path), str(path))
+    return _read_delimited(path)
+
+
+@dataclass(frozen=True)
+class GeneNameMapping:
+    """A file's gene ids translated to Ensembl ids by a symbol map.
+
+    Attributes
+    ----------
+    ensembl_ids
+        One id per column of the file: the map's Ensembl id for a mapped symbol, the column's own
+        id for an Ensembl id (both without version suffix), the column's own id, unchanged,
+        for an unmapped gene (it then matches a vocabulary only if that holds it).
+    status
+        Per column: ``"mapped"``, ``"ensembl"`` (given as an Ensembl id) or ``"unmapped"``.
+    """
+
+    ensembl_ids: np.ndarray
+    status: np.ndarray
+
+    @property
+    def n_mapped(self) -> int:
+        """Columns whose symbol the map translated."""
+        return int((self.status == "mapped").sum())
+
+    @property
+    def n_ensembl(self) -> int:
+        """Columns already holding an Ensembl id."""
+        return int((self.status == "ensembl").sum())
+
+    @property
+    def n_unmapped(self) -> int:
+        """Columns neither given as Ensembl ids nor in the map."""
+        return int((self.status == "unmapped").sum())
+
+    def summary(self, gene_ids: np.ndarray, column_counts: np.ndarray, *, source: str) -> dict:
+        """The mapping's figures for the tokenization report.
+
+        Parameters
+        ----------
+        gene_ids
+            The file's own gene ids (the names listed for unmapped genes).
+        column_counts
+            Total counts of each column over the tokenized cells.
+        source
+            Where the map came from (its path).
+
+        Returns
+        -------
+        dict
+            ``gene_name_id_dictionary``, ``n_genes_mapped``, ``n_genes_ensembl``,
+            ``n_genes_unmapped``, ``n_ensembl_ids_from_several_genes``,
+            ``mapped_count_fraction`` (share of the counts in mapped or Ensembl-id columns) and
+            ``top_unmapped_genes`` (up to :data:`N_TOP_UNMAPPED` ``{"gene", "counts"}`` with the
+            highest counts, counts > 0 only, ties by name).
+        """
+        column_counts = np.asarray(column_counts, dtype=np.float64)
+        unmapped = np.flatnonzero((self.status == "unmapped") & (column_counts > 0))
+        order = sorted(unmapped, key=lambda i: (-column_counts[i], str(gene_ids[i])))[:N_TOP_UNMAPPED]
+        total = float(column_counts.sum())
+        translated = self.status != "unmapped"
+        _, per_id = np.unique(self.ensembl_ids[translated], return_counts=True)
+        return {
+            "gene_name_id_dictionary": source,
+            "n_genes_mapped": self.n_mapped,
+            "n_genes_ensembl": self.n_ensembl,
+            "n_genes_unmapped": self.n_unmapped,
+            "n_ensembl_ids_from_several_genes": int((per_id > 1).sum()),
+            "mapped_count_fraction": float(column_counts[translated].sum() / total) if total else 0.0,
+            "top_unmapped_genes": [{"gene": str(gene_ids[i]), "counts": int(round(column_counts[i]))} for i in order],
+        }
+
+
+def map_gene_names(gene_ids: Iterable[str], gene_name_map: Mapping[str, str]) -> GeneNameMapping:
+    """Translate gene symbols to Ensembl ids; Ensembl ids pass through.
+
+    Parameters
+    ----------
+    gene_ids
+        A file's gene ids (symbols, Ensembl ids or both).
+    gene_name_map
+        Symbol -> Ensembl id (see :func:`read_gene_name_map`); looked up exactly (case matters).
+
+    Returns
+    -------
+    GeneNameMapping
+        The translated ids and each column's status. Several columns may get the same
+        Ensembl id (two symbols of one gene): the tokenizer sums them, as it sums any
+        repeated gene id.
+    """
+    ids = [str(g) for g in gene_ids]
+    translated, status = [], []
+    for gene_id in ids:
+        if is_ensembl_id(gene_id):
+            translated.append(strip_version(gene_id))
+            status.append("ensembl")
+        elif gene_id in gene_name_map:
+            translated.append(strip_version(gene_name_map[gene_id]))
+            status.append("mapped")
+        else:
+            translated.append(gene_id)
+            status.append("unmapped")
+    return GeneNameMapping(ensembl_ids=np.array(translated, dtype=object).astype(str),
+                           status=np.array(status, dtype=object).astype(str))
