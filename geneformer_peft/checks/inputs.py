@@ -69,6 +69,36 @@ def _tokenize_raw(model_path: Path, path: Path, *, token_dictionary, gene_median
                             model_input_size=UNTRUNCATED, show_progress=False, **extra)
 
 
+def _check_gene_ids(model_path: Path, path: Path, *, token_dictionary, gene_id_column, mapped: bool
+                    ) -> CompatibilityReport:
+    """The ``gene_ids`` finding of raw counts: Ensembl ids or symbols, against the vocabulary's kind."""
+    from geneformer_peft.checks.report import OK, REFUSED
+    from geneformer_peft.data.cell_source import open_cell_source
+    from geneformer_peft.data.gene_ids import check_gene_id_kinds, classify_gene_ids
+    from geneformer_peft.data.vocab import load_token_dictionary
+    from geneformer_peft.models.families import family_of
+
+    family = family_of(model_path)
+    report = CompatibilityReport(model_path=str(model_path), data=str(path), family=family.model_type[0])
+    with open_cell_source(path, gene_id_column=gene_id_column) as cells:
+        ids, field = cells.gene_ids, cells.gene_id_field
+    kinds = classify_gene_ids(ids)
+    details = {"field": field, "n_ids": kinds.n_total, "n_ensembl": kinds.n_ensembl,
+               "symbol_fraction": kinds.symbol_fraction, "kind": kinds.kind, "mapped_with_dictionary": mapped}
+    source = token_dictionary or next((model_path / n for n in ("tokenizer.json", "token_dictionary.pkl")
+                                       if (model_path / n).is_file()), None)
+    if family.encoding == "rank_value" and source is not None and not mapped:
+        try:
+            check_gene_id_kinds(ids, load_token_dictionary(source), source_name=str(path), gene_id_field=field)
+        except DataError as error:
+            report.add("gene_ids", REFUSED, str(error), **details)
+            return report
+    report.add("gene_ids", OK, f"{kinds.n_total} gene ids in {field}: {kinds.n_ensembl} Ensembl ids, "
+               f"{kinds.symbol_fraction:.1%} other ids" + (" (mapped with --gene_name_id_dictionary)" if mapped
+                                                          else ""), **details)
+    return report
+
+
 def check_input(model_path: str | Path, input_path: str | Path, *, base_model=None, token_dictionary=None,
                 gene_median_dictionary=None, gene_id_column: str | None = None,
                 gene_name_id_dictionary=None, label_column: str | None = None, max_length: int | None = None,
@@ -116,16 +146,25 @@ def check_input(model_path: str | Path, input_path: str | Path, *, base_model=No
                 train_split=f"train split {paths['train']}", data_name=f"fold {fold} of {input_path}", **common)
     else:
         if kind == "raw":
-            dataset = _tokenize_raw(model_path, input_path, token_dictionary=token_dictionary,
-                                    gene_median_dictionary=gene_median_dictionary, gene_id_column=gene_id_column,
-                                    label_column=label_column, gene_name_id_dictionary=gene_name_id_dictionary)
+            early = _check_gene_ids(model_path, input_path, token_dictionary=token_dictionary,
+                                    gene_id_column=gene_id_column, mapped=gene_name_id_dictionary is not None)
+            if not early.ok:  # symbols against an Ensembl vocabulary: tokenizing would only fail the same way
+                reports["input"] = early
+                dataset = None
+            else:
+                dataset = _tokenize_raw(model_path, input_path, token_dictionary=token_dictionary,
+                                        gene_median_dictionary=gene_median_dictionary, gene_id_column=gene_id_column,
+                                        label_column=label_column, gene_name_id_dictionary=gene_name_id_dictionary)
         else:
             dataset = load_saved_dataset(input_path)
-        if label_column is not None and label_column not in dataset.column_names:
-            raise DataError(f"--label_column {label_column!r}: {input_path} has no such column; expected one of "
-                            f"{[c for c in dataset.column_names if c != 'input_ids']}")
-        reports["input"] = check_compatibility(model_path, {str(input_path): dataset}, label_column=label_column,
-                                               train_split=None, **common)
+        if dataset is not None:
+            if label_column is not None and label_column not in dataset.column_names:
+                raise DataError(f"--label_column {label_column!r}: {input_path} has no such column; expected one of "
+                                f"{[c for c in dataset.column_names if c != 'input_ids']}")
+            reports["input"] = check_compatibility(model_path, {str(input_path): dataset}, label_column=label_column,
+                                                   train_split=None, **common)
+            if kind == "raw":
+                reports["input"].findings.insert(0, early.findings[0])
     if output is not None:
         from geneformer_peft.files import write_json
 

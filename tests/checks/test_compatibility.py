@@ -330,3 +330,32 @@ def test_real_cells_on_a_checkpoint_remapped_to_geneformer_v1_are_refused(tmp_pa
     assert found["vocabulary"]["details"]["tokenized"]["count_share_matched"] > 0.5  # the ids are Ensembl: they match
     assert found["vocabulary"]["details"]["n_pretrained"] == 0
     assert found["truncation"]["status"] == "warning"  # CellBench cells hold far more than 256 genes
+
+
+def test_symbols_against_an_ensembl_vocabulary_are_refused_with_the_map_hint(tmp_path, caplog):
+    from geneformer_peft.data.synthetic import generate_counts
+    from geneformer_peft.data.vocab import build_vocabulary, save_tokenizer_json, write_dictionaries
+
+    adata = generate_counts(n_cells=30, n_genes=120, n_cell_types=2, seed=5)
+    adata.var = adata.var.drop(columns=["ensembl_id"])
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    tokens, medians = build_vocabulary(adata, show_progress=False)
+    ckpt = jf.make_tiny_checkpoint(tmp_path / "ckpt", vocab_size=len(tokens), max_position_embeddings=64)
+    write_dictionaries(ckpt, tokens, medians)
+    save_tokenizer_json(tokens, ckpt)
+    symbols = adata.copy()
+    symbols.var_names = [f"GENE{i}" for i in range(adata.n_vars)]
+    symbols.write_h5ad(tmp_path / "symbols.h5ad")
+    (tmp_path / "map.csv").write_text("symbol,ensembl_id\n" + "".join(
+        f"GENE{i},ENSG{i:011d}\n" for i in range(adata.n_vars)))
+    out = tmp_path / "r.json"
+    argv = ["check", "--model_path", str(ckpt), "--input", str(tmp_path / "symbols.h5ad"), "--output", str(out)]
+    assert main(argv) == 2
+    assert "gene_ids" in _error(caplog) and "--gene_name_id_dictionary" in _error(caplog)
+    finding = json.loads(out.read_text())["reports"]["input"]["findings"][0]
+    assert finding["check"] == "gene_ids" and finding["status"] == "refused"
+    assert finding["details"]["symbol_fraction"] == 1.0
+    assert main(argv + ["--gene_name_id_dictionary", str(tmp_path / "map.csv")]) == 0
+    found = {f["check"]: f for f in json.loads(out.read_text())["reports"]["input"]["findings"]}
+    assert found["gene_ids"]["status"] == "ok" and found["vocabulary"]["status"] == "ok"
+    assert found["vocabulary"]["details"]["tokenized"]["count_share_matched"] == 1.0
