@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--device", default="auto", help="auto, cpu, cuda or cuda:N (%(default)s).")
     p("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="(%(default)s)")
     p("--num_threads", type=int, default=None, help="CPU threads of torch (default: torch's).")
+    p("--allow_low_gene_overlap", action="store_true",
+      help="Go on when fewer than half of the cells' genes have pretrained rows in the model (default: refuse).")
     p("--overwrite", action="store_true", help="Redo finished folds.")
     p("--no_progress", action="store_true", help="No progress bars.")
 
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                             output_path=args.output_path, n_folds=args.n_folds,
                             folds=parse_folds(args.folds) if args.folds else None, config_path=args.config,
                             prompt_type=args.prompt_type, token_dictionary=args.token_dictionary,
-                            max_cells=args.max_cells, overwrite=args.overwrite, training=training)
+                            max_cells=args.max_cells, overwrite=args.overwrite, training=training,
+                            allow_low_gene_overlap=args.allow_low_gene_overlap)
     summary = run_gene_classification(opts)
     if not logging.getLogger("geneformer_peft").isEnabledFor(logging.INFO):
         print(f"Summary over gene folds ({summary['run_dir']}):\n{summary['table']}")

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from geneformer_peft.checks import check_compatibility
 from geneformer_peft.data.cells import EncodedCells
 from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.data.vocab import is_special_token, load_token_dictionary
@@ -291,6 +292,7 @@ class GeneClassOptions:
     max_cells: int | None = None
     overwrite: bool = False
     training: TrainingArguments = field(default_factory=lambda: TrainingArguments(epochs=3, batch_size=16))
+    allow_low_gene_overlap: bool = False  # go on when few of the cells' genes have pretrained rows (checks/)
 
 
 def run_directory(opts: GeneClassOptions, prompt_type: str) -> Path:
@@ -341,6 +343,9 @@ def run_gene_classification(opts: GeneClassOptions) -> dict[str, Any]:
         if opts.max_cells is not None and len(dataset) > opts.max_cells:
             dataset = dataset.select(range(opts.max_cells))
         max_length = args.max_length or probe.max_position_embeddings
+        check_compatibility(opts.model_path, {str(opts.input): dataset}, config=probe,
+                            token_dictionary=opts.token_dictionary, max_length=max_length,
+                            allow_low_gene_overlap=opts.allow_low_gene_overlap).raise_if_refused()
         cells = EncodedCells.from_dataset(dataset, max_length=max_length, name=str(opts.input))
         check_checkpoint_data(cells, probe, opts.model_path, opts.token_dictionary)
         top = int(cells.flat.max(initial=0))

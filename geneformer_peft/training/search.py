@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from geneformer_peft.data.cells import EncodedCells
+from geneformer_peft.checks import check_compatibility
 from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.data.folds import discover_folds, fold_paths
 from geneformer_peft.data.samplers import class_weights as reference_class_weights
@@ -467,6 +468,14 @@ class _FoldData:
                 if opts.label_column not in ds.column_names:
                     raise DataError(f"{paths[name]}: label column {opts.label_column!r} does not exist; expected one "
                                     f"of {ds.column_names}")
+            config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
+                                    use_prompt=opts.use_prompt, overrides=opts.config_overrides)
+            check_compatibility(opts.model_path, {f"{s} split {paths[s]}": ds for s, ds in datasets.items()},
+                                config=config, token_dictionary=opts.token_dictionary, label_column=opts.label_column,
+                                train_split=f"train split {paths['train']}", max_length=self.max_length,
+                                allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init,
+                                data_name=f"fold {fold} of {opts.dataset_name!r} under {opts.data_path}"
+                                ).raise_if_refused()
             self._datasets[fold] = (paths, datasets)
         return self._datasets[fold]
 

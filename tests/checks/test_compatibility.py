@@ -60,6 +60,13 @@ def test_binned_data_refused_by_every_command_of_a_geneformer_model(tmp_path, ca
         "pretrain": lambda: main(["pretrain", "--model_path", str(EXAMPLE_CKPT), "--input", str(BINNED_TEST0),
                                   "--output_dir", str(tmp_path / "pt"), "--max_steps", "1"]),
         "check": lambda: main(["check", "--model_path", str(EXAMPLE_CKPT), "--input", str(BINNED_TEST0)]),
+        "classify-genes": lambda: main(["classify-genes", "--gene_classes", str(ROOT / "docs" / "gene_classes_example.json"),
+                                        "--input", str(BINNED_TEST0), "--model_path", str(EXAMPLE_CKPT),
+                                        "--output_path", str(tmp_path / "cg"), "--device", "cpu"]),
+        "search": lambda: main(["search", "--dataset_name", "synthetic_binned", "--data_path", str(EXAMPLE_DATA),
+                                "--model_path", str(EXAMPLE_CKPT), "--space", str(ROOT / "docs" / "search_space_example.json"),
+                                "--output_dir", str(tmp_path / "search"), "--n_trials", "1", "--folds", "0",
+                                "--epoch", "1", "--device", "cpu", "--no_progress"]),
     }
     for command, run in runs.items():
         caplog.clear()
