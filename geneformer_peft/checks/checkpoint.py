@@ -64,6 +64,11 @@ def _layer_count(shapes: Mapping[str, tuple], pattern: str) -> int:
 def _expected(config: Any) -> tuple[list[tuple[str, int, int, str]], tuple[str, str, int]]:
     """(tensor suffix, axis, expected size, config key) per checked dimension, and the layer
     pattern with its config key and value, for the config's family."""
+    if getattr(config, "model_type", None) == "cellfm":
+        dims = [("gene_emb", 0, config.vocab_size, "vocab_size"), ("gene_emb", 1, config.hidden_size, "hidden_size"),
+                ("value_enc.value_enc.table.weight", 1, config.value_slots, "value_slots"),
+                ("encoder.0.ffn.u_proj.weight", 0, config.intermediate_size, "intermediate_size")]
+        return dims, (r"(?:^|\.)encoder\.(\d+)\.", "num_hidden_layers", config.num_hidden_layers)
     if hasattr(config, "num_tokens"):  # scBERT's Performer
         dims = [("token_emb.weight", 0, config.num_tokens, "num_tokens"), ("token_emb.weight", 1, config.dim, "dim"),
                 ("pos_emb.emb.weight", 0, config.max_seq_len, "max_seq_len")]

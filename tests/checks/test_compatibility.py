@@ -366,3 +366,22 @@ def test_symbols_against_an_ensembl_vocabulary_are_refused_with_the_map_hint(tmp
     found = {f["check"]: f for f in json.loads(out.read_text())["reports"]["input"]["findings"]}
     assert found["gene_ids"]["status"] == "ok" and found["vocabulary"]["status"] == "ok"
     assert found["vocabulary"]["details"]["tokenized"]["count_share_matched"] == 1.0
+
+
+def test_cellfm_checkpoint_shapes_are_checked(tmp_path, caplog):
+    from geneformer_peft.checks.checkpoint import check_checkpoint_shapes
+    from geneformer_peft.checks.report import CompatibilityReport
+    from transformerslocal.configuration_cellfm import CellFMConfig
+    from transformerslocal.modeling_cellfm import CellFMModel
+
+    config = CellFMConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=24)
+    CellFMModel(config).save_pretrained(tmp_path / "ckpt")
+    report = CompatibilityReport("m", "d")
+    check_checkpoint_shapes(report, tmp_path / "ckpt", config)
+    assert report["checkpoint"].status == "ok" and report["checkpoint"].details["layers"] == 2
+    report = CompatibilityReport("m", "d")
+    check_checkpoint_shapes(report, tmp_path / "ckpt", config.copy(num_hidden_layers=3, vocab_size=48))
+    assert report["checkpoint"].status == "refused"
+    assert report["checkpoint"].details["mismatches"] == [
+        "vocab_size=48 but gene_emb has 40 (shape [40, 16])", "num_hidden_layers=3 but the weights hold 2 layers"]
