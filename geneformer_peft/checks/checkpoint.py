@@ -41,7 +41,10 @@ def weight_shapes(model_path: str | Path) -> dict[str, tuple[int, ...]]:
                 with safe_open(str(part), framework="pt") as handle:
                     shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
             else:
-                state = torch.load(part, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    state = torch.load(part, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # a legacy (pre-zip) torch file cannot be memory-mapped: read it whole
+                    state = torch.load(part, map_location="cpu", weights_only=True)
                 shapes.update({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")})
         except Exception as error:  # noqa: BLE001 - every reader's own error type: name the file
             raise DataError(f"{part}: truncated or not a checkpoint ({type(error).__name__}: {error}); expected a "
