@@ -18,7 +18,6 @@ from geneformer_peft.checks.checkpoint import (
     check_checkpoint_shapes,
     check_token_dictionary,
     checkpoint_token_dictionary,
-    new_gene_rows,
 )
 from geneformer_peft.checks.data import (
     MIN_GENE_OVERLAP,
@@ -87,6 +86,7 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
     """
     from geneformer_peft.data.vocab import load_token_dictionary
     from geneformer_peft.models.families import family_of, family_of_config
+    from geneformer_peft.models.vocabulary import new_gene_rows
 
     model_path = Path(model_path)
     weights_path = Path(base_model) if base_model is not None else model_path  # PEFT-only folds: the base's

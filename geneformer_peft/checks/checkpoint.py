@@ -12,11 +12,9 @@ from geneformer_peft.checks.report import OK, REFUSED, CompatibilityReport
 from geneformer_peft.data.vocab import CLS_TOKEN, EOS_TOKEN, MASK_TOKEN, PAD_TOKEN, TOKENIZER_FILE, is_special_token
 from geneformer_peft.errors import DataError
 
-__all__ = ["REMAP_RECORD", "check_base_model", "check_checkpoint_shapes", "check_token_dictionary",
-           "new_gene_rows", "weight_shapes"]
+__all__ = ["check_base_model", "check_checkpoint_shapes", "check_token_dictionary", "checkpoint_token_dictionary",
+           "weight_shapes"]
 
-#: written by remap-vocab beside the weights: which genes' rows are new (not pretrained)
-REMAP_RECORD = "vocabulary_remap.json"
 #: vocabulary rows a checkpoint may carry beyond its dictionary (remap-vocab pads to a multiple of 8)
 VOCAB_PADDING = 8
 
@@ -105,18 +103,6 @@ def check_checkpoint_shapes(report: CompatibilityReport, model_path: str | Path,
                    tensors=len(shapes))
 
 
-def new_gene_rows(model_path: str | Path) -> set[str]:
-    """Genes whose embedding rows a ``remap-vocab`` initialised fresh (empty when never remapped)."""
-    record = Path(model_path) / REMAP_RECORD
-    if not record.is_file():
-        return set()
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-        return {str(g) for g in data["new_genes"]}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(f"{record}: unreadable ({error}); expected the JSON remap-vocab writes") from None
-
-
 def check_token_dictionary(report: CompatibilityReport, dictionary: Mapping[str, int], source: str, *,
                            checkpoint_dictionary: Mapping[str, int] | None, checkpoint_source: str | None,
                            vocab_size: int, model_version: str | None = None, resize: bool | None = None) -> None:
@@ -174,7 +160,7 @@ def check_base_model(report: CompatibilityReport, fold_path: str | Path, base_mo
                      allow_other_base: bool = False) -> None:
     """A fold's PEFT-only weights belong on the checkpoint they were trained on: compare the base's
     SHA-256 with the one the fold's provenance.json recorded."""
-    from geneformer_peft.training.provenance import FileHashCache, checkpoint_fingerprint, read_provenance
+    from geneformer_peft.fingerprints import FileHashCache, checkpoint_fingerprint, read_provenance
 
     provenance = read_provenance(fold_path)
     recorded = (((provenance or {}).get("settings") or {}).get("checkpoint") or {}).get("files")

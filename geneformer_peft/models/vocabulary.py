@@ -21,7 +21,6 @@ from geneformer_peft.data.vocab import (
     save_tokenizer_json,
     validate_token_dictionary,
 )
-from geneformer_peft.checks.checkpoint import REMAP_RECORD, new_gene_rows
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_directory, write_json
 from transformerslocal.modeling_utils import (
@@ -34,13 +33,28 @@ from transformerslocal.modeling_utils import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["remap_checkpoint_vocabulary"]
+__all__ = ["REMAP_RECORD", "new_gene_rows", "remap_checkpoint_vocabulary"]
+
+#: written by remap-vocab beside the weights: which genes' rows are new (not pretrained)
+REMAP_RECORD = "vocabulary_remap.json"
 
 PathLike = str | Path
 
 _EMBEDDING_SUFFIX = "embeddings.word_embeddings.weight"
 _DECODER_WEIGHT = "cls.predictions.decoder.weight"
 _VOCAB_BIASES = ("cls.predictions.bias", "cls.predictions.decoder.bias")
+
+
+def new_gene_rows(model_path: str | Path) -> set[str]:
+    """Genes whose embedding rows a ``remap-vocab`` initialised fresh (empty when never remapped)."""
+    record = Path(model_path) / REMAP_RECORD
+    if not record.is_file():
+        return set()
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return {str(g) for g in data["new_genes"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{record}: unreadable ({error}); expected the JSON remap-vocab writes") from None
 
 
 def remap_checkpoint_vocabulary(

@@ -39,6 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from geneformer_peft.errors import DataError
+from geneformer_peft.fingerprints import (  # noqa: F401 - part of this module's interface
+    HASH_CHUNK,
+    PROVENANCE_FILE,
+    FileHashCache,
+    checkpoint_fingerprint,
+    read_provenance,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +65,12 @@ __all__ = [
     "summary_settings",
 ]
 
-PROVENANCE_FILE = "provenance.json"
 #: option fields that do not change what a fold computes (location, fold selection, display,
 #: data-loading processes, CPU threads), so a rerun may change them freely
 NOT_RESULT_FIELDS = frozenset({"output_path", "out_prefix", "folds", "overwrite", "progress", "num_workers",
                                "num_threads"})
 #: keys of ``settings`` that belong to one fold and differ between folds by design
 PER_FOLD_KEYS = ("data", "fold_seed")
-HASH_CHUNK = 1 << 20
 
 
 class SettingsChanged(DataError):
@@ -102,64 +107,6 @@ def option_settings(options: Any) -> dict[str, Any]:
     return out
 
 
-class FileHashCache:
-    """SHA-256 of files, remembered by (path, size, mtime) in a JSON file."""
-
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
-        self.path = Path(path) if path is not None else None
-        self._entries: dict[str, dict] = {}
-        self._dirty = False
-        if self.path is not None and self.path.is_file():
-            try:
-                loaded = json.loads(self.path.read_text(encoding="utf-8"))
-                self._entries = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError):
-                self._entries = {}
-
-    def sha256(self, file: str | os.PathLike) -> str:
-        file = Path(file).resolve()
-        stat = file.stat()
-        key = str(file)
-        entry = self._entries.get(key)
-        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-            return entry["sha256"]
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-                digest.update(chunk)
-        self._entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
-        self._dirty = True
-        return digest.hexdigest()
-
-    def save(self) -> None:
-        if self.path is None or not self._dirty:
-            return
-        from geneformer_peft.evaluation.outputs import write_json
-
-        write_json(self.path, self._entries)
-        self._dirty = False
-
-
-def _file_record(file: Path, cache: FileHashCache) -> dict[str, Any]:
-    return {"size": file.stat().st_size, "sha256": cache.sha256(file)}
-
-
-def checkpoint_fingerprint(model_path: str | os.PathLike, cache: FileHashCache) -> dict[str, Any]:
-    """Path, sizes and SHA-256 of the checkpoint's weight file(s) and config.json."""
-    from transformerslocal.modeling_utils import find_weights_file
-
-    model_path = Path(model_path)
-    weights = find_weights_file(model_path)
-    files = [weights]
-    if weights.name.endswith(".index.json"):
-        index = json.loads(weights.read_text(encoding="utf-8"))
-        files += [weights.parent / name for name in sorted(set(index.get("weight_map", {}).values()))]
-    config = model_path / "config.json"
-    if config.is_file():
-        files.append(config)
-    return {"path": str(model_path.resolve()), "files": {f.name: _file_record(f, cache) for f in files}}
-
-
 def _directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -194,19 +141,6 @@ def fold_provenance(options: Any, fold: int, *, config: Mapping[str, Any], data:
     return {"fold": int(fold), "settings": json.loads(json.dumps(record_settings)),
             "environment": jsonable({**environment, "host": socket.gethostname()}),
             "recorded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-
-
-def read_provenance(folder: str | os.PathLike) -> dict | None:
-    """``provenance.json`` of a fold (or resume) folder, ``None`` when absent or unreadable."""
-    path = Path(folder) / PROVENANCE_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        logger.warning("unreadable %s (%s)", path, error)
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("settings"), dict) else None
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
