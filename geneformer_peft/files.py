@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_directory", "atomic_file", "write_json", "write_pickle", "write_text"]
+__all__ = ["atomic_directory", "atomic_file", "write_json", "write_pickle", "write_text", "write_torch"]
 
 
 
@@ -60,6 +60,13 @@ def _apply_umask(folder: Path) -> None:
                 os.chmod(path, files)
 
 
+def _name_the_path(error: BaseException, path: Path) -> None:
+    """Give an OSError that names no file (a write into an open file: full disk, ``ulimit -f``)
+    the path being written, so that its message and the CLI's say where."""
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        error.filename = str(path)
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -76,9 +83,10 @@ def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[st
         yield tmp_name
         os.chmod(tmp_name, file_mode())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        _name_the_path(error, path)
         raise
 
 
@@ -171,6 +179,33 @@ def write_pickle(path: str | os.PathLike, obj: Any) -> Path:
     return _atomic_write(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def write_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically; the project's one way to write a torch file.
+
+    A write that fails raises :class:`OSError` naming ``path`` with its errno (ENOSPC for a full
+    disk, EFBIG beyond ``ulimit -f``), where torch alone raises "unexpected pos 7552 vs 7446"
+    (:func:`transformerslocal.modeling_utils.save_torch`, which the model code below this
+    package uses).
+
+    Parameters
+    ----------
+    path : path-like
+        Destination; parent folders are created.
+    obj : object
+        What ``torch.save`` takes (a state dict, a checkpoint payload).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    from transformerslocal.modeling_utils import save_torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_torch(obj, path)
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -225,6 +260,7 @@ def atomic_directory(final_path: str | os.PathLike, *, overwrite: bool = False) 
                 old.unlink()
         else:
             os.replace(tmp_dir, final_path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        _name_the_path(error, final_path)
         raise
