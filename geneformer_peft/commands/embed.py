@@ -24,6 +24,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import SEED, positive_int
+
 logger = logging.getLogger(__name__)
 
 HELP = "cell or gene embeddings of tokenized cells (h5ad / csv / parquet), quality report and plots"
@@ -41,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--label_column", action="append", default=None, dest="label_columns",
       help="Label column for metrics and plots; repeat for several (default: cell_type when present).")
     p("--gene_per_label", action="store_true", help="Gene mode: also the means per value of the first label column.")
-    p("--max_ncells", type=int, default=None, help="Use the first N cells of the input.")
-    p("--batch_size", type=int, default=64, help="Cells per batch (%(default)s).")
+    p("--max_ncells", type=positive_int, default=None, help="Use the first N cells of the input.")
+    p("--batch_size", type=positive_int, default=64, help="Cells per batch (%(default)s).")
     p("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="auto: bf16 on CUDA, fp32 on CPU (%(default)s).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="Quality report (default: embedding_metrics.json beside --output).")
     p("--no_plots", action="store_true", help="Skip the UMAP and heatmap plots.")
     p("--random_init", action="store_true", help="Use --model_path's architecture with random weights (a baseline).")
-    p("--seed", type=int, default=0, help="Seed of kNN folds, UMAP and --random_init (%(default)s).")
+    p("--seed", type=SEED, default=0, help="Seed of kNN folds, UMAP and --random_init (%(default)s).")
     p("--overwrite", action="store_true", help="Replace an existing --output.")
 
 

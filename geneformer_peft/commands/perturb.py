@@ -27,6 +27,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import SEED, float_in, non_negative_int, positive_int
+
 logger = logging.getLogger(__name__)
 
 HELP = "in silico perturbation (delete / overexpress / inhibit / activate) with statistics"
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--perturb_type", required=True, choices=["delete", "overexpress", "inhibit", "activate"])
     p("--genes", required=True, nargs="+", help="Ensembl ids to perturb, or 'all' (every gene each cell expresses).")
     p("--combination", action="store_true", help="Perturb the listed genes together (one perturbation per cell).")
-    p("--rank_shift", type=float, default=0.25,
+    p("--rank_shift", type=float_in(0, 1, low_open=True), default=0.25,
       help="inhibit / activate: move by this fraction of the cell's genes (%(default)s).")
     p("--token_dictionary", type=Path, default=None,
       help="Token dictionary (default: the one in --model_path or --base_model).")
@@ -52,17 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            '"alt_states": ["C"]}; start-state cells are perturbed, shifts toward goal / alternatives measured.')
     p("--emb_mode", default="cell", choices=["cell", "cls", "cell_and_gene"], help="%(default)s")
     p("--emb_layer", type=int, default=-1, help="0: last layer, -1: second-to-last (default), ...")
-    p("--max_ncells", type=int, default=None, help="Perturb the first N selected cells.")
-    p("--n_null", type=int, default=20, help="Random-gene null perturbations per cell (%(default)s).")
-    p("--min_cells", type=int, default=3, help="Fewest cells for a gene's test (%(default)s).")
+    p("--max_ncells", type=positive_int, default=None, help="Perturb the first N selected cells.")
+    p("--n_null", type=non_negative_int, default=20, help="Random-gene null perturbations per cell (%(default)s).")
+    p("--min_cells", type=positive_int, default=3, help="Fewest cells for a gene's test (%(default)s).")
     p("--no_class_probabilities", action="store_true",
       help="On a classifier, skip the class-probability readout (then only the layers to --emb_layer run).")
-    p("--chunk_cells", type=int, default=50, help="Cells per written chunk (%(default)s).")
-    p("--batch_size", type=int, default=64, help="Perturbed cells per forward pass (%(default)s).")
+    p("--chunk_cells", type=positive_int, default=50, help="Cells per written chunk (%(default)s).")
+    p("--batch_size", type=positive_int, default=64, help="Perturbed cells per forward pass (%(default)s).")
     p("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="auto: bf16 on CUDA, fp32 on CPU (%(default)s).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
-    p("--seed", type=int, default=0, help="Seed of the null draws (%(default)s).")
+    p("--seed", type=SEED, default=0, help="Seed of the null draws (%(default)s).")
     p("--no_plots", action="store_true", help="Skip the volcano plot.")
     p("--overwrite", action="store_true", help="Discard a previous scan in --output_dir instead of resuming it.")
 

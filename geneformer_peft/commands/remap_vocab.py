@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from geneformer_peft.commands._common import SEED, non_negative_int
+
 HELP = "copy a checkpoint onto another gene vocabulary (shared genes keep their embeddings)"
 
 
@@ -26,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
     p("--old_token_dictionary", type=Path, default=None,
       help="The checkpoint's vocabulary, when it has no tokenizer.json.")
-    p("--pad_to_multiple_of", type=int, default=8, help="Round the vocabulary size up to a multiple (%(default)s).")
-    p("--seed", type=int, default=0, help="Seed of the fresh rows (%(default)s).")
+    p("--pad_to_multiple_of", type=non_negative_int, default=8, help="Round the vocabulary size up to a multiple (%(default)s).")
+    p("--seed", type=SEED, default=0, help="Seed of the fresh rows (%(default)s).")
     p("--overwrite", action="store_true", help="Replace an existing --output_dir.")
 
 

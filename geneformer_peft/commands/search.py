@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands import finetune
+from geneformer_peft.commands._common import SEED, non_negative_int, positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
            "see docs/recipes.md.")
     p("--output_dir", type=Path, required=True,
       help="Study folder: study.db, trials.csv, best_config.json, plots, refit/.")
-    p("--n_trials", type=int, default=10, help="Trials to add to the study in this run (%(default)s).")
-    p("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
+    p("--n_trials", type=non_negative_int, default=10, help="Trials to add to the study in this run (%(default)s).")
+    p("--timeout", type=positive_float, default=None, help="Stop starting new trials after this many seconds.")
     p("--study_name", default="search", help="Study name inside study.db (%(default)s).")
     p("--no_pruning", action="store_true", help="Run every trial to the end (no median pruner).")
-    p("--pruner_startup_trials", type=int, default=2,
+    p("--pruner_startup_trials", type=non_negative_int, default=2,
       help="Trials that finish before the median pruner stops any (%(default)s).")
-    p("--pruner_warmup_epochs", type=int, default=0,
+    p("--pruner_warmup_epochs", type=non_negative_int, default=0,
       help="Epochs a trial runs before it may be pruned (%(default)s).")
-    p("--sampler_seed", type=int, default=None,
+    p("--sampler_seed", type=SEED, default=None,
       help="Seed of the TPE sampler: the same seed and study size draw the same parameters (default: --seed "
            "plus a per-process number, so that processes sharing a study draw differently).")
     p("--refit", action="store_true",

@@ -29,7 +29,7 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands import _binned_tokenize
-from geneformer_peft.commands._common import check_output_path
+from geneformer_peft.commands._common import check_output_path, positive_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -48,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")
-    parser.add_argument("--model_input_size", type=int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
+    parser.add_argument("--model_input_size", type=positive_int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
     parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
-    parser.add_argument("--chunk_size", type=int, default=512, help="Cells read at a time (memory stays flat).")
+    parser.add_argument("--chunk_size", type=positive_int, default=512, help="Cells read at a time (memory stays flat).")
     parser.add_argument("--filter_column", default="filter_pass", help="obs column; when present only cells with value 1 are tokenized. Use '' to disable.")
     parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
