@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_directory", "atomic_file", "write_json", "write_pickle", "write_text", "write_torch"]
+__all__ = ["atomic_directory", "atomic_file", "check_path", "wrong_kind", "write_json", "write_pickle", "write_text",
+           "write_torch"]
 
 
 
@@ -65,6 +66,63 @@ def _name_the_path(error: BaseException, path: Path) -> None:
     the path being written, so that its message and the CLI's say where."""
     if isinstance(error, OSError) and error.errno is not None and error.filename is None:
         error.filename = str(path)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def wrong_kind(path: str | os.PathLike, kind: str) -> str | None:
+    """"is a file" or "is a folder" when ``path`` exists as the other ``kind`` ("file" or
+    "folder") than expected, "lies under the file <f>" when a folder above it is a file, else
+    ``None`` (also when it does not exist)."""
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind {kind!r}; expected 'file' or 'folder'")
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        return "is a file"
+    if kind == "file" and path.is_dir():
+        return "is a folder"
+    if not path.exists():
+        above = next((parent for parent in path.parents if parent.exists()), None)
+        if above is not None and not above.is_dir():
+            return f"lies under the file {above}"
+    return None
+
+
+def check_path(path: str | os.PathLike, kind: str, expected: str, *, flag: str | None = None) -> Path:
+    """Check that an input ``path`` exists and is a ``kind`` ("file" or "folder"); the one check
+    behind messages such as "--input x.h5ad is a file; expected a saved dataset folder".
+
+    Parameters
+    ----------
+    path : path-like
+        The input.
+    kind : {"file", "folder"}
+        What it must be.
+    expected : str
+        What the message says is expected, e.g. "a folder written by save_to_disk".
+    flag : str, optional
+        The option that gave the path, named first in the message.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError, IsADirectoryError
+        ``path`` is missing, a file where a folder is expected, a folder where a file is (exit code 2).
+    """
+    path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
+    problem = wrong_kind(path, kind)
+    if problem is not None:
+        error = NotADirectoryError if kind == "folder" else IsADirectoryError
+        raise error(f"{name} {problem}; expected {expected}")
+    if not path.exists():
+        raise FileNotFoundError(f"{name} does not exist; expected {expected}")
+    return path
 
 
 # ----------------------------------------------------------------------------- files

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from geneformer_peft.errors import DataError
+from geneformer_peft.files import wrong_kind
 
-__all__ = ["SEED", "boolean", "check_output_path", "float_in", "fold_list", "int_in", "non_negative_float",
-           "non_negative_int", "positive_float", "positive_int"]
+__all__ = ["CHECKPOINT", "DATASET", "OUTPUT_FOLDER", "SEED", "boolean", "check_output_path", "file_path", "float_in", "fold_list", "folder_path", "int_in",
+           "non_negative_float", "non_negative_int", "positive_float", "positive_int"]
 
 
 def check_output_path(path: Path, *, overwrite: bool, flag: str = "--output") -> None:
@@ -118,3 +119,39 @@ def boolean(text: str) -> bool:
     if value in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _path_of_kind(kind: str, expected: str) -> Callable[[str], Path]:
+    def parse(text: str) -> Path:
+        path = Path(text)
+        problem = wrong_kind(path, kind)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{path} {problem}; expected {expected}")
+        return path
+
+    parse.__name__ = kind
+    return parse
+
+
+def folder_path(expected: str) -> Callable[[str], Path]:
+    """An argparse type: a path that, if it exists, is a folder (input or output); a file there is
+    refused as "x is a file; expected <expected>" (a missing input is the command's to report).
+
+    Parameters
+    ----------
+    expected : str
+        What the flag takes, e.g. "a checkpoint folder (config.json and weights)".
+    """
+    return _path_of_kind("folder", expected)
+
+
+def file_path(expected: str) -> Callable[[str], Path]:
+    """An argparse type: a path that, if it exists, is a file; a folder there is refused as
+    "x is a folder; expected <expected>" (see :func:`folder_path`)."""
+    return _path_of_kind("file", expected)
+
+
+#: the folder kinds most flags take
+CHECKPOINT = folder_path("a checkpoint folder (config.json and weights)")
+DATASET = folder_path("a saved dataset folder (written by tokenize, split or save_to_disk)")
+OUTPUT_FOLDER = folder_path("a folder to write into (or a new path)")

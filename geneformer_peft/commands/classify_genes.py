@@ -19,7 +19,11 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands._common import (
+    CHECKPOINT,
+    DATASET,
+    OUTPUT_FOLDER,
     SEED,
+    file_path,
     float_in,
     fold_list,
     int_in,
@@ -36,10 +40,10 @@ HELP = "Gene classification with a token-classification head (gene folds; any PE
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--gene_classes", type=Path, required=True, help="JSON {class: [gene ids]} (Ensembl ids of the vocabulary).")
-    p("--input", type=Path, required=True, help="Tokenized cells (a saved dataset with input_ids).")
-    p("--model_path", type=Path, required=True, help="Pretrained checkpoint folder.")
-    p("--output_path", type=Path, required=True, help="Where the run folder <method>/ goes.")
+    p("--gene_classes", type=file_path("a JSON file {class: [gene ids]}"), required=True, help="JSON {class: [gene ids]} (Ensembl ids of the vocabulary).")
+    p("--input", type=DATASET, required=True, help="Tokenized cells (a saved dataset with input_ids).")
+    p("--model_path", type=CHECKPOINT, required=True, help="Pretrained checkpoint folder.")
+    p("--output_path", type=OUTPUT_FOLDER, required=True, help="Where the run folder <method>/ goes.")
     p("--n_folds", type=int_in(2), default=5, help="Gene folds (%(default)s).")
     p("--folds", type=fold_list, default=None, help="Folds to run, e.g. 0,1 (default: all).")
     p("--config", type=Path, default=None, help="A config.json whose PEFT keys apply (as in finetune).")
@@ -72,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
+    from geneformer_peft.files import check_path
     from geneformer_peft.training.arguments import TrainingArguments
     from geneformer_peft.training.gene_classification import GeneClassOptions, run_gene_classification
 
-    for flag, path in (("--gene_classes", args.gene_classes), ("--input", args.input)):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{flag} {path} does not exist")
+    check_path(args.gene_classes, "file", "a JSON file {class: [gene ids]}", flag="--gene_classes")
+    check_path(args.input, "folder", "a saved dataset folder of tokenized cells", flag="--input")
     training = TrainingArguments(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, lr_schedule=args.lr_schedule,

@@ -24,7 +24,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import SEED, positive_int
+from geneformer_peft.commands._common import CHECKPOINT, DATASET, SEED, file_path, folder_path, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ HELP = "cell or gene embeddings of tokenized cells (h5ad / csv / parquet), quali
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
-    p("--base_model", type=Path, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
-    p("--output", required=True, type=Path, help="Output file: .h5ad, .csv or .parquet.")
+    p("--model_path", required=True, type=folder_path("a checkpoint, fold or PEFT-weights folder"), help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
+    p("--base_model", type=CHECKPOINT, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output", required=True, type=file_path("an output file (.h5ad, .csv or .parquet)"), help="Output file: .h5ad, .csv or .parquet.")
     p("--emb_mode", default="cell", choices=["cell", "cls", "gene"], help="What to embed (%(default)s).")
     p("--emb_layer", type=int, default=-1,
       help="0: last layer, -1: second-to-last (default), ... (Geneformer's numbering).")
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--token_dictionary", type=Path, default=None,
       help="Token dictionary (default: the one in --model_path or --base_model).")
-    p("--metrics_output", type=Path, default=None,
+    p("--metrics_output", type=file_path("a JSON file to write"), default=None,
       help="Quality report (default: embedding_metrics.json beside --output).")
     p("--no_plots", action="store_true", help="Skip the UMAP and heatmap plots.")
     p("--random_init", action="store_true", help="Use --model_path's architecture with random weights (a baseline).")

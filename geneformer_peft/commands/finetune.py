@@ -22,10 +22,13 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands._common import (
+    CHECKPOINT,
+    OUTPUT_FOLDER,
     SEED,
     boolean,
     float_in,
     fold_list,
+    folder_path,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -44,11 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p = parser.add_argument
     p("--dataset_name", default=d["dataset_name"], required=req["dataset_name"],
       help=f"Dataset name in the fold layout (default: {d['dataset_name']}).")
-    p("--data_path", type=Path, default=d["data_path"], required=req["data_path"],
+    p("--data_path", type=folder_path("the folder holding <dataset_name>/<i>/"), default=d["data_path"], required=req["data_path"],
       help=f"Folder holding <dataset_name>/<i>/ (default: {d['data_path']}).")
-    p("--output_path", type=Path, default=d["output_path"], help="Where run folders go (default: %(default)s).")
+    p("--output_path", type=OUTPUT_FOLDER, default=d["output_path"], help="Where run folders go (default: %(default)s).")
     p("--out_prefix", default="", help="Prefix of the run folder name, e.g. 'try1_' -> try1_lora/.")
-    p("--model_path", type=Path, default=d["model_path"], required=req["model_path"],
+    p("--model_path", type=CHECKPOINT, default=d["model_path"], required=req["model_path"],
       help=f"Pretrained checkpoint folder: config.json + model.safetensors or pytorch_model.bin "
            f"(default: {d['model_path']}).")
     p("--config", type=Path, default=None,

@@ -27,7 +27,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import SEED, float_in, non_negative_int, positive_int
+from geneformer_peft.commands._common import (
+    CHECKPOINT,
+    DATASET,
+    OUTPUT_FOLDER,
+    SEED,
+    float_in,
+    folder_path,
+    non_negative_int,
+    positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +45,10 @@ HELP = "in silico perturbation (delete / overexpress / inhibit / activate) with 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
-    p("--base_model", type=Path, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
-    p("--output_dir", required=True, type=Path, help="Folder for the results (resumable).")
+    p("--model_path", required=True, type=folder_path("a checkpoint, fold or PEFT-weights folder"), help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
+    p("--base_model", type=CHECKPOINT, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output_dir", required=True, type=OUTPUT_FOLDER, help="Folder for the results (resumable).")
     p("--perturb_type", required=True, choices=["delete", "overexpress", "inhibit", "activate"])
     p("--genes", required=True, nargs="+", help="Ensembl ids to perturb, or 'all' (every gene each cell expresses).")
     p("--combination", action="store_true", help="Perturb the listed genes together (one perturbation per cell).")

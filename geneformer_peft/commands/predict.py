@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import float_in, positive_int
+from geneformer_peft.commands._common import CHECKPOINT, DATASET, file_path, float_in, folder_path, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +23,11 @@ HELP = "predict with a fine-tuned fold on new tokenized cells"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Fold folder of a fine-tuning run.")
-    p("--base_model", type=Path, default=None,
+    p("--model_path", required=True, type=folder_path("a fold folder of a fine-tuning run"), help="Fold folder of a fine-tuning run.")
+    p("--base_model", type=CHECKPOINT, default=None,
       help="Base checkpoint: apply the fold's peft_model.safetensors on it instead of loading the full model.")
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
-    p("--output", required=True, type=Path, help="CSV to write.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output", required=True, type=file_path("a CSV file to write"), help="CSV to write.")
     p("--label_column", default="cell_type", help="Ground-truth column, used when present (%(default)s).")
     p("--batch_size", type=positive_int, default=64, help="Cells per batch (%(default)s).")
     p("--max_length", type=positive_int, default=None,

@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import SEED, positive_float, positive_int
+from geneformer_peft.commands._common import CHECKPOINT, DATASET, OUTPUT_FOLDER, SEED, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ HELP = "masked-gene pretraining from a config or a checkpoint"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset with input_ids).")
-    p("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset with input_ids).")
+    p("--output_dir", required=True, type=OUTPUT_FOLDER, help="Checkpoint folder to write.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="config.json of a model to pretrain from scratch.")
-    src.add_argument("--model_path", type=Path, help="Checkpoint to continue pretraining.")
+    src.add_argument("--model_path", type=CHECKPOINT, help="Checkpoint to continue pretraining.")
     p("--token_dictionary", type=Path, default=None,
       help="token_dictionary.pkl or tokenizer.json (default: the checkpoint's tokenizer.json, if any).")
     p("--epochs", type=positive_int, default=1, help="Passes over the cells (%(default)s).")

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands import finetune
-from geneformer_peft.commands._common import SEED, non_negative_int, positive_float
+from geneformer_peft.commands._common import OUTPUT_FOLDER, SEED, file_path, non_negative_int, positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
         if "--output_path" in action.option_strings:
             action.help = argparse.SUPPRESS
     p = parser.add_argument
-    p("--space", type=Path, required=True,
+    p("--space", type=file_path("a JSON file of parameter ranges"), required=True,
       help="JSON search space {parameter: {low, high[, log, step, type]} | {choices: [...]} | value}; "
            "see docs/recipes.md.")
-    p("--output_dir", type=Path, required=True,
+    p("--output_dir", type=OUTPUT_FOLDER, required=True,
       help="Study folder: study.db, trials.csv, best_config.json, plots, refit/.")
     p("--n_trials", type=non_negative_int, default=10, help="Trials to add to the study in this run (%(default)s).")
     p("--timeout", type=positive_float, default=None, help="Stop starting new trials after this many seconds.")
@@ -53,13 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
 
 
 def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.files import check_path
     from geneformer_peft.training.search import SearchSettings, load_search_space, refit_best, run_search
 
     if args.n_trials is not None and args.n_trials < 0:
         raise ValueError(f"--n_trials {args.n_trials}: expected an integer >= 0")
-    if not Path(args.data_path).is_dir():
-        raise FileNotFoundError(f"--data_path {args.data_path} does not exist; expected the folder holding "
-                                f"{args.dataset_name}/<i>/")
+    check_path(args.data_path, "folder", f"the folder holding {args.dataset_name}/<i>/", flag="--data_path")
     opts = finetune.options_from_args(args)
     space = load_search_space(args.space, base_training=opts.training)
     settings = SearchSettings(run=opts, space=space, output_dir=args.output_dir, n_trials=args.n_trials,

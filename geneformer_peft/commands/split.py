@@ -16,7 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import SEED, float_in, int_in
+from geneformer_peft.commands._common import DATASET, OUTPUT_FOLDER, SEED, float_in, int_in
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,9 @@ HELP = "split a tokenized dataset into stratified train/val/test folds"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``split``."""
-    parser.add_argument("--input", required=True, type=Path, help="Saved dataset (from `tokenize`).")
+    parser.add_argument("--input", required=True, type=DATASET, help="Saved dataset (from `tokenize`).")
     parser.add_argument("--dataset_name", required=True, help="Name used in the fold directory and file names.")
-    parser.add_argument("--output_dir", required=True, type=Path, help="The data_path under which <dataset_name>/<i>/ is written.")
+    parser.add_argument("--output_dir", required=True, type=OUTPUT_FOLDER, help="The data_path under which <dataset_name>/<i>/ is written.")
     parser.add_argument("--n_folds", type=int_in(2), default=5, help="Number of folds; the test sets partition the cells.")
     parser.add_argument("--label_column", default="cell_type", help="Label column to stratify on.")
     parser.add_argument("--seed", type=SEED, default=0, help="Seed of the shuffles.")

@@ -29,7 +29,7 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands import _binned_tokenize
-from geneformer_peft.commands._common import check_output_path, positive_int
+from geneformer_peft.commands._common import OUTPUT_FOLDER, check_output_path, file_path, positive_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -39,12 +39,12 @@ HELP = "tokenize a .h5ad/.loom file of raw counts into a Geneformer dataset"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``tokenize``."""
-    parser.add_argument("--input", required=True, type=Path, help="Input .h5ad (read backed) or .loom file of raw counts.")
-    parser.add_argument("--output", required=True, type=Path, help="Output directory of the saved dataset (e.g. X.dataset).")
+    parser.add_argument("--input", required=True, type=file_path("a .h5ad or .loom file of raw counts"), help="Input .h5ad (read backed) or .loom file of raw counts.")
+    parser.add_argument("--output", required=True, type=OUTPUT_FOLDER, help="Output directory of the saved dataset (e.g. X.dataset).")
     vocab = parser.add_argument_group("vocabulary (give both dictionaries, or --build_vocab)")
     vocab.add_argument("--token_dictionary", type=Path, help="Token dictionary: Geneformer .pkl, tokenizer.json or a directory holding one.")
-    vocab.add_argument("--gene_median_dictionary", type=Path, help="Gene median dictionary .pkl ({ensembl_id: median}).")
-    vocab.add_argument("--build_vocab", type=Path, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR.")
+    vocab.add_argument("--gene_median_dictionary", type=file_path("a gene median dictionary file (.pkl)"), help="Gene median dictionary .pkl ({ensembl_id: median}).")
+    vocab.add_argument("--build_vocab", type=OUTPUT_FOLDER, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR.")
     parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")

@@ -4,6 +4,7 @@ or ``--folds 0,0`` fails before any data is read (argparse: exit 2, ``argument -
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,78 @@ def test_the_example_script_checks_its_flags_too(example_script, capsys):
         example_script.main(["--seed", "-1"])
     assert stop.value.code == 2
     assert "argument --seed: expected an integer >= 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- file or folder
+
+FOLDER_FLAGS = [("finetune", "--data_path"), ("finetune", "--model_path"), ("finetune", "--output_path"),
+                ("split", "--input"), ("split", "--output_dir"), ("tokenize", "--output"), ("tokenize", "--build_vocab"),
+                ("pretrain", "--input"), ("pretrain", "--model_path"), ("predict", "--model_path"),
+                ("predict", "--input"), ("embed", "--model_path"), ("embed", "--base_model"), ("perturb", "--input"),
+                ("perturb", "--output_dir"), ("remap-vocab", "--model_path"), ("convert-scbert", "--output_dir"),
+                ("search", "--data_path"), ("search", "--output_dir"), ("classify-genes", "--input")]
+FILE_FLAGS = [("tokenize", "--input"), ("tokenize", "--gene_median_dictionary"), ("tokenize", "--gene_panel"),
+              ("predict", "--output"), ("embed", "--output"), ("embed", "--metrics_output"),
+              ("convert-scbert", "--checkpoint"), ("search", "--space"), ("classify-genes", "--gene_classes")]
+
+
+@pytest.mark.parametrize("command, flag", FOLDER_FLAGS)
+def test_a_file_where_a_folder_is_expected_is_named_as_such(command, flag, tmp_path, capsys):
+    a_file = tmp_path / "cells.txt"
+    a_file.write_text("x")
+    last = _refused([*_minimal_argv(command), flag, str(a_file)], capsys)
+    assert f"argument {flag}: {a_file} is a file; expected " in last and "does not exist" not in last, last
+    below = _refused([*_minimal_argv(command), flag, str(a_file / "sub")], capsys)
+    assert f"{a_file / 'sub'} lies under the file {a_file}" in below, below
+
+
+@pytest.mark.parametrize("command, flag", FILE_FLAGS)
+def test_a_folder_where_a_file_is_expected_is_named_as_such(command, flag, tmp_path, capsys):
+    last = _refused([*_minimal_argv(command), flag, str(tmp_path)], capsys)
+    assert f"argument {flag}: {tmp_path} is a folder; expected " in last and "does not exist" not in last, last
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_path_flag_says_whether_it_takes_a_file_or_a_folder(command):
+    """Only the flags that take either (a token dictionary file or the folder holding one; a
+    config.json or its folder) keep a bare Path."""
+    either = {"config", "token_dictionary", "old_token_dictionary"}
+    bare = [action.option_strings[0] for action in _subparsers()[command]._actions
+            if action.type is Path and action.dest not in either]
+    assert not bare, f"{command}: give {bare} a file_path/folder_path type from geneformer_peft.commands._common"
+
+
+def test_a_missing_input_is_left_to_the_command(tmp_path):
+    """The types check only the kind of an existing path: a missing input is reported by the
+    command with its own message (tests/commands/test_cli.py)."""
+    args = cli.build_parser().parse_args(["split", "--input", str(tmp_path / "nope"), "--dataset_name", "x",
+                                          "--output_dir", str(tmp_path / "new")])
+    assert args.input == tmp_path / "nope"
+
+
+@pytest.mark.parametrize("kind, make, error, text", [
+    ("folder", "file", NotADirectoryError, "is a file; expected a dataset"),
+    ("file", "folder", IsADirectoryError, "is a folder; expected a dataset"),
+    ("file", None, FileNotFoundError, "does not exist; expected a dataset"),
+])
+def test_check_path(kind, make, error, text, tmp_path):
+    from geneformer_peft.files import check_path
+
+    path = tmp_path / "thing"
+    if make == "file":
+        path.write_text("x")
+    elif make == "folder":
+        path.mkdir()
+    with pytest.raises(error, match=f"--input {path} {text}"):
+        check_path(path, kind, "a dataset", flag="--input")
+    assert check_path(tmp_path, "folder", "a folder") == tmp_path
+
+
+def test_loading_a_file_as_a_saved_dataset_says_it_is_a_file(tmp_path):
+    from geneformer_peft.data.dataset_io import load_saved_dataset
+    from geneformer_peft.errors import DataError
+
+    a_file = tmp_path / "cells.dataset"
+    a_file.write_text("x")
+    with pytest.raises(DataError, match="is a file; expected a directory written by save_to_disk"):
+        load_saved_dataset(a_file)
