@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--token_dictionary", type=Path, default=None,
       help="Token dictionary (default: the one in --model_path or --base_model).")
     p("--filter", action="append", default=None, dest="filters", metavar="COLUMN=VALUE[,VALUE]",
-      help="Perturb only cells with these values; repeat for several columns.")
+      help='Perturb only cells with these values; repeat for several columns. A value holding a comma goes in '
+           'double quotes: --filter \'cell_type="CD4+, naive T cell",B cell\'.')
     p("--cell_states_to_model", default=None, metavar="JSON",
       help='JSON (or a file): {"state_key": "cell_type", "start_state": "A", "goal_state": "B", '
            '"alt_states": ["C"]}; start-state cells are perturbed, shifts toward goal / alternatives measured.')

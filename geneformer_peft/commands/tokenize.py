@@ -52,20 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
     parser.add_argument("--chunk_size", type=positive_int, default=512, help="Cells read at a time (memory stays flat).")
     parser.add_argument("--filter_column", default="filter_pass", help="obs column; when present only cells with value 1 are tokenized. Use '' to disable.")
-    parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG.")
+    parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG; a value holding a comma goes in double quotes, e.g. 'cell_type=\"CD4+, naive\",B'.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
     _binned_tokenize.add_arguments(parser)
 
 
 def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
-    """Parse ``["col=a,b", ...]`` into ``{"col": ["a", "b"]}``."""
+    """Parse ``["col=a,b", 'col2="c, d"', ...]`` into ``{"col": ["a", "b"], "col2": ["c, d"]}``
+    (:func:`~geneformer_peft.data.filters.parse_column_values`: a value holding a comma is quoted)."""
+    from geneformer_peft.data.filters import parse_column_values
+
     filters: dict[str, list[str]] = {}
     for item in items:
-        column, sep, values = item.partition("=")
-        if not sep or not column or not values:
+        column, values = parse_column_values(item, flag="--obs_filter")
+        values = [value for value in values if value]
+        if not values:
             raise DataError(f"--obs_filter {item!r} is not valid; expected COLUMN=VALUE[,VALUE...]")
-        filters.setdefault(column, []).extend(v for v in values.split(",") if v)
+        filters.setdefault(column, []).extend(values)
     return filters
 
 
