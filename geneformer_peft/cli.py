@@ -131,7 +131,9 @@ class _Sigterm:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Sigterm]:
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        # signals reach the main thread only; an ignored SIGTERM or a program's own handler is left alone
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             yield self
             return
         previous = signal.signal(signal.SIGTERM, self)

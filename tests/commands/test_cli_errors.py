@@ -235,12 +235,27 @@ def test_sigterm_is_one_line_exit_143_and_the_handler_is_restored(monkeypatch, c
         raise AssertionError("SIGTERM did not stop the command")
 
     before = signal.getsignal(signal.SIGTERM)
+    if before is not signal.SIG_DFL:
+        pytest.skip("the test runner has its own SIGTERM handler, which the command line leaves alone")
     monkeypatch.setattr(split_command, "run", terminated)
     with caplog.at_level(logging.ERROR):
         status = cli.main(["split", "--input", "a", "--dataset_name", "x", "--output_dir", str(tmp_path)])
     assert status == 143
     assert _errors(caplog) == ["terminated (SIGTERM); rerun the same command to resume where it stopped"]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_ignored_sigterm_stays_ignored(monkeypatch, tmp_path):
+    import geneformer_peft.commands.split as split_command
+
+    seen = []
+    monkeypatch.setattr(split_command, "run", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert cli.main(["split", "--input", "a", "--dataset_name", "x", "--output_dir", str(tmp_path)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIG_IGN]
 
 
 def test_terminated_classes_are_keyboard_interrupts():
