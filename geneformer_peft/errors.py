@@ -95,8 +95,7 @@ def write_errno(error: BaseException) -> tuple[int, str | None] | None:
     """
     for link in _chain(error):
         if isinstance(link, OSError) and link.errno in WRITE_ERRNOS:
-            filename = link.filename if link.filename is not None else None
-            return link.errno, None if filename is None else os.fsdecode(filename)
+            return link.errno, None if link.filename is None else os.fsdecode(link.filename)
     for link in _chain(error):
         for match in _ERRNO_TEXT.finditer(str(link)):
             code = int(next(group for group in match.groups() if group))
