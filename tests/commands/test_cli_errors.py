@@ -178,12 +178,17 @@ def test_save_torch_writes_a_loadable_file(tmp_path):
 
 
 def _unshare_works() -> bool:
+    """Whether this machine lets a process mount a tmpfs in a private mount namespace."""
+    import tempfile
+
     if shutil.which("unshare") is None:
         return False
-    try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+    with tempfile.TemporaryDirectory() as probe:
+        try:
+            return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+                                  capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
 
 
 needs_mount_namespace = pytest.mark.skipif(not _unshare_works(),
