@@ -14,15 +14,18 @@ run a command through :func:`run_command`, so they behave the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from geneformer_peft.errors import DataError, TrainingDiverged
+from geneformer_peft.errors import DataError, RunTerminated, Terminated, TrainingDiverged, os_error_message, write_errno
 from geneformer_peft.log_format import LOG_FORMAT
 
 logger = logging.getLogger("geneformer_peft.cli")
@@ -47,7 +50,9 @@ COMMANDS: dict[str, str] = {
 }
 
 #: error class -> exit code, first match wins. Bad input of any kind (a file that is missing,
-#: exists already or is not what was expected, a value out of range) is 2.
+#: exists already or is not what was expected, a value out of range) is 2; so is a write that
+#: fails for a full disk, ``ulimit -f``, a read-only file system or a refused permission
+#: (:data:`~geneformer_peft.errors.WRITE_ERRNOS`). Ctrl-C is 130, SIGTERM 143 (128 + the signal).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (DataError, 2),
     (FileNotFoundError, 2),
@@ -96,30 +101,77 @@ def setup_logging(level: str) -> None:
 
 
 def exit_code(error: BaseException) -> int | None:
-    """The exit code of one of the project's errors (:data:`EXIT_CODES`), else ``None``."""
+    """The exit code of one of the project's errors (:data:`EXIT_CODES`), or 2 for a failed
+    write (:func:`~geneformer_peft.errors.write_errno`), else ``None``."""
     for cls, code in EXIT_CODES:
         if isinstance(error, cls):
             return code
+    if write_errno(error) is not None:
+        return 2
     return None
+
+
+#: the output flags of the commands, named by a failed write whose error names no file
+_OUTPUT_FLAGS = ("output", "output_dir", "output_path", "build_vocab")
+
+
+def _output_of(args: argparse.Namespace):
+    return next((value for name in _OUTPUT_FLAGS if (value := getattr(args, name, None)) is not None), None)
+
+
+class _Sigterm:
+    """SIGTERM raises :class:`~geneformer_peft.errors.Terminated` in the main thread, once (a
+    second SIGTERM during the cleanup is ignored), so it stops a run as Ctrl-C does."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.received:
+            self.received = True
+            raise Terminated()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Sigterm]:
+        # signals reach the main thread only; an ignored SIGTERM or a program's own handler is left alone
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _execute(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    try:
-        return int(args._run(args) or 0)
-    except KeyboardInterrupt as error:  # a RunInterrupted says where, e.g. "interrupted during fold 1 epoch 3; ..."
-        logger.error("%s", str(error) or "interrupted; rerun the same command to resume where it stopped")
-        return 130
-    except Exception as error:  # noqa: BLE001 - mapped below, anything else re-raised
-        code = exit_code(error)
-        if code is None:
-            raise
-        logger.error("%s", error)
-        return code
+    with _Sigterm().installed() as sigterm:
+        try:
+            return int(args._run(args) or 0)
+        except KeyboardInterrupt as error:  # a RunInterrupted says where, e.g. "interrupted during fold 1 epoch 3; ..."
+            if sigterm.received or isinstance(error, (Terminated, RunTerminated)):
+                logger.error("%s", str(error) or "terminated (SIGTERM); rerun the same command to resume where it "
+                                                 "stopped")
+                return 143
+            logger.error("%s", str(error) or "interrupted; rerun the same command to resume where it stopped")
+            return 130
+        except Exception as error:  # noqa: BLE001 - mapped below, anything else re-raised
+            if sigterm.received:  # a library turned the interruption into its own error
+                logger.error("terminated (SIGTERM) (%s: %s)", type(error).__name__, error)
+                return 143
+            code = exit_code(error)
+            if code is None:
+                raise
+            known = any(isinstance(error, cls) for cls, _ in EXIT_CODES)  # else a failed write
+            logger.error("%s", error if known else os_error_message(error, _output_of(args)))
+            return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 success, 2 bad input, 3 diverged, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 success, 2 bad input or a failed write, 3 diverged,
+    130 interrupted by Ctrl-C, 143 terminated by SIGTERM)."""
     return _execute(build_parser().parse_args(argv))
 
 

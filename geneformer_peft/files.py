@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_directory", "atomic_file", "write_json", "write_pickle", "write_text"]
+__all__ = ["atomic_directory", "atomic_file", "check_path", "wrong_kind", "write_json", "write_pickle", "write_text",
+           "write_torch"]
 
 
 
@@ -60,6 +61,70 @@ def _apply_umask(folder: Path) -> None:
                 os.chmod(path, files)
 
 
+def _name_the_path(error: BaseException, path: Path) -> None:
+    """Give an OSError that names no file (a write into an open file: full disk, ``ulimit -f``)
+    the path being written, so that its message and the CLI's say where."""
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        error.filename = str(path)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def wrong_kind(path: str | os.PathLike, kind: str) -> str | None:
+    """"is a file" or "is a folder" when ``path`` exists as the other ``kind`` ("file" or
+    "folder") than expected, "lies under the file <f>" when a folder above it is a file, else
+    ``None`` (also when it does not exist)."""
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind {kind!r}; expected 'file' or 'folder'")
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        return "is a file"
+    if kind == "file" and path.is_dir():
+        return "is a folder"
+    if not path.exists():
+        above = next((parent for parent in path.parents if parent.exists()), None)
+        if above is not None and not above.is_dir():
+            return f"lies under the file {above}"
+    return None
+
+
+def check_path(path: str | os.PathLike, kind: str, expected: str, *, flag: str | None = None) -> Path:
+    """Check that an input ``path`` exists and is a ``kind`` ("file" or "folder"); the one check
+    behind messages such as "--input x.h5ad is a file; expected a saved dataset folder".
+
+    Parameters
+    ----------
+    path : path-like
+        The input.
+    kind : {"file", "folder"}
+        What it must be.
+    expected : str
+        What the message says is expected, e.g. "a folder written by save_to_disk".
+    flag : str, optional
+        The option that gave the path, named first in the message.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError, IsADirectoryError
+        ``path`` is missing, a file where a folder is expected, a folder where a file is (exit code 2).
+    """
+    path = Path(path)
+    name = f"{flag} {path}" if flag else str(path)
+    problem = wrong_kind(path, kind)
+    if problem is not None:
+        error = NotADirectoryError if kind == "folder" else IsADirectoryError
+        raise error(f"{name} {problem}; expected {expected}")
+    if not path.exists():
+        raise FileNotFoundError(f"{name} does not exist; expected {expected}")
+    return path
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -76,9 +141,10 @@ def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[st
         yield tmp_name
         os.chmod(tmp_name, file_mode())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        _name_the_path(error, path)
         raise
 
 
@@ -171,6 +237,33 @@ def write_pickle(path: str | os.PathLike, obj: Any) -> Path:
     return _atomic_write(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def write_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically; the project's one way to write a torch file.
+
+    A write that fails raises :class:`OSError` naming ``path`` with its errno (ENOSPC for a full
+    disk, EFBIG beyond ``ulimit -f``), where torch alone raises "unexpected pos 7552 vs 7446"
+    (:func:`transformerslocal.modeling_utils.save_torch`, which the model code below this
+    package uses).
+
+    Parameters
+    ----------
+    path : path-like
+        Destination; parent folders are created.
+    obj : object
+        What ``torch.save`` takes (a state dict, a checkpoint payload).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    from transformerslocal.modeling_utils import save_torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_torch(obj, path)
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -225,6 +318,7 @@ def atomic_directory(final_path: str | os.PathLike, *, overwrite: bool = False) 
                 old.unlink()
         else:
             os.replace(tmp_dir, final_path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        _name_the_path(error, final_path)
         raise

@@ -8,10 +8,12 @@ was newly initialised.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import secrets
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,88 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
                          "expected a complete weight file: copy or download it again") from error
 
 
+class _WholeWriter:
+    """The file object ``torch.save`` writes to: each write goes to the file whole (a short
+    write is continued), and a failing write raises its :class:`OSError`, which torch then
+    reports only as "unexpected pos" (kept as the RuntimeError's ``__context__``)."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += self.raw.write(view[done:])
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def _write_failure(error: RuntimeError, file: Path, tmp: Path) -> OSError | None:
+    """The OSError behind torch's "unexpected pos" / "PytorchStreamWriter failed writing file":
+    the one the write raised, else a full disk or ``ulimit -f`` measured now; ``None`` if neither."""
+    import errno
+    import resource
+
+    link = error.__context__
+    while link is not None and not isinstance(link, OSError):
+        link = link.__context__
+    if link is not None and link.errno is not None:
+        return OSError(link.errno, os.strerror(link.errno), str(file))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    with contextlib.suppress(OSError):
+        if limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(file))
+    with contextlib.suppress(OSError):
+        stats = os.statvfs(file.parent)
+        if stats.f_bavail * stats.f_frsize < 1 << 20:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+    return None
+
+
+def save_torch(obj: Any, file: str | os.PathLike) -> Path:
+    """``torch.save(obj, file)`` atomically (a temporary file beside it, moved into place): the
+    one place the project writes a torch file.
+
+    A write that fails raises :class:`OSError` naming ``file`` with its errno (ENOSPC for a full
+    disk, EFBIG beyond ``ulimit -f``, ...), where torch alone raises "unexpected pos 7552 vs 7446".
+
+    Parameters
+    ----------
+    obj : object
+        What to save (a state dict, a checkpoint payload).
+    file : path-like
+        Destination; its folder must exist.
+
+    Returns
+    -------
+    Path
+        ``file``.
+    """
+    file = Path(file)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # created with the umask's mode
+    try:
+        with open(tmp, "xb", buffering=0) as raw:
+            try:
+                torch.save(obj, _WholeWriter(raw))
+            except RuntimeError as error:
+                failure = _write_failure(error, file, tmp)
+                if failure is None:
+                    raise
+                raise failure from error
+            os.fsync(raw.fileno())
+        os.replace(tmp, file)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, str(tmp)):
+            raise OSError(error.errno, error.strerror, str(file)) from error
+        raise
+    return file
+
+
 def write_state_dict(state: dict[str, torch.Tensor], directory: Path, *, safe_serialization: bool = True) -> Path:
     """Write ``model.safetensors`` (or ``pytorch_model.bin``) into ``directory`` atomically.
 
@@ -86,9 +170,9 @@ def write_state_dict(state: dict[str, torch.Tensor], directory: Path, *, safe_se
     if safe_serialization:
         from safetensors.torch import save_file
         save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, file)
     else:
-        torch.save(state, tmp)
-    os.replace(tmp, file)
+        save_torch(state, file)
     return file
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from geneformer_peft.data.filters import parse_column_values
 from geneformer_peft.errors import DataError
 
 __all__ = ["TokenizedCells", "length_grouped_batches", "parse_filters"]
@@ -24,20 +25,19 @@ logger = logging.getLogger(__name__)
 
 
 def parse_filters(filters: Sequence[str] | None) -> list[tuple[str, set[str]]]:
-    """``["cell_type=T cell,B cell", "batch=b1"]`` -> ``[("cell_type", {"T cell", "B cell"}), ...]``.
+    """``["cell_type=T cell,B cell", 'batch="b1, 2"']`` -> ``[("cell_type", {"T cell", "B cell"}), ("batch",
+    {"b1, 2"})]`` (:func:`~geneformer_peft.data.filters.parse_column_values`: a value holding a comma
+    is written in double quotes).
 
     Raises
     ------
     DataError
-        For an entry without ``=``.
+        For an entry without ``=`` or with unbalanced quotes.
     """
     parsed = []
     for item in filters or ():
-        if "=" not in item:
-            raise DataError(f"--filter {item!r} is not COLUMN=VALUE; expected e.g. --filter cell_type=T cell "
-                            "(several values separated by commas)")
-        column, values = item.split("=", 1)
-        parsed.append((column.strip(), {v.strip() for v in values.split(",")}))
+        column, values = parse_column_values(item, flag="--filter")
+        parsed.append((column, set(values)))
     return parsed
 
 

@@ -32,6 +32,7 @@ from geneformer_peft.analysis.loading import AnalysisModel, SpecialTokens, load_
 from geneformer_peft.analysis.perturbation import PerturbationScan, PerturbationSettings, parse_cell_states
 from geneformer_peft.analysis.perturbation_stats import perturbation_statistics
 from geneformer_peft.data.dataset_io import load_saved_dataset
+from geneformer_peft.data.filters import format_column_values
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_file, write_json
 from geneformer_peft.models.device import resolve_device
@@ -225,7 +226,7 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
         if states.state_key not in dataset.column_names:
             raise DataError(f"--cell_states_to_model: {input_path} has no column {states.state_key!r}; expected one "
                             f"of {[c for c in dataset.column_names if c != 'input_ids']}")
-        chosen.append(f"{states.state_key}={states.start_state}")
+        chosen.append(format_column_values(states.state_key, [states.start_state]))
     rows = select_rows(dataset, filters=chosen, max_ncells=max_ncells, source=str(input_path))
     cells = TokenizedCells(dataset, rows, max_length=am.max_input_size, name=str(input_path))
     state_cells = TokenizedCells(dataset, max_length=am.max_input_size, name=str(input_path)) if states else None

@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import check_output_path
+from geneformer_peft.commands._common import check_output_path, file_path, int_in, non_negative_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -24,14 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--encoding", choices=ENCODINGS, default="rank_value",
                        help="rank_value (Geneformer) or binned (scBERT: one position per panel gene, token = "
                             "binned log2 expression).")
-    group.add_argument("--gene_panel", type=Path, metavar="PANEL.txt|.npy",
+    group.add_argument("--gene_panel", type=file_path("a gene panel file (.txt or .npy)"), metavar="PANEL.txt|.npy",
                        help="binned: the model's genes in position order (one name a line, or a .npy of names); "
                             "matched against --gene_id_column.")
-    group.add_argument("--gene2vec", type=Path, metavar="FILE.npy",
+    group.add_argument("--gene2vec", type=file_path("a .npy file of gene vectors"), metavar="FILE.npy",
                        help="binned: gene vectors (panel genes x dim, panel order), written beside the dataset as "
                             "gene2vec.npy for models built on it; without it they get a fixed random embedding.")
-    group.add_argument("--bin_num", type=int, default=5, help="binned: highest bin (tokens 0..bin_num; scBERT: 5).")
-    group.add_argument("--min_genes", type=int, default=200,
+    group.add_argument("--bin_num", type=int_in(1, 254), default=5, help="binned: highest bin (tokens 0..bin_num; scBERT: 5).")
+    group.add_argument("--min_genes", type=non_negative_int, default=200,
                        help="binned: drop cells with fewer expressed panel genes (scBERT: 200).")
 
 

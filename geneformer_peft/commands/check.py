@@ -16,16 +16,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from geneformer_peft.commands._common import CHECKPOINT, file_path, positive_int
+
 HELP = "compatibility report of a model and a dataset, fold layout or .h5ad (exit 2 when they do not fit)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Checkpoint or fine-tuned fold folder.")
+    p("--model_path", required=True, type=CHECKPOINT, help="Checkpoint or fine-tuned fold folder.")
     p("--input", required=True, type=Path,
       help="A saved dataset, a fold layout folder (<data_path>/<dataset_name>) or a .h5ad/.loom of raw counts.")
-    p("--output", type=Path, default=None, help="Write the report as JSON here (default: print only).")
-    p("--base_model", type=Path, default=None, help="Base checkpoint of a fold's peft_model.safetensors.")
+    p("--output", type=file_path("a JSON file to write"), default=None, help="Write the report as JSON here (default: print only).")
+    p("--base_model", type=CHECKPOINT, default=None, help="Base checkpoint of a fold's peft_model.safetensors.")
     p("--token_dictionary", type=Path, default=None,
       help="The data's token dictionary: Geneformer .pkl, tokenizer.json or a plain .json {token: id} "
            "(default: the checkpoint's tokenizer.json).")
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--gene_name_id_dictionary", type=Path, default=None,
       help="Raw counts named by gene symbols: symbol -> Ensembl id map (as tokenize).")
     p("--label_column", default=None, help="Check this label column (fold layouts: cell_type by default).")
-    p("--max_length", type=int, default=None, help="Tokens the model reads per cell (default: the model's).")
+    p("--max_length", type=positive_int, default=None, help="Tokens the model reads per cell (default: the model's).")
     p("--allow_low_gene_overlap", action="store_true", help="Report low gene overlap as a warning, not a refusal.")
     p("--allow_other_base", action="store_true", help="Report another --base_model as allowed, not a refusal.")
 

@@ -22,7 +22,7 @@ import csv
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import check_output_path
+from geneformer_peft.commands._common import OUTPUT_FOLDER, check_output_path, file_path, positive_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -36,17 +36,17 @@ PAD_TOKEN = "<pad>"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``convert-cellfm``."""
-    parser.add_argument("--checkpoint", required=True, type=Path, help="The CellFM .ckpt (e.g. CellFM_80M_weight.ckpt).")
-    parser.add_argument("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
-    parser.add_argument("--num_attention_heads", type=int, default=None,
+    parser.add_argument("--checkpoint", required=True, type=file_path("a MindSpore .ckpt file"), help="The CellFM .ckpt (e.g. CellFM_80M_weight.ckpt).")
+    parser.add_argument("--output_dir", required=True, type=OUTPUT_FOLDER, help="Checkpoint folder to write.")
+    parser.add_argument("--num_attention_heads", type=positive_int, default=None,
                         help="Heads of the model (the releases: 48); default: hidden size / 32.")
-    parser.add_argument("--gene_table", type=Path, metavar="CSV",
+    parser.add_argument("--gene_table", type=file_path("a gene table (.csv)"), metavar="CSV",
                         help="The release's gene table (expand_gene_info.csv): data row i is gene_emb row i; "
                              "written as tokenizer.json.")
     parser.add_argument("--gene_column", default=None,
                         help=f"Column of --gene_table holding the gene names; default: the first of {list(GENE_COLUMNS)} "
                              "present (case-insensitive), else the first column that is not an unnamed index.")
-    parser.add_argument("--max_genes", type=int, default=2048,
+    parser.add_argument("--max_genes", type=positive_int, default=2048,
                         help="Expressed genes per cell the model takes at most (the release's tutorials: 2048).")
     parser.add_argument("--drop_unknown", action="store_true",
                         help="Drop entries that are neither encoder weights, optimizer state, training scalars nor "

@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import check_output_path
+from geneformer_peft.commands._common import OUTPUT_FOLDER, check_output_path, file_path
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +28,12 @@ HELP = "convert a released scBERT .pth checkpoint into a checkpoint folder (conf
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``convert-scbert``."""
-    parser.add_argument("--checkpoint", required=True, type=Path, help="The scBERT .pth (e.g. panglao_pretrain.pth).")
-    parser.add_argument("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
-    parser.add_argument("--gene2vec", type=Path, metavar="FILE.npy",
+    parser.add_argument("--checkpoint", required=True, type=file_path("a scBERT .pth file"), help="The scBERT .pth (e.g. panglao_pretrain.pth).")
+    parser.add_argument("--output_dir", required=True, type=OUTPUT_FOLDER, help="Checkpoint folder to write.")
+    parser.add_argument("--gene2vec", type=file_path("a .npy file of gene vectors"), metavar="FILE.npy",
                         help="The gene2vec vectors the model was trained with (checked against the checkpoint's "
                              "positional embedding).")
-    parser.add_argument("--gene_panel", type=Path, metavar="PANEL.txt|.npy",
+    parser.add_argument("--gene_panel", type=file_path("a gene panel file (.txt or .npy)"), metavar="PANEL.txt|.npy",
                         help="The model's genes in position order; written to the folder as gene_panel.txt "
                              "(for tokenize --encoding binned).")
     parser.add_argument("--key_stabilizer", choices=["cell", "head"], default="cell",

@@ -24,6 +24,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import CHECKPOINT, DATASET, SEED, file_path, folder_path, positive_int
+
 logger = logging.getLogger(__name__)
 
 HELP = "cell or gene embeddings of tokenized cells (h5ad / csv / parquet), quality report and plots"
@@ -31,29 +33,29 @@ HELP = "cell or gene embeddings of tokenized cells (h5ad / csv / parquet), quali
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
-    p("--base_model", type=Path, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
-    p("--output", required=True, type=Path, help="Output file: .h5ad, .csv or .parquet.")
+    p("--model_path", required=True, type=folder_path("a checkpoint, fold or PEFT-weights folder"), help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
+    p("--base_model", type=CHECKPOINT, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output", required=True, type=file_path("an output file (.h5ad, .csv or .parquet)"), help="Output file: .h5ad, .csv or .parquet.")
     p("--emb_mode", default="cell", choices=["cell", "cls", "gene"], help="What to embed (%(default)s).")
     p("--emb_layer", type=int, default=-1,
       help="0: last layer, -1: second-to-last (default), ... (Geneformer's numbering).")
     p("--label_column", action="append", default=None, dest="label_columns",
       help="Label column for metrics and plots; repeat for several (default: cell_type when present).")
     p("--gene_per_label", action="store_true", help="Gene mode: also the means per value of the first label column.")
-    p("--max_ncells", type=int, default=None, help="Use the first N cells of the input.")
-    p("--batch_size", type=int, default=64, help="Cells per batch (%(default)s).")
+    p("--max_ncells", type=positive_int, default=None, help="Use the first N cells of the input.")
+    p("--batch_size", type=positive_int, default=64, help="Cells per batch (%(default)s).")
     p("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="auto: bf16 on CUDA, fp32 on CPU (%(default)s).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--token_dictionary", type=Path, default=None,
       help="Token dictionary: a .json {token: id} (token_dictionary.json), Geneformer's .pkl or a tokenizer.json "
            "(default: the one in --model_path or --base_model).")
-    p("--metrics_output", type=Path, default=None,
+    p("--metrics_output", type=file_path("a JSON file to write"), default=None,
       help="Quality report (default: embedding_metrics.json beside --output).")
     p("--no_plots", action="store_true", help="Skip the UMAP and heatmap plots.")
     p("--random_init", action="store_true", help="Use --model_path's architecture with random weights (a baseline).")
-    p("--seed", type=int, default=0, help="Seed of kNN folds, UMAP and --random_init (%(default)s).")
+    p("--seed", type=SEED, default=0, help="Seed of kNN folds, UMAP and --random_init (%(default)s).")
     p("--allow_low_gene_overlap", action="store_true",
       help="Go on when fewer than half of the input's genes have pretrained rows in the model (default: refuse).")
     p("--allow_other_base", action="store_true",

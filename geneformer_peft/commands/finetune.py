@@ -21,25 +21,23 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import (
+    CHECKPOINT,
+    OUTPUT_FOLDER,
+    SEED,
+    boolean,
+    float_in,
+    fold_list,
+    folder_path,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
 logger = logging.getLogger(__name__)
 
 HELP = "K-fold fine-tuning (LoRA, prompts, adapters or full) with per-fold outputs"
-
-
-def parse_bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "y", "on"):
-        return True
-    if value in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"--use_prompt {text!r}: expected true or false")
-
-
-def parse_folds(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--folds {text!r}: expected comma-separated fold numbers, e.g. 0,1,2") from err
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -49,11 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p = parser.add_argument
     p("--dataset_name", default=d["dataset_name"], required=req["dataset_name"],
       help=f"Dataset name in the fold layout (default: {d['dataset_name']}).")
-    p("--data_path", type=Path, default=d["data_path"], required=req["data_path"],
+    p("--data_path", type=folder_path("the folder holding <dataset_name>/<i>/"), default=d["data_path"], required=req["data_path"],
       help=f"Folder holding <dataset_name>/<i>/ (default: {d['data_path']}).")
-    p("--output_path", type=Path, default=d["output_path"], help="Where run folders go (default: %(default)s).")
+    p("--output_path", type=OUTPUT_FOLDER, default=d["output_path"], help="Where run folders go (default: %(default)s).")
     p("--out_prefix", default="", help="Prefix of the run folder name, e.g. 'try1_' -> try1_lora/.")
-    p("--model_path", type=Path, default=d["model_path"], required=req["model_path"],
+    p("--model_path", type=CHECKPOINT, default=d["model_path"], required=req["model_path"],
       help=f"Pretrained checkpoint folder: config.json + model.safetensors or pytorch_model.bin "
            f"(default: {d['model_path']}).")
     p("--config", type=Path, default=None,
@@ -62,31 +60,31 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--prompt_type", default=None,
       help="Override prompt_type: comma-separated from lora, prefix_prompt, Gene_token_prompt, encoder_prompt; "
            "'' for full fine-tuning.")
-    p("--use_prompt", type=parse_bool, nargs="?", const=True, default=None,
+    p("--use_prompt", type=boolean, nargs="?", const=True, default=None,
       help="true/false: false switches every PEFT module off (if_use_prompt); default: the config's.")
-    p("--epoch", "--epochs", dest="epochs", type=int, default=d.get("epochs", 10), help="Epochs per fold (%(default)s).")
-    p("--lr", type=float, default=d.get("lr", 5e-4),
+    p("--epoch", "--epochs", dest="epochs", type=positive_int, default=d.get("epochs", 10), help="Epochs per fold (%(default)s).")
+    p("--lr", type=positive_float, default=d.get("lr", 5e-4),
       help="Peak learning rate, a float (%(default)s). `geneformer-peft finetune` defaults to 5e-4, set for the "
            "Geneformer checkpoints; the example script to 1e-2, set for its tiny example checkpoint.")
-    p("--batch_size", type=int, default=d.get("batch_size", 32), help="Cells per batch (%(default)s).")
-    p("--eval_batch_size", type=int, default=None, help="Cells per batch in evaluation (default: --batch_size).")
-    p("--folds", type=parse_folds, default=None, help="Folds to run, e.g. 0,1 (default: all found).")
+    p("--batch_size", type=positive_int, default=d.get("batch_size", 32), help="Cells per batch (%(default)s).")
+    p("--eval_batch_size", type=positive_int, default=None, help="Cells per batch in evaluation (default: --batch_size).")
+    p("--folds", type=fold_list, default=None, help="Folds to run, e.g. 0,1 (default: all found).")
     p("--label_column", default="cell_type", help="Label column of the datasets (%(default)s).")
-    p("--seed", type=int, default=0, help="Random seed; same seed and data on CPU give identical metrics.")
+    p("--seed", type=SEED, default=0, help="Random seed; same seed and data on CPU give identical metrics.")
     p("--device", default="auto", help="auto, cpu, cuda or cuda:N (%(default)s).")
     p("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
       help="fp32, or mixed precision bf16 (CUDA; optional on CPU) / fp16 (CUDA, with loss scaling).")
-    p("--warmup_steps", type=int, default=0, help="Linear warmup steps (0: --warmup_ratio of all steps).")
-    p("--warmup_ratio", type=float, default=0.05, help="Warmup fraction of all steps when --warmup_steps is 0 "
+    p("--warmup_steps", type=non_negative_int, default=0, help="Linear warmup steps (0: --warmup_ratio of all steps).")
+    p("--warmup_ratio", type=float_in(0, 1, high_open=True), default=0.05, help="Warmup fraction of all steps when --warmup_steps is 0 "
                                                        "(%(default)s).")
-    p("--weight_decay", type=float, default=0.001, help="AdamW weight decay (%(default)s).")
+    p("--weight_decay", type=non_negative_float, default=0.001, help="AdamW weight decay (%(default)s).")
     p("--lr_schedule", default="linear", choices=["linear", "cosine", "constant"], help="After warmup (%(default)s).")
-    p("--layer_decay", type=float, default=None,
+    p("--layer_decay", type=float_in(0, 1, low_open=True), default=None,
       help="Layer-wise learning-rate decay D in (0, 1], e.g. 0.65: head at --lr, encoder layer i of N at "
            "lr*D^(N-i), embeddings at lr*D^(N+1) (default: off, every parameter at --lr).")
-    p("--lr_end", type=float, default=0.0,
+    p("--lr_end", type=non_negative_float, default=0.0,
       help="Rate at the end of the linear/cosine schedule instead of 0, e.g. 1e-10 (%(default)s).")
-    p("--early_stopping_patience", type=int, default=d.get("early_stopping_patience", 5),
+    p("--early_stopping_patience", type=non_negative_int, default=d.get("early_stopping_patience", 5),
       help="Stop after this many epochs without a better validation score (--select_epoch_by); "
            "0 = never (%(default)s).")
     p("--select_epoch_by", default=d.get("select_epoch_by", "macro_f1"), choices=["macro_f1", "loss"],
@@ -97,9 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
            "length: length-grouped shuffling; random: plain shuffling (%(default)s).")
     p("--class_weighting", default="reference", choices=["reference", "none"],
       help="reference: cross-entropy weights (1 - n_c/N)^2; none: unweighted (%(default)s).")
-    p("--max_length", type=int, default=None, help="Keep each cell's first N genes (default: model's maximum).")
-    p("--num_workers", type=int, default=0, help="DataLoader workers (%(default)s).")
-    p("--num_threads", type=int, default=None,
+    p("--max_length", type=positive_int, default=None, help="Keep each cell's first N genes (default: model's maximum).")
+    p("--num_workers", type=non_negative_int, default=0, help="DataLoader workers (%(default)s).")
+    p("--num_threads", type=positive_int, default=None,
       help="CPU threads of torch (default: one per core not kept busy by other processes, measured at the "
            "start and logged in run.log as 'torch threads: N (reason)'; never more than torch's default). "
            "Fix it for bit-identical reruns on machines whose load differs.")

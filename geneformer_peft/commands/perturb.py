@@ -27,6 +27,17 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import (
+    CHECKPOINT,
+    DATASET,
+    OUTPUT_FOLDER,
+    SEED,
+    float_in,
+    folder_path,
+    non_negative_int,
+    positive_int,
+)
+
 logger = logging.getLogger(__name__)
 
 HELP = "in silico perturbation (delete / overexpress / inhibit / activate) with statistics"
@@ -34,36 +45,37 @@ HELP = "in silico perturbation (delete / overexpress / inhibit / activate) with 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
-    p("--base_model", type=Path, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
-    p("--output_dir", required=True, type=Path, help="Folder for the results (resumable).")
+    p("--model_path", required=True, type=folder_path("a checkpoint, fold or PEFT-weights folder"), help="Pretrained checkpoint, fold folder, or PEFT-weights folder.")
+    p("--base_model", type=CHECKPOINT, default=None, help="Base checkpoint under --model_path's peft_model.safetensors.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output_dir", required=True, type=OUTPUT_FOLDER, help="Folder for the results (resumable).")
     p("--perturb_type", required=True, choices=["delete", "overexpress", "inhibit", "activate"])
     p("--genes", required=True, nargs="+", help="Ensembl ids to perturb, or 'all' (every gene each cell expresses).")
     p("--combination", action="store_true", help="Perturb the listed genes together (one perturbation per cell).")
-    p("--rank_shift", type=float, default=0.25,
+    p("--rank_shift", type=float_in(0, 1, low_open=True), default=0.25,
       help="inhibit / activate: move by this fraction of the cell's genes (%(default)s).")
     p("--token_dictionary", type=Path, default=None,
       help="Token dictionary: a .json {token: id} (token_dictionary.json), Geneformer's .pkl or a tokenizer.json "
            "(default: the one in --model_path or --base_model).")
     p("--filter", action="append", default=None, dest="filters", metavar="COLUMN=VALUE[,VALUE]",
-      help="Perturb only cells with these values; repeat for several columns.")
+      help='Perturb only cells with these values; repeat for several columns. A value holding a comma goes in '
+           'double quotes: --filter \'cell_type="CD4+, naive T cell",B cell\'.')
     p("--cell_states_to_model", default=None, metavar="JSON",
       help='JSON (or a file): {"state_key": "cell_type", "start_state": "A", "goal_state": "B", '
            '"alt_states": ["C"]}; start-state cells are perturbed, shifts toward goal / alternatives measured.')
     p("--emb_mode", default="cell", choices=["cell", "cls", "cell_and_gene"], help="%(default)s")
     p("--emb_layer", type=int, default=-1, help="0: last layer, -1: second-to-last (default), ...")
-    p("--max_ncells", type=int, default=None, help="Perturb the first N selected cells.")
-    p("--n_null", type=int, default=20, help="Random-gene null perturbations per cell (%(default)s).")
-    p("--min_cells", type=int, default=3, help="Fewest cells for a gene's test (%(default)s).")
+    p("--max_ncells", type=positive_int, default=None, help="Perturb the first N selected cells.")
+    p("--n_null", type=non_negative_int, default=20, help="Random-gene null perturbations per cell (%(default)s).")
+    p("--min_cells", type=positive_int, default=3, help="Fewest cells for a gene's test (%(default)s).")
     p("--no_class_probabilities", action="store_true",
       help="On a classifier, skip the class-probability readout (then only the layers to --emb_layer run).")
-    p("--chunk_cells", type=int, default=50, help="Cells per written chunk (%(default)s).")
-    p("--batch_size", type=int, default=64, help="Perturbed cells per forward pass (%(default)s).")
+    p("--chunk_cells", type=positive_int, default=50, help="Cells per written chunk (%(default)s).")
+    p("--batch_size", type=positive_int, default=64, help="Perturbed cells per forward pass (%(default)s).")
     p("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="auto: bf16 on CUDA, fp32 on CPU (%(default)s).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
-    p("--seed", type=int, default=0, help="Seed of the null draws (%(default)s).")
+    p("--seed", type=SEED, default=0, help="Seed of the null draws (%(default)s).")
     p("--no_plots", action="store_true", help="Skip the volcano plot.")
     p("--allow_low_gene_overlap", action="store_true",
       help="Go on when fewer than half of the input's genes have pretrained rows in the model (default: refuse).")

@@ -14,6 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import CHECKPOINT, DATASET, file_path, float_in, folder_path, positive_int
+
 logger = logging.getLogger(__name__)
 
 HELP = "predict with a fine-tuned fold on new tokenized cells"
@@ -21,16 +23,16 @@ HELP = "predict with a fine-tuned fold on new tokenized cells"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Fold folder of a fine-tuning run.")
-    p("--base_model", type=Path, default=None,
+    p("--model_path", required=True, type=folder_path("a fold folder of a fine-tuning run"), help="Fold folder of a fine-tuning run.")
+    p("--base_model", type=CHECKPOINT, default=None,
       help="Base checkpoint: apply the fold's peft_model.safetensors on it instead of loading the full model.")
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset).")
-    p("--output", required=True, type=Path, help="CSV to write.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset).")
+    p("--output", required=True, type=file_path("a CSV file to write"), help="CSV to write.")
     p("--label_column", default="cell_type", help="Ground-truth column, used when present (%(default)s).")
-    p("--batch_size", type=int, default=64, help="Cells per batch (%(default)s).")
-    p("--max_length", type=int, default=None,
+    p("--batch_size", type=positive_int, default=64, help="Cells per batch (%(default)s).")
+    p("--max_length", type=positive_int, default=None,
       help="Keep each cell's first N genes (default: the fold's max_length from its config.json).")
-    p("--unassign_threshold", type=float, default=None,
+    p("--unassign_threshold", type=float_in(0, 1), default=None,
       help="Label a cell 'Unassigned' when its top class probability is below this (scBERT's recipe; any model).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--allow_low_gene_overlap", action="store_true",

@@ -17,6 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import CHECKPOINT, DATASET, OUTPUT_FOLDER, SEED, positive_float, positive_int
+
 logger = logging.getLogger(__name__)
 
 HELP = "masked-gene pretraining from a config or a checkpoint"
@@ -24,19 +26,19 @@ HELP = "masked-gene pretraining from a config or a checkpoint"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--input", required=True, type=Path, help="Tokenized cells (a saved datasets.Dataset with input_ids).")
-    p("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
+    p("--input", required=True, type=DATASET, help="Tokenized cells (a saved datasets.Dataset with input_ids).")
+    p("--output_dir", required=True, type=OUTPUT_FOLDER, help="Checkpoint folder to write.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="config.json of a model to pretrain from scratch.")
-    src.add_argument("--model_path", type=Path, help="Checkpoint to continue pretraining.")
+    src.add_argument("--model_path", type=CHECKPOINT, help="Checkpoint to continue pretraining.")
     p("--token_dictionary", type=Path, default=None,
       help="token_dictionary.json ({token: id}), token_dictionary.pkl or tokenizer.json (default: the "
            "checkpoint's tokenizer.json, if any).")
-    p("--epochs", type=int, default=1, help="Passes over the cells (%(default)s).")
-    p("--batch_size", type=int, default=16, help="Cells per batch (%(default)s).")
-    p("--lr", type=float, default=1e-3, help="Peak learning rate (%(default)s).")
-    p("--max_steps", type=int, default=None, help="Stop after this many steps.")
-    p("--seed", type=int, default=0, help="Random seed (%(default)s).")
+    p("--epochs", type=positive_int, default=1, help="Passes over the cells (%(default)s).")
+    p("--batch_size", type=positive_int, default=16, help="Cells per batch (%(default)s).")
+    p("--lr", type=positive_float, default=1e-3, help="Peak learning rate (%(default)s).")
+    p("--max_steps", type=positive_int, default=None, help="Stop after this many steps.")
+    p("--seed", type=SEED, default=0, help="Random seed (%(default)s).")
     p("--device", default="auto", help="auto, cpu, cuda (%(default)s).")
     p("--resize_vocab", action="store_true",
       help="With --config: size the new model's vocab_size to --token_dictionary (default: refuse a dictionary "

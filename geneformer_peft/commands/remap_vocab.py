@@ -16,20 +16,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from geneformer_peft.commands._common import CHECKPOINT, OUTPUT_FOLDER, SEED, non_negative_int
+
 HELP = "copy a checkpoint onto another gene vocabulary (shared genes keep their embeddings)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--model_path", required=True, type=Path, help="Pretrained checkpoint folder.")
+    p("--model_path", required=True, type=CHECKPOINT, help="Pretrained checkpoint folder.")
     p("--token_dictionary", required=True, type=Path,
       help="The new vocabulary (a .json {token: id} such as token_dictionary.json, a .pkl or a tokenizer.json).")
-    p("--output_dir", required=True, type=Path, help="Checkpoint folder to write.")
+    p("--output_dir", required=True, type=OUTPUT_FOLDER, help="Checkpoint folder to write.")
     p("--old_token_dictionary", type=Path, default=None,
       help="The checkpoint's vocabulary (.json {token: id}, .pkl or tokenizer.json), when it has no "
            "tokenizer.json.")
-    p("--pad_to_multiple_of", type=int, default=8, help="Round the vocabulary size up to a multiple (%(default)s).")
-    p("--seed", type=int, default=0, help="Seed of the fresh rows (%(default)s).")
+    p("--pad_to_multiple_of", type=non_negative_int, default=8,
+      help="Round the vocabulary size up to a multiple (%(default)s).")
+    p("--seed", type=SEED, default=0, help="Seed of the fresh rows (%(default)s).")
     p("--allow_low_gene_overlap", action="store_true",
       help="Write the copy even when fewer than half of the new vocabulary's genes have pretrained rows "
            "(default: refuse).")

@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands import finetune
+from geneformer_peft.commands._common import OUTPUT_FOLDER, SEED, file_path, non_negative_int, positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
             action.help = ("--refit: redo refit folds that finished earlier (the study itself is never overwritten; "
                            "a new study needs another --output_dir).")
     p = parser.add_argument
-    p("--space", type=Path, required=True,
+    p("--space", type=file_path("a JSON file of parameter ranges"), required=True,
       help="JSON search space {parameter: {low, high[, log, step, type]} | {choices: [...]} | value}; "
            "see docs/recipes.md.")
-    p("--output_dir", type=Path, required=True,
+    p("--output_dir", type=OUTPUT_FOLDER, required=True,
       help="Study folder: study.db, trials.csv, best_config.json, plots, refit/.")
-    p("--n_trials", type=int, default=10, help="Trials to add to the study in this run (%(default)s).")
-    p("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds.")
+    p("--n_trials", type=non_negative_int, default=10, help="Trials to add to the study in this run (%(default)s).")
+    p("--timeout", type=positive_float, default=None, help="Stop starting new trials after this many seconds.")
     p("--study_name", default="search", help="Study name inside study.db (%(default)s).")
     p("--no_pruning", action="store_true", help="Run every trial to the end (no median pruner).")
-    p("--pruner_startup_trials", type=int, default=2,
+    p("--pruner_startup_trials", type=non_negative_int, default=2,
       help="Trials that finish before the median pruner stops any (%(default)s).")
-    p("--pruner_warmup_epochs", type=int, default=0,
+    p("--pruner_warmup_epochs", type=non_negative_int, default=0,
       help="Epochs a trial runs before it may be pruned (%(default)s).")
-    p("--sampler_seed", type=int, default=None,
+    p("--sampler_seed", type=SEED, default=None,
       help="Seed of the TPE sampler: the same seed and study size draw the same parameters (default: --seed "
            "plus a per-process number, so that processes sharing a study draw differently).")
     p("--refit", action="store_true",
@@ -66,13 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
 
 
 def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.files import check_path
     from geneformer_peft.training.search import SearchSettings, load_search_space, refit_best, run_search
 
     if args.n_trials is not None and args.n_trials < 0:
         raise ValueError(f"--n_trials {args.n_trials}: expected an integer >= 0")
-    if not Path(args.data_path).is_dir():
-        raise FileNotFoundError(f"--data_path {args.data_path} does not exist; expected the folder holding "
-                                f"{args.dataset_name}/<i>/")
+    check_path(args.data_path, "folder", f"the folder holding {args.dataset_name}/<i>/", flag="--data_path")
     opts = finetune.options_from_args(args)
     space = load_search_space(args.space, base_training=opts.training)
     settings = SearchSettings(run=opts, space=space, output_dir=args.output_dir, n_trials=args.n_trials,

@@ -16,6 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from geneformer_peft.commands._common import DATASET, OUTPUT_FOLDER, SEED, float_in, int_in
+
 logger = logging.getLogger(__name__)
 
 HELP = "split a tokenized dataset into stratified train/val/test folds"
@@ -23,13 +25,13 @@ HELP = "split a tokenized dataset into stratified train/val/test folds"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``split``."""
-    parser.add_argument("--input", required=True, type=Path, help="Saved dataset (from `tokenize`).")
+    parser.add_argument("--input", required=True, type=DATASET, help="Saved dataset (from `tokenize`).")
     parser.add_argument("--dataset_name", required=True, help="Name used in the fold directory and file names.")
-    parser.add_argument("--output_dir", required=True, type=Path, help="The data_path under which <dataset_name>/<i>/ is written.")
-    parser.add_argument("--n_folds", type=int, default=5, help="Number of folds; the test sets partition the cells.")
+    parser.add_argument("--output_dir", required=True, type=OUTPUT_FOLDER, help="The data_path under which <dataset_name>/<i>/ is written.")
+    parser.add_argument("--n_folds", type=int_in(2), default=5, help="Number of folds; the test sets partition the cells.")
     parser.add_argument("--label_column", default="cell_type", help="Label column to stratify on.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the shuffles.")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="Fraction of each fold's non-test cells (per class) used for validation.")
+    parser.add_argument("--seed", type=SEED, default=0, help="Seed of the shuffles.")
+    parser.add_argument("--val_fraction", type=float_in(0, 1, high_open=True), default=0.1, help="Fraction of each fold's non-test cells (per class) used for validation.")
     parser.add_argument("--overwrite", action="store_true", help="Replace existing folds of this dataset name.")
 
 

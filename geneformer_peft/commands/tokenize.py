@@ -36,7 +36,7 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands import _binned_tokenize
-from geneformer_peft.commands._common import check_output_path
+from geneformer_peft.commands._common import OUTPUT_FOLDER, check_output_path, file_path, positive_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -46,12 +46,12 @@ HELP = "tokenize a .h5ad/.loom file of raw counts into a Geneformer dataset"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``tokenize``."""
-    parser.add_argument("--input", required=True, type=Path, help="Input .h5ad (read backed) or .loom file of raw counts.")
-    parser.add_argument("--output", required=True, type=Path, help="Output directory of the saved dataset (e.g. X.dataset).")
+    parser.add_argument("--input", required=True, type=file_path("a .h5ad or .loom file of raw counts"), help="Input .h5ad (read backed) or .loom file of raw counts.")
+    parser.add_argument("--output", required=True, type=OUTPUT_FOLDER, help="Output directory of the saved dataset (e.g. X.dataset).")
     vocab = parser.add_argument_group("vocabulary (give both dictionaries, or --build_vocab)")
     vocab.add_argument("--token_dictionary", type=Path, help="Token dictionary: a .json {token: id} (token_dictionary.json), Geneformer's .pkl, a tokenizer.json, or a directory holding one.")
-    vocab.add_argument("--gene_median_dictionary", type=Path, help="Gene median dictionary: a .json {ensembl_id: median} (gene_median_dictionary.json) or Geneformer's .pkl.")
-    vocab.add_argument("--build_vocab", type=Path, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR (token_dictionary.json, gene_median_dictionary.json, their .pkl forms, tokenizer.json).")
+    vocab.add_argument("--gene_median_dictionary", type=file_path("a gene median dictionary file (.json or .pkl)"), help="Gene median dictionary: a .json {ensembl_id: median} (gene_median_dictionary.json) or Geneformer's .pkl.")
+    vocab.add_argument("--build_vocab", type=OUTPUT_FOLDER, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR (token_dictionary.json, gene_median_dictionary.json, their .pkl forms, tokenizer.json).")
     parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
     parser.add_argument("--gene_name_id_dictionary", type=Path, metavar="PATH",
                         help="Map gene symbols to Ensembl ids before matching the vocabulary: Geneformer's "
@@ -59,24 +59,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the file pass through; symbols of one Ensembl id are summed.")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")
-    parser.add_argument("--model_input_size", type=int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
+    parser.add_argument("--model_input_size", type=positive_int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
     parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
-    parser.add_argument("--chunk_size", type=int, default=512, help="Cells read at a time (memory stays flat).")
+    parser.add_argument("--chunk_size", type=positive_int, default=512, help="Cells read at a time (memory stays flat).")
     parser.add_argument("--filter_column", default="filter_pass", help="obs column; when present only cells with value 1 are tokenized. Use '' to disable.")
-    parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG.")
+    parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG; a value holding a comma goes in double quotes, e.g. 'cell_type=\"CD4+, naive\",B'.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
     _binned_tokenize.add_arguments(parser)
 
 
 def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
-    """Parse ``["col=a,b", ...]`` into ``{"col": ["a", "b"]}``."""
+    """Parse ``["col=a,b", 'col2="c, d"', ...]`` into ``{"col": ["a", "b"], "col2": ["c, d"]}``
+    (:func:`~geneformer_peft.data.filters.parse_column_values`: a value holding a comma is quoted)."""
+    from geneformer_peft.data.filters import parse_column_values
+
     filters: dict[str, list[str]] = {}
     for item in items:
-        column, sep, values = item.partition("=")
-        if not sep or not column or not values:
+        column, values = parse_column_values(item, flag="--obs_filter")
+        values = [value for value in values if value]
+        if not values:
             raise DataError(f"--obs_filter {item!r} is not valid; expected COLUMN=VALUE[,VALUE...]")
-        filters.setdefault(column, []).extend(v for v in values.split(",") if v)
+        filters.setdefault(column, []).extend(values)
     return filters
 
 

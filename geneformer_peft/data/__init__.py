@@ -35,6 +35,8 @@ _WHERE = {
     "WorkerGenerator": "collator",
     "pad_input_ids": "collator",
     "load_saved_dataset": "dataset_io",
+    "format_column_values": "filters",
+    "parse_column_values": "filters",
     "save_dataset_atomically": "dataset_io",
     "SPLITS": "folds",
     "check_fold_files": "folds",

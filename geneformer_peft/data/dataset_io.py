@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from geneformer_peft.errors import DataError
+from geneformer_peft.files import wrong_kind
 
 __all__ = ["load_saved_dataset", "save_dataset_atomically"]
 
@@ -24,7 +25,8 @@ def load_saved_dataset(path: str | Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise DataError(f"{path}: dataset directory does not exist; expected a directory written by save_to_disk")
+        problem = wrong_kind(path, "folder") or "dataset directory does not exist"
+        raise DataError(f"{path}: {problem}; expected a directory written by save_to_disk")
     if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
         if (path / "dataset_dict.json").is_file():
             raise DataError(f"{path}: holds a DatasetDict; expected a single datasets.Dataset")

@@ -39,7 +39,7 @@ from geneformer_peft.data.folds import (
 )
 from geneformer_peft.data.samplers import class_weights as reference_class_weights
 from geneformer_peft.data.vocab import load_token_dictionary, save_tokenizer_json
-from geneformer_peft.errors import DataError, RunInterrupted, TrainingDiverged
+from geneformer_peft.errors import DataError, RunInterrupted, TrainingDiverged, interruption
 from geneformer_peft.evaluation.inference import predict_logits, softmax
 from geneformer_peft.evaluation.metrics import classification_metrics
 from geneformer_peft.evaluation.outputs import (
@@ -200,7 +200,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     except KeyboardInterrupt as error:
         if not isinstance(error, RunInterrupted):
             where = f"during fold {fold}" if fold is not None else "before training"
-            error = RunInterrupted(f"interrupted {where}; rerun the same command to resume")
+            error = interruption(error, f"interrupted {where}; rerun the same command to resume")
         _log_to_file(handler, error)
         raise error from None
     except BaseException as error:
@@ -357,9 +357,9 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     except TrainingDiverged:
         logger.error("fold %d stopped: training diverged; finished folds keep their outputs", fold)
         raise
-    except KeyboardInterrupt:
-        raise RunInterrupted(f"interrupted during fold {fold} epoch {trainer.epoch}; rerun the same command to "
-                             "resume (from the last finished epoch)") from None
+    except KeyboardInterrupt as error:
+        raise interruption(error, f"interrupted during fold {fold} epoch {trainer.epoch}; rerun the same command "
+                                  "to resume (from the last finished epoch)") from None
 
     t0 = time.perf_counter()
     logits = predict_logits(model, splits["test"], batch_size=args.eval_batch_size or args.batch_size,
