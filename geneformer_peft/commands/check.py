@@ -31,11 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--token_dictionary", type=Path, default=None,
       help="The data's token dictionary: Geneformer .pkl, tokenizer.json or a plain .json {token: id} "
            "(default: the checkpoint's tokenizer.json).")
-    p("--gene_median_dictionary", type=Path, default=None,
+    p("--gene_median_dictionary", type=file_path("a gene median dictionary file (.json or .pkl)"), default=None,
       help="Raw counts: gene median dictionary, .pkl or a plain .json {gene: median} (default: the checkpoint "
            "folder's gene_median_dictionary.pkl).")
     p("--gene_id_column", default=None, help="Raw counts: var column of gene ids (default: as tokenize).")
-    p("--gene_name_id_dictionary", type=Path, default=None,
+    p("--gene_name_id_dictionary", type=file_path("a symbol -> Ensembl id map (.pkl, .csv or .tsv)"), default=None,
       help="Raw counts named by gene symbols: symbol -> Ensembl id map (as tokenize).")
     p("--label_column", default=None, help="Check this label column (fold layouts: cell_type by default).")
     p("--max_length", type=positive_int, default=None, help="Tokens the model reads per cell (default: the model's).")

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vocab.add_argument("--gene_median_dictionary", type=file_path("a gene median dictionary file (.json or .pkl)"), help="Gene median dictionary: a .json {ensembl_id: median} (gene_median_dictionary.json) or Geneformer's .pkl.")
     vocab.add_argument("--build_vocab", type=OUTPUT_FOLDER, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR (token_dictionary.json, gene_median_dictionary.json, their .pkl forms, tokenizer.json).")
     parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
-    parser.add_argument("--gene_name_id_dictionary", type=Path, metavar="PATH",
+    parser.add_argument("--gene_name_id_dictionary", type=file_path("a symbol -> Ensembl id map (.pkl, .csv or .tsv)"), metavar="PATH",
                         help="Map gene symbols to Ensembl ids before matching the vocabulary: Geneformer's "
                              "gene_name_id_dict.pkl or a two-column CSV/TSV (symbol, Ensembl id). Ensembl ids in "
                              "the file pass through; symbols of one Ensembl id are summed.")

@@ -150,8 +150,8 @@ def test_a_folder_where_a_file_is_expected_is_named_as_such(command, flag, tmp_p
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_path_flag_says_whether_it_takes_a_file_or_a_folder(command):
     """Only the flags that take either (a token dictionary file or the folder holding one; a
-    config.json or its folder) keep a bare Path."""
-    either = {"config", "token_dictionary", "old_token_dictionary"}
+    config.json or its folder; check's --input: a dataset folder or a .h5ad file) keep a bare Path."""
+    either = {"config", "token_dictionary", "old_token_dictionary"} | ({"input"} if command == "check" else set())
     bare = [action.option_strings[0] for action in _subparsers()[command]._actions
             if action.type is Path and action.dest not in either]
     assert not bare, f"{command}: give {bare} a file_path/folder_path type from geneformer_peft.commands._common"
