@@ -58,16 +58,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.analysis.runs import run_embed
-    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.commands._common import guarded
 
-    check_output_path(args.output, overwrite=args.overwrite)
-    result = run_embed(args.model_path, args.input, args.output, base_model=args.base_model,
-                       emb_mode=args.emb_mode, emb_layer=args.emb_layer,
-                       label_columns=args.label_columns or ["cell_type"], max_ncells=args.max_ncells,
-                       batch_size=args.batch_size, device=args.device, precision=args.precision,
-                       token_dictionary=args.token_dictionary, gene_per_label=args.gene_per_label,
-                       plots=not args.no_plots, metrics_output=args.metrics_output,
-                       random_init=args.random_init, seed=args.seed)
+    with guarded(args, "embed", inputs=("input", "model_path", "base_model", "token_dictionary"),
+                 not_settings=("metrics_output",), directory=False) as tmp:
+        result = run_embed(args.model_path, args.input, args.output, base_model=args.base_model,
+                           emb_mode=args.emb_mode, emb_layer=args.emb_layer,
+                           label_columns=args.label_columns or ["cell_type"], max_ncells=args.max_ncells,
+                           batch_size=args.batch_size, device=args.device, precision=args.precision,
+                           token_dictionary=args.token_dictionary, gene_per_label=args.gene_per_label,
+                           plots=not args.no_plots, metrics_output=args.metrics_output,
+                           random_init=args.random_init, seed=args.seed, write_to=tmp)
     print(f"embeddings -> {result['output']}")
     for column, m in result["metrics"].items():
         knn = "n/a" if m["knn_accuracy"] is None else f"{m['knn_accuracy']:.4f} ± {m['knn_accuracy_std']:.4f}"

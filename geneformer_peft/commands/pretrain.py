@@ -41,29 +41,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.commands._common import guarded
     from geneformer_peft.data.cells import EncodedCells
     from geneformer_peft.data.dataset_io import load_saved_dataset
     from geneformer_peft.data.vocab import load_token_dictionary
     from geneformer_peft.training.pretrain import pretrain
     from geneformer_peft.models.families import FAMILIES, model_type_of
 
-    check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
-    cells = EncodedCells.from_dataset(load_saved_dataset(args.input), name=str(args.input))
-    vocab_source = args.token_dictionary
-    if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
-        vocab_source = args.model_path / "tokenizer.json"
-    token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
-    config = None
-    if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
-        model_type = model_type_of(args.config)
-        if model_type not in FAMILIES:
-            raise ValueError(f"--config {args.config}: model_type {model_type!r}; expected one of {sorted(FAMILIES)}")
-        config = FAMILIES[model_type].config_class.from_pretrained(args.config)
-    result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
-                      token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
+    with guarded(args, "pretrain", output="output_dir",
+                 inputs=("input", "config", "model_path", "token_dictionary")) as tmp:
+        cells = EncodedCells.from_dataset(load_saved_dataset(args.input), name=str(args.input))
+        vocab_source = args.token_dictionary
+        if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
+            vocab_source = args.model_path / "tokenizer.json"
+        token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
+        config = None
+        if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
+            model_type = model_type_of(args.config)
+            if model_type not in FAMILIES:
+                raise ValueError(f"--config {args.config}: model_type {model_type!r}; expected one of "
+                                 f"{sorted(FAMILIES)}")
+            config = FAMILIES[model_type].config_class.from_pretrained(args.config)
+        result = pretrain(cells, tmp, config=config, model_path=args.model_path,
+                          token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
     for record in result.history:
         print(f"epoch {record['epoch']}: MLM loss {record['mlm_loss']:.4f}")
-    print(f"checkpoint: {result.output_dir}")
+    print(f"checkpoint: {args.output_dir}")
     return 0
