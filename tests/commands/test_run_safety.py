@@ -173,7 +173,8 @@ def test_command_output_is_guarded(command, inputs, job_data, tmp_path, monkeypa
     assert _snapshot(out.parent) == first
 
     # debris of a killed job is removed on the next run; a live job's temporary is left alone
-    dead, live = out.with_name(f"{name}.tmp-{_dead_pid()}@{HOST}~x"), out.with_name(f"{name}.tmp-{os.getppid()}@{HOST}~y")
+    dead = out.with_name(f"{name}.tmp-{_dead_pid()}@{HOST}~x")
+    live = out.with_name(f"{name}.tmp-{os.getppid()}@{HOST}~y")
     for debris in (dead, live):
         debris.mkdir()
         (debris / "half").write_text("half")
