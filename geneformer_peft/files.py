@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,26 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_directory", "atomic_file", "check_path", "wrong_kind", "write_json", "write_pickle", "write_text",
-           "write_torch"]
+__all__ = ["atomic_directory", "atomic_file", "check_path", "owner_tag", "temp_owner", "wrong_kind", "write_json",
+           "write_pickle", "write_text", "write_torch"]
+
+#: ``<name>.tmp-<pid>@<host>~<random>`` (and ``.old-``): the temporary names carry their writer, so
+#: that a later run can tell the debris of a dead process from the work of a live one
+_TEMP_NAME = re.compile(r"^\.?(?P<base>.+?)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[^~/]+)~")
+
+
+def owner_tag() -> str:
+    """``<pid>@<host>`` of this process, as written into temporary names."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def temp_owner(name: str) -> tuple[str, str, int, str] | None:
+    """``(base name, "tmp" or "old", pid, host)`` of a temporary name written by :func:`atomic_file`
+    or :func:`atomic_directory`, ``None`` for any other name."""
+    match = _TEMP_NAME.match(name)
+    if match is None:
+        return None
+    return match["base"], match["kind"], int(match["pid"]), match["host"]
 
 
 
@@ -129,23 +149,46 @@ def check_path(path: str | os.PathLike, kind: str, expected: str, *, flag: str |
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[str]:
+def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp", overwrite: bool = True) -> Iterator[str]:
     """Yield a temporary file name beside ``path``; on success it is moved onto ``path``
     (mode ``0o666 & ~umask``, as a file created normally), on failure removed, so ``path`` is
-    never half-written."""
+    never half-written.
+
+    The temporary name is ``.<name>.tmp-<pid>@<host>~<random><suffix>``. With ``overwrite=False``
+    the move fails with :class:`FileExistsError` when ``path`` appeared meanwhile (another job
+    writing the same file), checked atomically where the file system has hard links."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{owner_tag()}~", suffix=suffix)
     os.close(fd)
     try:
         yield tmp_name
         os.chmod(tmp_name, file_mode())
-        os.replace(tmp_name, path)
+        if overwrite:
+            os.replace(tmp_name, path)
+        else:
+            _move_new(tmp_name, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         _name_the_path(error, path)
         raise
+
+
+def _move_new(tmp_name: str, path: Path) -> None:
+    """Move ``tmp_name`` onto ``path`` only if ``path`` does not exist (link, then unlink)."""
+    appeared = FileExistsError(f"{path} appeared while it was being written (another job writing the same "
+                               "output?); its new content was not kept")
+    try:
+        os.link(tmp_name, path)
+    except FileExistsError:
+        raise appeared from None
+    except OSError:  # no hard links here (some network or FAT file systems): check, then move
+        if os.path.lexists(path):
+            raise appeared from None
+        os.replace(tmp_name, path)
+        return
+    os.unlink(tmp_name)
 
 
 def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
@@ -271,7 +314,7 @@ def write_torch(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_directory(final_path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and move it into place on success.
 
-    Yields ``<final_path>.tmp-<random>`` (a fresh, empty folder beside ``final_path``).
+    Yields ``<final_path>.tmp-<pid>@<host>~<random>`` (a fresh, empty folder beside ``final_path``).
     When the block finishes, that folder is renamed to ``final_path``; when the block
     raises, it is removed and ``final_path`` is left as it was.
 
@@ -298,7 +341,7 @@ def atomic_directory(final_path: str | os.PathLike, *, overwrite: bool = False) 
     if final_path.exists() and not overwrite:
         raise FileExistsError(f"{final_path} already exists; pass overwrite=True to replace it")
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.tmp-"))
+    tmp_dir = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.tmp-{owner_tag()}~"))
     try:
         yield tmp_dir
         _apply_umask(tmp_dir)
@@ -308,7 +351,7 @@ def atomic_directory(final_path: str | os.PathLike, *, overwrite: bool = False) 
                     f"{final_path} appeared while it was being written (another job writing the same output?); "
                     "its new content was not kept"
                 )
-            old = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=final_path.parent, prefix=f"{final_path.name}.old-{owner_tag()}~"))
             os.rmdir(old)
             os.replace(final_path, old)
             os.replace(tmp_dir, final_path)

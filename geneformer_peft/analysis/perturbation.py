@@ -72,6 +72,7 @@ from geneformer_peft.analysis.loading import AnalysisModel, SpecialTokens
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_file, write_json
 from geneformer_peft.models.device import autocast
+from geneformer_peft.training.provenance import SettingsChanged
 
 __all__ = ["PERTURB_EMB_MODES", "PERTURB_TYPES", "CellStates", "PerturbationScan", "PerturbationSettings",
            "parse_cell_states", "perturb_genes", "perturbed_length"]
@@ -386,8 +387,12 @@ class PerturbationScan:
             previous = json.loads(scan_file.read_text(encoding="utf-8"))
             if previous != json.loads(json.dumps(fingerprint)):
                 if not overwrite:
-                    raise DataError(f"{self.output_dir} holds a scan with other settings ({scan_file}); use a new "
-                                    "--output_dir, the same settings to resume it, or --overwrite to start over")
+                    from geneformer_peft.training.provenance import compare_settings, differing_keys_message
+
+                    diffs = differing_keys_message(compare_settings(previous, fingerprint))
+                    raise SettingsChanged(f"{self.output_dir} holds a scan with other settings ({scan_file}); use a "
+                                          "new --output_dir, the same settings to resume it, or --overwrite to "
+                                          f"start over. Differing settings:\n{diffs}")
                 logger.info("%s: other settings; --overwrite: starting over", self.output_dir)
                 self._clear_chunks()
             elif overwrite:

@@ -36,6 +36,7 @@ from geneformer_peft.data.filters import format_column_values
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_file, write_json
 from geneformer_peft.models.device import resolve_device
+from geneformer_peft.training.run_safety import input_fingerprint
 
 __all__ = ["METRICS_FILE", "gene_tokens", "run_embed", "run_perturb", "select_rows"]
 
@@ -103,11 +104,14 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
               label_columns: Sequence[str] = ("cell_type",), max_ncells: int | None = None, batch_size: int = 64,
               device: str = "auto", precision: str = "auto", token_dictionary=None, gene_per_label: bool = False,
               plots: bool = True, metrics_output=None, random_init: bool = False, seed: int = 0,
-              allow_low_gene_overlap: bool = False, allow_other_base: bool = False) -> dict[str, Any]:
+              allow_low_gene_overlap: bool = False, allow_other_base: bool = False,
+              write_to=None) -> dict[str, Any]:
     """Extract embeddings and write them with their quality report and plots.
 
     Label columns missing from the input are an error only when named explicitly
-    (the default ``cell_type`` is skipped with a message when absent).
+    (the default ``cell_type`` is skipped with a message when absent). ``write_to``: write the
+    embeddings table there instead of to ``output`` (a temporary name the caller moves onto
+    ``output`` when complete; the report and plot names still derive from ``output``).
 
     Returns
     -------
@@ -117,6 +121,7 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
     if emb_mode not in EMB_MODES:
         raise DataError(f"--emb_mode {emb_mode!r}; expected one of {list(EMB_MODES)}")
     output = Path(output)
+    table = Path(write_to) if write_to is not None else output
     dev = resolve_device(device)
     dataset = load_saved_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
@@ -146,13 +151,13 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
                             batch_size=batch_size, device=dev, precision=precision, token_to_gene=token_to_gene,
                             progress=True)
         genes.info = {**info, "label_column": labels[0] if per_label is not None else None}
-        write_gene_embeddings(genes, output)
+        write_gene_embeddings(genes, table)
         logger.info("%d genes (over %d cells) -> %s", len(genes.tokens), len(cells), output)
         result["n_genes"] = len(genes.tokens)
         return result
     emb = embed_cells(am.model, cells, specials=specials, mode=emb_mode, emb_layer=emb_layer, batch_size=batch_size,
                       device=dev, precision=precision, progress=True)
-    write_cell_embeddings(CellEmbeddings(emb, cells.obs(), info), output)
+    write_cell_embeddings(CellEmbeddings(emb, cells.obs(), info), table)
     logger.info("%d cell embeddings (%d dims) -> %s", *emb.shape, output)
     if labels:
         metrics = {c: embedding_quality(emb, cells.column(c), seed=seed) for c in labels}
@@ -232,7 +237,9 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
     state_cells = TokenizedCells(dataset, max_length=am.max_input_size, name=str(input_path)) if states else None
     token_to_gene = {v: k for k, v in tokens.items()} if tokens else None
     provenance = {"model_path": str(model_path), "base_model": None if base_model is None else str(base_model),
-                  "input": str(input_path), "filters": chosen, "max_ncells": max_ncells}
+                  "input": str(input_path), "filters": chosen, "max_ncells": max_ncells,
+                  "files": {"model_path": input_fingerprint(model_path), "base_model": input_fingerprint(base_model),
+                            "token_dictionary": input_fingerprint(token_path)}}
     scan = PerturbationScan(am, cells, specials=SpecialTokens.from_dictionary(tokens), settings=settings,
                             output_dir=output_dir, device=dev, precision=precision, token_to_gene=token_to_gene,
                             state_cells=state_cells, provenance=provenance, progress=True)

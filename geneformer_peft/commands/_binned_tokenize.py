@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import check_output_path, file_path, int_in, non_negative_int
+from geneformer_peft.commands._common import file_path, guarded, int_in, non_negative_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,8 @@ def refuse_binned_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Tokenize ``args.input`` with the binned encoding into ``args.output``."""
-    from geneformer_peft.commands.tokenize import parse_obs_filters
+    from geneformer_peft.commands.tokenize import TOKENIZE_INPUTS, parse_obs_filters
     from geneformer_peft.data.binned import read_gene2vec, read_gene_panel, tokenize_binned, write_panel_files
-    from geneformer_peft.data.dataset_io import save_dataset_atomically
 
     if args.gene_panel is None:
         raise DataError("--encoding binned needs --gene_panel PANEL.txt|.npy (the model's genes in position order)")
@@ -58,32 +57,32 @@ def run(args: argparse.Namespace) -> int:
     if given:
         raise DataError(f"{', '.join(given)} apply to the rank value encoding; --encoding binned reads "
                         "--gene_panel instead")
-    check_output_path(args.output, overwrite=args.overwrite)
-    panel = read_gene_panel(args.gene_panel)
-    gene2vec = None
-    if args.gene2vec is not None:
-        gene2vec = read_gene2vec(args.gene2vec, n_genes=len(panel))
-    else:
-        logger.warning("no --gene2vec: a scBERT model built for this dataset gets a fixed random positional "
-                       "embedding instead of gene2vec vectors")
-    dataset, stats = tokenize_binned(
-        args.input,
-        gene_panel=panel,
-        gene_id_column=args.gene_id_column,
-        label_column=args.label_column,
-        keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
-        bin_num=args.bin_num,
-        min_genes=args.min_genes,
-        chunk_size=args.chunk_size,
-        filter_column=args.filter_column or None,
-        obs_filter=parse_obs_filters(args.obs_filter),
-        show_progress=not args.no_progress,
-        return_stats=True,
-    )
-    stats.gene2vec = None if gene2vec is None else "gene2vec.npy"
-    dataset.info.description = stats.to_json()
-    save_dataset_atomically(dataset, args.output)
-    write_panel_files(args.output, panel, gene2vec)
+    with guarded(args, "tokenize", inputs=TOKENIZE_INPUTS) as tmp:
+        panel = read_gene_panel(args.gene_panel)
+        gene2vec = None
+        if args.gene2vec is not None:
+            gene2vec = read_gene2vec(args.gene2vec, n_genes=len(panel))
+        else:
+            logger.warning("no --gene2vec: a scBERT model built for this dataset gets a fixed random positional "
+                           "embedding instead of gene2vec vectors")
+        dataset, stats = tokenize_binned(
+            args.input,
+            gene_panel=panel,
+            gene_id_column=args.gene_id_column,
+            label_column=args.label_column,
+            keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
+            bin_num=args.bin_num,
+            min_genes=args.min_genes,
+            chunk_size=args.chunk_size,
+            filter_column=args.filter_column or None,
+            obs_filter=parse_obs_filters(args.obs_filter),
+            show_progress=not args.no_progress,
+            return_stats=True,
+        )
+        stats.gene2vec = None if gene2vec is None else "gene2vec.npy"
+        dataset.info.description = stats.to_json()
+        dataset.save_to_disk(str(tmp))
+        write_panel_files(tmp, panel, gene2vec)
     logger.info("saved %d binned cells (%d positions each) to %s", stats.n_cells_kept, stats.gene_num + 1,
                 args.output)
     return 0

@@ -155,3 +155,18 @@ def file_path(expected: str) -> Callable[[str], Path]:
 CHECKPOINT = folder_path("a checkpoint folder (config.json and weights)")
 DATASET = folder_path("a saved dataset folder (written by tokenize, split or save_to_disk)")
 OUTPUT_FOLDER = folder_path("a folder to write into (or a new path)")
+
+
+def guarded(args: argparse.Namespace, command: str, *, output: str = "output", inputs: tuple[str, ...] = ("input",),
+            not_settings: tuple[str, ...] = (), directory: bool = True, flag: str | None = None):
+    """The run-safety guard of a command's output ``args.<output>``
+    (:func:`geneformer_peft.training.run_safety.guarded_output`): its lock, a temporary path that
+    becomes the output when complete, and its provenance (every option except ``output`` and
+    ``not_settings``; the files of the options ``inputs`` fingerprinted)."""
+    from geneformer_peft.training.run_safety import command_settings, guarded_output
+
+    return guarded_output(getattr(args, output), command=command,
+                          settings=command_settings(args, output, *not_settings),
+                          inputs={name: getattr(args, name, None) for name in inputs},
+                          overwrite=bool(getattr(args, "overwrite", False)), flag=flag or f"--{output}",
+                          directory=directory)

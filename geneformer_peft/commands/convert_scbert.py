@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import OUTPUT_FOLDER, check_output_path, file_path
+from geneformer_peft.commands._common import OUTPUT_FOLDER, file_path, guarded
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.data.binned import read_gene2vec, read_gene_panel
     from transformerslocal.convert_scbert import convert_scbert_checkpoint
 
-    check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
-    panel = read_gene_panel(args.gene_panel) if args.gene_panel is not None else None
-    gene2vec = read_gene2vec(args.gene2vec, n_genes=None if panel is None else len(panel)) if args.gene2vec else None
-    convert_scbert_checkpoint(args.checkpoint, args.output_dir, gene2vec=gene2vec,
-                              gene_panel=None if panel is None else list(panel),
-                              key_stabilizer=args.key_stabilizer, allow_pickle=args.allow_pickle)
+    with guarded(args, "convert-scbert", output="output_dir", inputs=("checkpoint", "gene2vec", "gene_panel")) as tmp:
+        panel = read_gene_panel(args.gene_panel) if args.gene_panel is not None else None
+        gene2vec = (read_gene2vec(args.gene2vec, n_genes=None if panel is None else len(panel))
+                    if args.gene2vec else None)
+        convert_scbert_checkpoint(args.checkpoint, tmp, gene2vec=gene2vec,
+                                  gene_panel=None if panel is None else list(panel),
+                                  key_stabilizer=args.key_stabilizer, allow_pickle=args.allow_pickle)
     logger.info("wrote %s", args.output_dir)
     return 0

@@ -65,18 +65,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.analysis.runs import run_embed
-    from geneformer_peft.commands._common import check_output_path
+    import contextlib
+    import os
 
-    check_output_path(args.output, overwrite=args.overwrite)
-    result = run_embed(args.model_path, args.input, args.output, base_model=args.base_model,
-                       emb_mode=args.emb_mode, emb_layer=args.emb_layer,
-                       label_columns=args.label_columns or ["cell_type"], max_ncells=args.max_ncells,
-                       batch_size=args.batch_size, device=args.device, precision=args.precision,
-                       token_dictionary=args.token_dictionary, gene_per_label=args.gene_per_label,
-                       plots=not args.no_plots, metrics_output=args.metrics_output,
-                       random_init=args.random_init, seed=args.seed,
-                       allow_low_gene_overlap=args.allow_low_gene_overlap, allow_other_base=args.allow_other_base)
+    from geneformer_peft.analysis.runs import METRICS_FILE, run_embed
+    from geneformer_peft.commands._common import guarded
+
+    metrics_file = args.metrics_output or args.output.parent / METRICS_FILE
+    staged = None  # the report is staged beside the table and moved into place after it
+    try:
+        with guarded(args, "embed", inputs=("input", "model_path", "base_model", "token_dictionary"),
+                     not_settings=("metrics_output",), directory=False) as tmp:
+            staged = tmp.with_name(tmp.name + ".metrics.json")
+            result = run_embed(args.model_path, args.input, args.output, base_model=args.base_model,
+                               emb_mode=args.emb_mode, emb_layer=args.emb_layer,
+                               label_columns=args.label_columns or ["cell_type"], max_ncells=args.max_ncells,
+                               batch_size=args.batch_size, device=args.device, precision=args.precision,
+                               token_dictionary=args.token_dictionary, gene_per_label=args.gene_per_label,
+                               plots=not args.no_plots, metrics_output=staged,
+                               random_init=args.random_init, seed=args.seed, write_to=tmp,
+                               allow_low_gene_overlap=args.allow_low_gene_overlap,
+                               allow_other_base=args.allow_other_base)
+        if result["metrics_file"]:
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, metrics_file)
+            result["metrics_file"] = metrics_file
+    finally:
+        if staged is not None:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
     print(f"embeddings -> {result['output']}")
     for column, m in result["metrics"].items():
         knn = "n/a" if m["knn_accuracy"] is None else f"{m['knn_accuracy']:.4f} ± {m['knn_accuracy_std']:.4f}"

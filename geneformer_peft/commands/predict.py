@@ -44,17 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.commands._common import guarded
     from geneformer_peft.data.dataset_io import load_saved_dataset
     from geneformer_peft.evaluation.prediction import predict_cells
 
-    check_output_path(args.output, overwrite=args.overwrite)
-    dataset = load_saved_dataset(args.input)
-    frame, metrics = predict_cells(args.model_path, dataset, output=args.output, base_model=args.base_model,
-                                   label_column=args.label_column, batch_size=args.batch_size, device=args.device,
-                                   max_length=args.max_length, unassign_threshold=args.unassign_threshold,
-                                   allow_low_gene_overlap=args.allow_low_gene_overlap,
-                                   allow_other_base=args.allow_other_base)
+    with guarded(args, "predict", inputs=("input", "model_path", "base_model"), directory=False) as tmp:
+        dataset = load_saved_dataset(args.input)
+        frame, metrics = predict_cells(args.model_path, dataset, output=tmp, base_model=args.base_model,
+                                       label_column=args.label_column, batch_size=args.batch_size,
+                                       device=args.device, max_length=args.max_length,
+                                       unassign_threshold=args.unassign_threshold,
+                                       allow_low_gene_overlap=args.allow_low_gene_overlap,
+                                       allow_other_base=args.allow_other_base)
     print(f"{len(frame)} cells -> {args.output}")
     if metrics is not None:
         print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.commands._common import guarded
     from geneformer_peft.data.cells import EncodedCells
     from geneformer_peft.data.dataset_io import load_saved_dataset
     from geneformer_peft.data.vocab import load_token_dictionary
@@ -57,31 +57,32 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.checks import check_compatibility
     from geneformer_peft.models.families import family_of
 
-    check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
-    dataset = load_saved_dataset(args.input)
-    vocab_source = args.token_dictionary
-    if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
-        vocab_source = args.model_path / "tokenizer.json"
-    token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
-    config = None
-    if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
-        config = family_of(args.config).config_class.from_pretrained(args.config)
-        if args.resize_vocab and token_dictionary is not None and hasattr(config, "vocab_size"):
-            logger.info("--resize_vocab: vocab_size %d -> %d (%s)", config.vocab_size, len(token_dictionary),
-                        vocab_source)
-            config = config.copy(vocab_size=len(token_dictionary))
-    elif args.resize_vocab:
-        raise ValueError("--resize_vocab: only with --config (a checkpoint keeps its vocabulary; put it on another "
-                         "one with geneformer-peft remap-vocab)")
-    check_compatibility(args.model_path or args.config, {str(args.input): dataset}, config=config,
-                        token_dictionary=vocab_source, check_shapes=args.model_path is not None,
-                        allow_low_gene_overlap=args.allow_low_gene_overlap,
-                        resize_vocab=bool(args.resize_vocab) if args.config else None).raise_if_refused()
-    cells = EncodedCells.from_dataset(dataset, name=str(args.input))
-    result = pretrain(cells, args.output_dir, config=config, model_path=args.model_path,
-                      token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
+    with guarded(args, "pretrain", output="output_dir",
+                 inputs=("input", "config", "model_path", "token_dictionary")) as tmp:
+        dataset = load_saved_dataset(args.input)
+        vocab_source = args.token_dictionary
+        if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
+            vocab_source = args.model_path / "tokenizer.json"
+        token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
+        config = None
+        if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
+            config = family_of(args.config).config_class.from_pretrained(args.config)
+            if args.resize_vocab and token_dictionary is not None and hasattr(config, "vocab_size"):
+                logger.info("--resize_vocab: vocab_size %d -> %d (%s)", config.vocab_size, len(token_dictionary),
+                            vocab_source)
+                config = config.copy(vocab_size=len(token_dictionary))
+        elif args.resize_vocab:
+            raise ValueError("--resize_vocab: only with --config (a checkpoint keeps its vocabulary; put it on "
+                             "another one with geneformer-peft remap-vocab)")
+        check_compatibility(args.model_path or args.config, {str(args.input): dataset}, config=config,
+                            token_dictionary=vocab_source, check_shapes=args.model_path is not None,
+                            allow_low_gene_overlap=args.allow_low_gene_overlap,
+                            resize_vocab=bool(args.resize_vocab) if args.config else None).raise_if_refused()
+        cells = EncodedCells.from_dataset(dataset, name=str(args.input))
+        result = pretrain(cells, tmp, config=config, model_path=args.model_path,
+                          token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)
     for record in result.history:
         print(f"epoch {record['epoch']}: MLM loss {record['mlm_loss']:.4f}")
-    print(f"checkpoint: {result.output_dir}")
+    print(f"checkpoint: {args.output_dir}")
     return 0

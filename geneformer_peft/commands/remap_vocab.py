@@ -40,15 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.commands._common import check_output_path
     from geneformer_peft.checks import MIN_GENE_OVERLAP
+    from geneformer_peft.commands._common import guarded
     from geneformer_peft.models.vocabulary import remap_checkpoint_vocabulary
 
-    check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
-    shared = remap_checkpoint_vocabulary(args.model_path, args.token_dictionary, args.output_dir,
-                                         old_token_dictionary=args.old_token_dictionary,
-                                         pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed,
-                                         min_gene_overlap=MIN_GENE_OVERLAP,
-                                         allow_low_gene_overlap=args.allow_low_gene_overlap)
+    with guarded(args, "remap-vocab", output="output_dir",
+                 inputs=("model_path", "token_dictionary", "old_token_dictionary")) as tmp:
+        shared = remap_checkpoint_vocabulary(args.model_path, args.token_dictionary, tmp,
+                                             old_token_dictionary=args.old_token_dictionary,
+                                             pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed,
+                                             min_gene_overlap=MIN_GENE_OVERLAP,
+                                             allow_low_gene_overlap=args.allow_low_gene_overlap)
     print(f"{shared} genes shared with the checkpoint's vocabulary -> {args.output_dir}")
     return 0

@@ -37,19 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``split``."""
+    from geneformer_peft.commands._common import guarded
     from geneformer_peft.data.dataset_io import load_saved_dataset
     from geneformer_peft.data.folds import split_folds
 
-    dataset = load_saved_dataset(args.input)
-    split_folds(
-        dataset,
-        dataset_name=args.dataset_name,
-        output_dir=args.output_dir,
-        n_folds=args.n_folds,
-        label_column=args.label_column,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        overwrite=args.overwrite,
-    )
+    args.output = args.output_dir / args.dataset_name  # the folder made: <output_dir>/<dataset_name>/
+    with guarded(args, "split", not_settings=("output_dir",), flag="--output_dir/--dataset_name") as tmp:
+        dataset = load_saved_dataset(args.input)
+        split_folds(
+            dataset,
+            dataset_name=args.dataset_name,
+            output_dir=args.output_dir,
+            n_folds=args.n_folds,
+            label_column=args.label_column,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            overwrite=args.overwrite,
+            into=tmp,
+        )
     logger.info("wrote %d folds under %s", args.n_folds, args.output_dir / args.dataset_name)
     return 0

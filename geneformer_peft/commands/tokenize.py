@@ -36,10 +36,14 @@ import logging
 from pathlib import Path
 
 from geneformer_peft.commands import _binned_tokenize
-from geneformer_peft.commands._common import OUTPUT_FOLDER, check_output_path, file_path, positive_int
+from geneformer_peft.commands._common import OUTPUT_FOLDER, file_path, guarded, positive_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+#: the options naming input files, fingerprinted in the output's provenance.json
+TOKENIZE_INPUTS = ("input", "token_dictionary", "gene_median_dictionary", "gene_name_id_dictionary", "gene_panel",
+                   "gene2vec")
 
 HELP = "tokenize a .h5ad/.loom file of raw counts into a Geneformer dataset"
 
@@ -92,54 +96,53 @@ def run(args: argparse.Namespace) -> int:
                             "matches --gene_panel against --gene_id_column as given")
         return _binned_tokenize.run(args)
     _binned_tokenize.refuse_binned_options(args)
-    from geneformer_peft.data.dataset_io import save_dataset_atomically
     from geneformer_peft.data.rank_value import tokenize_anndata
     from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries
 
-    check_output_path(args.output, overwrite=args.overwrite)
-    obs_filter = parse_obs_filters(args.obs_filter)
-    filter_column = args.filter_column or None
-    if args.build_vocab is not None:
-        if args.token_dictionary or args.gene_median_dictionary:
-            raise DataError("--build_vocab cannot be combined with --token_dictionary/--gene_median_dictionary")
-        if args.gene_name_id_dictionary is not None:
-            raise DataError("--build_vocab builds the vocabulary from the file's own gene ids; "
-                            "--gene_name_id_dictionary maps symbols onto an Ensembl vocabulary "
-                            "(--token_dictionary): give one or the other")
-        token_dictionary, median_dictionary = build_vocabulary(
+    with guarded(args, "tokenize", inputs=TOKENIZE_INPUTS) as tmp:
+        obs_filter = parse_obs_filters(args.obs_filter)
+        filter_column = args.filter_column or None
+        if args.build_vocab is not None:
+            if args.token_dictionary or args.gene_median_dictionary:
+                raise DataError("--build_vocab cannot be combined with --token_dictionary/--gene_median_dictionary")
+            if args.gene_name_id_dictionary is not None:
+                raise DataError("--build_vocab builds the vocabulary from the file's own gene ids; "
+                                "--gene_name_id_dictionary maps symbols onto an Ensembl vocabulary "
+                                "(--token_dictionary): give one or the other")
+            token_dictionary, median_dictionary = build_vocabulary(
+                args.input,
+                gene_id_column=args.gene_id_column,
+                model_version=args.model_version,
+                chunk_size=args.chunk_size,
+                filter_column=filter_column,
+                obs_filter=obs_filter,
+                show_progress=not args.no_progress,
+            )
+            write_dictionaries(args.build_vocab, token_dictionary, median_dictionary, overwrite=args.overwrite)
+        else:
+            if args.token_dictionary is None or args.gene_median_dictionary is None:
+                raise DataError(
+                    "tokenize needs --token_dictionary and --gene_median_dictionary (or --build_vocab DIR); "
+                    f"got --token_dictionary={args.token_dictionary} --gene_median_dictionary={args.gene_median_dictionary}"
+                )
+            token_dictionary, median_dictionary = args.token_dictionary, args.gene_median_dictionary
+        keep_columns = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+        dataset, stats = tokenize_anndata(
             args.input,
+            token_dictionary=token_dictionary,
+            gene_median_dictionary=median_dictionary,
             gene_id_column=args.gene_id_column,
+            label_column=args.label_column,
+            keep_columns=keep_columns,
+            model_input_size=args.model_input_size,
             model_version=args.model_version,
             chunk_size=args.chunk_size,
             filter_column=filter_column,
             obs_filter=obs_filter,
             show_progress=not args.no_progress,
+            return_stats=True,
+            gene_name_id_dictionary=args.gene_name_id_dictionary,
         )
-        write_dictionaries(args.build_vocab, token_dictionary, median_dictionary, overwrite=args.overwrite)
-    else:
-        if args.token_dictionary is None or args.gene_median_dictionary is None:
-            raise DataError(
-                "tokenize needs --token_dictionary and --gene_median_dictionary (or --build_vocab DIR); "
-                f"got --token_dictionary={args.token_dictionary} --gene_median_dictionary={args.gene_median_dictionary}"
-            )
-        token_dictionary, median_dictionary = args.token_dictionary, args.gene_median_dictionary
-    keep_columns = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
-    dataset, stats = tokenize_anndata(
-        args.input,
-        token_dictionary=token_dictionary,
-        gene_median_dictionary=median_dictionary,
-        gene_id_column=args.gene_id_column,
-        label_column=args.label_column,
-        keep_columns=keep_columns,
-        model_input_size=args.model_input_size,
-        model_version=args.model_version,
-        chunk_size=args.chunk_size,
-        filter_column=filter_column,
-        obs_filter=obs_filter,
-        show_progress=not args.no_progress,
-        return_stats=True,
-        gene_name_id_dictionary=args.gene_name_id_dictionary,
-    )
-    save_dataset_atomically(dataset, args.output)
+        dataset.save_to_disk(str(tmp))
     logger.info("saved %d cells to %s", stats.n_cells_kept, args.output)
     return 0

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from geneformer_peft.errors import DataError
-from geneformer_peft.files import wrong_kind
+from geneformer_peft.files import atomic_directory, wrong_kind
 
 __all__ = ["load_saved_dataset", "save_dataset_atomically"]
 
@@ -50,20 +48,11 @@ def load_saved_dataset(path: str | Path):
 
 
 def save_dataset_atomically(dataset, path: str | Path) -> None:
-    """``save_to_disk`` into a sibling temporary directory, then move it into place.
+    """``save_to_disk`` into a sibling temporary directory (a unique name,
+    :func:`geneformer_peft.files.atomic_directory`), then move it into place.
 
     An interrupted save never leaves a half-written dataset at ``path``; an existing
-    ``path`` is replaced (callers decide whether that is allowed).
+    ``path`` is replaced once the new one is complete (callers decide whether that is allowed).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    dataset.save_to_disk(str(tmp))
-    if path.exists():
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    os.replace(tmp, path)
+    with atomic_directory(path, overwrite=True) as tmp:
+        dataset.save_to_disk(str(tmp))

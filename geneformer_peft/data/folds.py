@@ -21,7 +21,6 @@ Splitting (:func:`split_folds`):
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from geneformer_peft.data.dataset_io import load_saved_dataset, save_dataset_atomically
 from geneformer_peft.errors import DataError
+from geneformer_peft.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ def split_folds(
     seed: int = 0,
     val_fraction: float = 0.1,
     overwrite: bool = False,
+    into: PathLike | None = None,
 ) -> list[dict[str, Path]]:
     """Split a tokenized dataset into stratified folds and save them in the reference layout.
 
@@ -176,6 +177,10 @@ def split_folds(
         Fraction of each fold's non-test cells, per class, moved to validation.
     overwrite
         Replace existing fold directories of this dataset name.
+    into
+        Write the content of ``<output_dir>/<dataset_name>/`` here instead: a temporary folder
+        that the caller moves into place when complete (``geneformer-peft split`` does, under
+        its run-safety guard, which also refuses an existing output); no existence check here.
 
     Returns
     -------
@@ -198,7 +203,7 @@ def split_folds(
     root = Path(output_dir) / dataset_name
     targets = [fold_paths(output_dir, dataset_name, i) for i in range(n_folds)]
     existing = [str(p) for paths in targets for p in paths.values() if p.exists()]
-    if existing and not overwrite:
+    if existing and not overwrite and into is None:
         raise DataError(
             f"{root}: folds exist already ({existing[:3]}...); expected a new location (or overwrite=True)"
         )
@@ -232,11 +237,12 @@ def split_folds(
         assert len(train_idx) + len(val_idx) + len(test_idx) == len(labels)
         paths = targets[fold]
         for split, idx in (("train", train_idx), ("val", val_idx), ("test", np.sort(test_idx))):
-            save_dataset_atomically(dataset.select(idx.tolist()), paths[split])
+            target = paths[split] if into is None else Path(into) / paths[split].relative_to(root)
+            save_dataset_atomically(dataset.select(idx.tolist()), target)
         info["folds"].append(
             {"fold": fold, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "n_test": int(len(test_idx)),
              "classes_without_val": no_val}
         )
         logger.info("fold %d: %d train, %d val, %d test cells", fold, len(train_idx), len(val_idx), len(test_idx))
-    (root / "split_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(Path(into if into is not None else root) / "split_info.json", info)
     return targets

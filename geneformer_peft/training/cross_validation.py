@@ -75,6 +75,7 @@ from geneformer_peft.training.provenance import (
     summary_settings,
 )
 from geneformer_peft.training.run_lock import acquire_run_lock, release_run_lock
+from geneformer_peft.training.run_safety import clean_stale_temps
 from geneformer_peft.training.threads import apply_num_threads
 from geneformer_peft.training.trainer import CHECKPOINT_NAME, FoldTrainer, set_seed
 from transformerslocal import (
@@ -151,6 +152,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     try:
         if distributed.is_main_process():
             handler, root_level = attach_log_file(run_dir / "run.log")
+            clean_stale_temps(run_dir)
         threads = apply_num_threads(opts.num_threads)
         settings = {"run_dir": str(run_dir), "dataset_name": opts.dataset_name, "data_path": str(opts.data_path),
                     "model_path": str(opts.model_path), "config_path": str(opts.config_path or ""),
@@ -170,13 +172,13 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
         for fold in folds:
             fold_dir = run_dir / str(fold)
             if fold_dir.exists() and opts.overwrite and distributed.is_main_process():
-                shutil.rmtree(fold_dir)
+                # the old fold stays until the new one is complete (write_fold_outputs swaps them)
                 shutil.rmtree(run_dir / RESUME_DIR / str(fold), ignore_errors=True)
             distributed.barrier()
-            if is_fold_done(fold_dir):
+            if is_fold_done(fold_dir) and not opts.overwrite:
                 logger.info("fold %d: finished earlier, skipped (%s); pass --overwrite to redo it", fold, fold_dir)
                 metrics = json.loads((fold_dir / "metrics.json").read_text(encoding="utf-8"))
-            elif fold_dir.exists():
+            elif fold_dir.exists() and not opts.overwrite:
                 raise FileExistsError(f"{fold_dir} exists but is not a finished fold (no valid fold_done.json); "
                                       "remove it or pass --overwrite")
             else:
@@ -413,7 +415,7 @@ def write_fold_outputs(opts: RunOptions, fold: int, fold_dir: Path, model, confi
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
     names = [config.id2label[i] for i in range(config.num_labels)]
-    with atomic_directory(fold_dir) as tmp:
+    with atomic_directory(fold_dir, overwrite=opts.overwrite) as tmp:
         write_predictions_csv(tmp / "predictions.csv", cell_index=test.index, label_names=names,
                               pred_ids=preds, probabilities=probs, true_ids=test.labels, cell_ids=test.cell_ids)
         write_pickle(tmp / "predictions.pickle", {

@@ -55,6 +55,17 @@ from geneformer_peft.models.device import autocast, resolve_device
 from geneformer_peft.models.generation import check_checkpoint_data
 from geneformer_peft.models.loading import resolve_config
 from geneformer_peft.training.arguments import TrainingArguments
+from geneformer_peft.training.provenance import (
+    PROVENANCE_FILE,
+    FileHashCache,
+    SettingsChanged,
+    compare_settings,
+    differing_keys_message,
+    option_settings,
+    read_provenance,
+)
+from geneformer_peft.training.run_lock import acquire_run_lock, release_run_lock
+from geneformer_peft.training.run_safety import clean_stale_temps, command_provenance
 from geneformer_peft.training.schedules import make_optimizer, make_scheduler
 from geneformer_peft.training.trainer import set_seed
 
@@ -324,9 +335,18 @@ def run_gene_classification(opts: GeneClassOptions) -> dict[str, Any]:
     if bad:
         raise ValueError(f"--folds {bad}: expected fold numbers in 0..{opts.n_folds - 1}")
     run_dir = run_directory(opts, probe.prompt_type if probe.peft_methods else "")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler, root_level = attach_log_file(run_dir / "run.log")
+    lock = acquire_run_lock(run_dir)  # one job per run folder
+    handler, root_level = None, None
     try:
+        handler, root_level = attach_log_file(run_dir / "run.log")
+        clean_stale_temps(run_dir)
+        cache = FileHashCache(run_dir / ".cache" / "file_hashes.json")
+        record = command_provenance("classify-genes", option_settings(opts),
+                                    {"gene_classes": opts.gene_classes, "input": opts.input,
+                                     "model_path": opts.model_path, "config": opts.config_path,
+                                     "token_dictionary": vocab_source}, cache=cache)
+        cache.save()
+        refuse_changed_gene_folds(opts, run_dir, chosen, record)
         split_record = {"classes": names, "seed": args.seed, "n_folds": opts.n_folds,
                         "folds": [f.to_dict() for f in folds]}
         previous = run_dir / "folds.json"
@@ -359,15 +379,14 @@ def run_gene_classification(opts: GeneClassOptions) -> dict[str, Any]:
         fold_metrics = []
         for k in chosen:
             fold_dir = run_dir / str(k)
-            if fold_dir.exists() and opts.overwrite:
-                shutil.rmtree(fold_dir)
-            if is_fold_done(fold_dir):
+            if is_fold_done(fold_dir) and not opts.overwrite:
                 logger.info("fold %d: finished earlier, skipped (%s); pass --overwrite to redo it", k, fold_dir)
                 metrics = json.loads((fold_dir / "metrics.json").read_text(encoding="utf-8"))
             else:
-                if fold_dir.exists():
+                if fold_dir.exists() and not is_fold_done(fold_dir):
                     shutil.rmtree(fold_dir)  # an unfinished fold is redone from the start
-                metrics = train_gene_fold(opts, folds[k], classes, vocab, cells, fold_dir, device)
+                # with --overwrite the finished fold stays until the new one is complete
+                metrics = train_gene_fold(opts, folds[k], classes, vocab, cells, fold_dir, device, provenance=record)
             fold_metrics.append(metrics)
         summary = summarize_folds(fold_metrics, chosen)
         write_summary(run_dir, summary)
@@ -376,12 +395,46 @@ def run_gene_classification(opts: GeneClassOptions) -> dict[str, Any]:
         summary.update(table=table, run_dir=str(run_dir))
         return summary
     finally:
-        detach_log_file(handler, root_level)
+        if handler is not None:
+            detach_log_file(handler, root_level)
+        release_run_lock(lock)
+
+
+def refuse_changed_gene_folds(opts: GeneClassOptions, run_dir: Path, chosen: Sequence[int], record: dict) -> None:
+    """Refuse a rerun whose settings or inputs differ from those of the finished folds it would
+    reuse (without ``--overwrite``), naming every differing setting.
+
+    Raises
+    ------
+    SettingsChanged
+        Naming each fold, every differing key with both values, and the ways forward.
+    """
+    if opts.overwrite:
+        return
+    refusals = []
+    for k in chosen:
+        fold_dir = run_dir / str(k)
+        if not is_fold_done(fold_dir):
+            continue
+        recorded = read_provenance(fold_dir)
+        if recorded is None:
+            logger.warning("gene fold %d (%s) has no %s (written by an older version): its settings cannot be "
+                           "checked against this run's", k, fold_dir, PROVENANCE_FILE)
+            continue
+        diffs = compare_settings(recorded["settings"], record["settings"])
+        if diffs:
+            refusals.append(f"  fold {k} (finished, {fold_dir}):\n{differing_keys_message(diffs)}")
+    if refusals:
+        raise SettingsChanged(
+            f"{run_dir} holds gene folds made with other settings than this command's; refusing to reuse them "
+            f"({len(refusals)} fold{'s' if len(refusals) != 1 else ''}):\n" + "\n".join(refusals) +
+            "\nEither pass --overwrite to redo these folds with the new settings, or write the new run elsewhere "
+            "with another --output_path (the existing results stay as they are).")
 
 
 def train_gene_fold(opts: GeneClassOptions, fold: GeneFold, classes: Mapping[str, Sequence[str]],
                     vocab: Mapping[str, int], cells: EncodedCells, fold_dir: Path,
-                    device: torch.device) -> dict[str, Any]:
+                    device: torch.device, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train on the fold's training genes, pick the epoch on its validation genes, predict its
     test genes; write the fold folder; return its metrics."""
     from transformerslocal import BertForTokenClassification, mark_trainable
@@ -460,7 +513,9 @@ def train_gene_fold(opts: GeneClassOptions, fold: GeneFold, classes: Mapping[str
     metrics.update({"n_test_genes": len(genes), "n_test_genes_absent": len(fold.test) - len(genes),
                     "best_epoch": best_epoch, "epochs_run": len(history), "train_seconds": train_seconds,
                     "prompt_type": config.prompt_type if config.peft_methods else ""})
-    with atomic_directory(fold_dir) as tmp:
+    with atomic_directory(fold_dir, overwrite=opts.overwrite) as tmp:
+        if provenance is not None:
+            write_json(tmp / PROVENANCE_FILE, provenance)
         rows = ["gene,true_class,predicted_class,occurrences," + ",".join(f"prob_{n}" for n in names)]
         for gene, t, p in zip(genes, truth, probs):
             rows.append(f"{gene},{names[t]},{names[int(p.argmax())]},{occurrences[gene]},"

@@ -24,7 +24,7 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "RunLocked", "acquire_run_lock", "read_lock", "release_run_lock", "run_lock"]
+__all__ = ["LOCK_NAME", "RunLocked", "acquire_lock_file", "acquire_run_lock", "process_runs", "read_lock", "release_run_lock", "run_lock"]
 
 LOCK_NAME = ".lock"
 #: a lock file still empty after this many seconds was left by a process killed while creating it
@@ -43,6 +43,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def process_runs(pid: int, host: str) -> bool | None:
+    """Whether process ``pid`` runs on ``host``: True or False on this host, ``None`` for another
+    host (it cannot be checked from here)."""
+    if host != socket.gethostname():
+        return None
+    return _pid_alive(pid)
 
 
 def read_lock(path: Path) -> dict | None:
@@ -86,7 +94,33 @@ def acquire_run_lock(run_dir: str | os.PathLike) -> Path:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_NAME
+    return acquire_lock_file(run_dir / LOCK_NAME, subject=run_dir,
+                             elsewhere="write this run elsewhere with another --output_path or --out_prefix")
+
+
+def acquire_lock_file(path: str | os.PathLike, *, subject: str | os.PathLike, elsewhere: str) -> Path:
+    """Take the lock file ``path`` (guarding ``subject``, a folder or file) for this process.
+
+    Parameters
+    ----------
+    path : path-like
+        The lock file; its folder must exist.
+    subject : path-like
+        What the lock guards, named in the refusal.
+    elsewhere : str
+        How to write the result elsewhere, e.g. "choose another --output", for the refusal.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    RunLocked
+        When a live process (or one on another host) holds it.
+    """
+    path, run_dir = Path(path), subject
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     for _ in range(3):
@@ -102,10 +136,10 @@ def acquire_run_lock(run_dir: str | os.PathLike) -> Path:
                        if holder else "a job that is just starting")
                 raise RunLocked(
                     f"{run_dir} is in use by another job ({who}; lock file {path}). Wait for it to finish, or "
-                    "write this run elsewhere with another --output_path or --out_prefix. If that job is gone "
+                    f"{elsewhere}. If that job is gone "
                     f"(e.g. on another machine), delete {path}") from None
             # take over: move the stale file aside atomically, so only one taker wins
-            aside = path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+            aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
             try:
                 os.replace(path, aside)
             except FileNotFoundError:

@@ -25,6 +25,7 @@ from geneformer_peft.data.samplers import (
 from geneformer_peft.errors import TrainingDiverged
 from geneformer_peft.evaluation.inference import predict_logits
 from geneformer_peft.evaluation.metrics import macro_f1
+from geneformer_peft.files import write_torch
 from geneformer_peft.models.device import autocast
 from geneformer_peft.training import distributed
 from geneformer_peft.training.arguments import TrainingArguments
@@ -296,9 +297,7 @@ class FoldTrainer:
                    "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), **state}
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write_torch(path, payload)  # atomic, unique temp name; a full disk is an OSError naming the file
 
     def _load_checkpoint(self) -> dict | None:
         """The epoch checkpoint, its states loaded into the model, optimiser, scheduler and
