@@ -96,9 +96,23 @@ class BertConfig(ConfigBase):
         """Resolve layer lists and check every PEFT key (each method checks its own, through the
         registry); raise ``ValueError`` when off."""
         src = self._source
+        # types first: a "2002" or 2002.0 from a hand-edited config.json fails here, naming the key,
+        # not deep inside torch
+        for key, low in (("vocab_size", 1), ("hidden_size", 1), ("num_hidden_layers", 1), ("num_attention_heads", 1),
+                         ("intermediate_size", 1), ("max_position_embeddings", 1), ("type_vocab_size", 1),
+                         ("pad_token_id", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise _bad(key, value, f"an integer >= {low}", src)
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise _bad(key, value, "a number in [0, 1)", src)
+        for key in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise _bad(key, value, "a number > 0", src)
         n_layers = self.num_hidden_layers
-        if not isinstance(n_layers, int) or n_layers < 1:
-            raise _bad("num_hidden_layers", n_layers, "an integer >= 1", src)
         if self.hidden_size % self.num_attention_heads:
             raise _bad("hidden_size", self.hidden_size,
                        f"a multiple of num_attention_heads ({self.num_attention_heads})", src)

@@ -27,6 +27,7 @@ from geneformer_peft.checks.data import (
     check_truncation,
     check_vocabulary,
 )
+from geneformer_peft.checks.memory import check_memory
 from geneformer_peft.checks.report import REPORT_FILE, CompatibilityReport, Finding, IncompatibleData
 from geneformer_peft.data.vocab import is_special_token
 
@@ -45,7 +46,7 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
                         allow_low_gene_overlap: bool = False, fold_path: str | Path | None = None,
                         base_model: str | Path | None = None, allow_other_base: bool = False,
                         resize_vocab: bool | None = None, check_shapes: bool = True,
-                        data_name: str | None = None) -> CompatibilityReport:
+                        training: bool = False, data_name: str | None = None) -> CompatibilityReport:
     """Check that ``datasets`` fit the model at ``model_path``.
 
     Parameters
@@ -76,6 +77,8 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
     check_shapes
         Compare ``config.json`` with the weights' shapes (off when the weights are not read, e.g.
         ``pretrain`` from a config alone).
+    training
+        The model will be trained: its gradients and optimizer state count in the memory check.
     data_name
         How the report names the data (default: the dataset names).
 
@@ -97,6 +100,7 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
                                  family=family.model_type[0])
     if check_shapes:
         check_checkpoint_shapes(report, weights_path, config)
+    check_memory(report, family, config, training=training)
     if base_model is not None:
         check_base_model(report, fold_path or model_path, base_model, allow_other_base=allow_other_base)
     check_encoding(report, datasets, family.encoding)

@@ -92,6 +92,14 @@ def check_checkpoint_shapes(report: CompatibilityReport, model_path: str | Path,
         if found is not None and len(found[1]) > axis and found[1][axis] != want:
             wrong.append(f"{key}={want} but {found[0]} has {found[1][axis]} (shape {list(found[1])})")
     in_weights = _layer_count(shapes, pattern)
+    if not in_weights and all(_find(shapes, suffix) is None for suffix, *_ in dims):
+        from transformerslocal.modeling_utils import find_weights_file
+
+        file = find_weights_file(Path(model_path))
+        report.add("checkpoint", REFUSED, f"{file} holds none of the tensors of the model its config.json describes "
+                   f"(e.g. {dims[0][0]}; found {sorted(shapes)[:3]}...): weights of another model? Put the "
+                   "checkpoint's own weights beside its config.json", mismatches=["foreign weights"])
+        return
     if in_weights and in_weights != layers:
         wrong.append(f"{layer_key}={layers} but the weights hold {in_weights} layers")
     where = f"{Path(model_path) / 'config.json'}"

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                              "another one with geneformer-peft remap-vocab)")
         check_compatibility(args.model_path or args.config, {str(args.input): dataset}, config=config,
                             token_dictionary=vocab_source, check_shapes=args.model_path is not None,
-                            allow_low_gene_overlap=args.allow_low_gene_overlap,
+                            allow_low_gene_overlap=args.allow_low_gene_overlap, training=True,
                             resize_vocab=bool(args.resize_vocab) if args.config else None).raise_if_refused()
         cells = EncodedCells.from_dataset(dataset, name=str(args.input))
         result = pretrain(cells, tmp, config=config, model_path=args.model_path,

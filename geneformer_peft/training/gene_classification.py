@@ -365,7 +365,7 @@ def run_gene_classification(opts: GeneClassOptions) -> dict[str, Any]:
         max_length = args.max_length or probe.max_position_embeddings
         check_compatibility(opts.model_path, {str(opts.input): dataset}, config=probe,
                             token_dictionary=opts.token_dictionary, max_length=max_length,
-                            allow_low_gene_overlap=opts.allow_low_gene_overlap).raise_if_refused()
+                            allow_low_gene_overlap=opts.allow_low_gene_overlap, training=True).raise_if_refused()
         cells = EncodedCells.from_dataset(dataset, max_length=max_length, name=str(opts.input))
         check_checkpoint_data(cells, probe, opts.model_path, opts.token_dictionary)
         top = int(cells.flat.max(initial=0))

@@ -138,7 +138,7 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
     check.compatibility = check_compatibility(
         opts.model_path, {f"{split} split {paths[split]}": ds for split, ds in datasets.items()}, config=config,
         token_dictionary=opts.token_dictionary, label_column=column, train_split=f"train split {paths['train']}",
-        max_length=max_length, allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init,
+        max_length=max_length, allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init, training=True,
         data_name=f"fold {fold} of {opts.dataset_name!r} under {opts.data_path}")
     check.problems += [f"{f.check}: {f.message}" for f in check.compatibility.refusals]
     if check.problems or checkpoint is None:

@@ -473,7 +473,7 @@ class _FoldData:
             check_compatibility(opts.model_path, {f"{s} split {paths[s]}": ds for s, ds in datasets.items()},
                                 config=config, token_dictionary=opts.token_dictionary, label_column=opts.label_column,
                                 train_split=f"train split {paths['train']}", max_length=self.max_length,
-                                allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init,
+                                allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init, training=True,
                                 data_name=f"fold {fold} of {opts.dataset_name!r} under {opts.data_path}"
                                 ).raise_if_refused()
             self._datasets[fold] = (paths, datasets)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields

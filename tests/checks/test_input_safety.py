@@ -1,0 +1,102 @@
+"""Issue 22's bad configs and data, refused up front with exit 2 by every command through the
+compatibility report (tests/checks/test_compatibility.py covers issue 21's cases)."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+
+from geneformer_peft.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_CKPT = ROOT / "Pretrain_ckpts" / "geneformer-tiny-example"
+EXAMPLE_DATA = ROOT / "example_py" / "data"
+EXAMPLE_TEST0 = EXAMPLE_DATA / "synthetic" / "0" / "synthetic_test0.dataset"
+
+
+def _error(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+def _finetune(tmp_path, *extra):
+    return main(["finetune", "--dataset_name", "synthetic", "--data_path", str(EXAMPLE_DATA), "--model_path",
+                 str(EXAMPLE_CKPT), "--output_path", str(tmp_path / "out"), "--folds", "0", "--epoch", "1",
+                 "--device", "cpu", "--no_progress", "--baselines", "none", *extra])
+
+
+@pytest.mark.parametrize("key, value", [("lora_r", 10**8), ("num_token", 10**9)])
+def test_a_config_too_large_for_memory_is_refused_with_the_estimate(key, value, tmp_path, caplog):
+    config = json.loads((EXAMPLE_CKPT / "config.json").read_text())
+    config.update({key: value, "prompt_type": "lora" if key == "lora_r" else "prefix_prompt"})
+    (tmp_path / "method.json").write_text(json.dumps(config))
+    assert _finetune(tmp_path, "--config", str(tmp_path / "method.json")) == 2
+    message = _error(caplog)
+    assert "memory: the model would not fit" in message and f"{key}={value}" in message and "GiB" in message
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("fold_done.json"))
+
+
+def test_memory_estimate_counts_parameters_exactly():
+    from geneformer_peft.checks.memory import parameter_counts
+    from geneformer_peft.models.families import family_of
+    from geneformer_peft.models.loading import load_classifier, resolve_config
+    from transformerslocal import mark_trainable
+
+    config = resolve_config(EXAMPLE_CKPT, prompt_type="lora", label2id={"a": 0, "b": 1})
+    model = load_classifier(EXAMPLE_CKPT, config)
+    mark_trainable(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert parameter_counts(family_of(EXAMPLE_CKPT), config) == (total, trainable)
+
+
+@pytest.mark.parametrize("value", ["2002", 2002.0, True])
+def test_a_config_value_of_the_wrong_type_names_the_key(value, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EXAMPLE_CKPT, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["vocab_size"] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for argv in (["check", "--model_path", str(ckpt), "--input", str(EXAMPLE_TEST0)],
+                 ["embed", "--model_path", str(ckpt), "--input", str(EXAMPLE_TEST0), "--output",
+                  str(tmp_path / "e.csv"), "--device", "cpu", "--no_plots"]):
+        caplog.clear()
+        assert main(argv) == 2, argv[0]
+        assert "vocab_size" in _error(caplog) and "an integer >= 1" in _error(caplog) and str(ckpt) in _error(caplog)
+
+
+def _with_token(path: Path, token: int) -> Path:
+    cells = datasets.load_from_disk(str(EXAMPLE_TEST0)).to_dict()
+    cells["input_ids"][3][5] = token
+    datasets.Dataset.from_dict(cells).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("command", ["embed", "perturb", "pretrain", "predict"])
+def test_token_ids_beyond_the_vocabulary_are_refused_by_every_command(command, tmp_path, caplog):
+    data = _with_token(tmp_path / "cells.dataset", 5000)
+    common = ["--model_path", str(EXAMPLE_CKPT), "--input", str(data)]
+    argv = {"embed": ["embed", *common, "--output", str(tmp_path / "o.csv"), "--device", "cpu", "--no_plots"],
+            "perturb": ["perturb", *common, "--output_dir", str(tmp_path / "o"), "--genes", "all", "--perturb_type", "delete", "--device", "cpu",
+                        "--no_plots", "--max_ncells", "2"],
+            "pretrain": ["pretrain", *common, "--output_dir", str(tmp_path / "o"), "--max_steps", "1"],
+            "predict": ["predict", *common, "--output", str(tmp_path / "o.csv"), "--device", "cpu"]}[command]
+    assert main(argv) == 2
+    assert "holds token id 5000, but the model has vocab_size 2002" in _error(caplog)
+
+
+def test_a_foreign_weight_file_is_refused_before_loading(tmp_path, caplog):
+    """Weights of another model (here scBERT's) under a Geneformer config.json."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EXAMPLE_CKPT, ckpt)
+    shutil.copy(ROOT / "Pretrain_ckpts" / "scbert-tiny-example" / "model.safetensors", ckpt / "model.safetensors")
+    for argv in (["embed", "--model_path", str(ckpt), "--input", str(EXAMPLE_TEST0), "--output",
+                  str(tmp_path / "e.csv"), "--device", "cpu", "--no_plots"],
+                 ["perturb", "--model_path", str(ckpt), "--input", str(EXAMPLE_TEST0), "--output_dir",
+                  str(tmp_path / "p"), "--genes", "all", "--perturb_type", "delete", "--device", "cpu", "--no_plots"]):
+        caplog.clear()
+        assert main(argv) == 2, argv[0]
+        assert "holds none of the tensors" in _error(caplog) and str(ckpt / "model.safetensors") in _error(caplog)
