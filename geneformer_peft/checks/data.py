@@ -248,6 +248,13 @@ def check_labels(report: CompatibilityReport, datasets: Mapping[str, Any], label
                             "(e.g. all strings)")
         unique, n = np.unique([str(v) for v in values if not _is_missing(v)], return_counts=True)
         counts[name] = dict(zip(unique.tolist(), n.tolist()))
+    all_kinds = {name: sorted({type(v).__name__ for v in ds.data.column(label_column).to_pylist()
+                               if not _is_missing(v)}) for name, ds in datasets.items()
+                 if label_column in ds.column_names}
+    if not problems and len({k for names in all_kinds.values() for k in names}) > 1:
+        problems.append(f"label column {label_column!r} holds values of different types across the datasets "
+                        f"({'; '.join(f'{name}: {names}' for name, names in all_kinds.items())}); expected one type "
+                        "(e.g. all strings)")
     if not problems:
         reference = counts.get(train) if train in counts else {k: v for c in counts.values() for k, v in c.items()}
         if len(reference) < 2:

@@ -113,6 +113,11 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
         if None in found[split]:
             check.problems.append(f"{where}: label column {column!r} holds missing values (None); expected a "
                                   "label per cell")
+    kinds = {split: sorted({type(v).__name__ for v in values}) for split, values in found.items()}
+    if len({kind for names in kinds.values() for kind in names}) > 1:
+        check.problems.append(f"label column {column!r} holds values of different types across the splits "
+                              f"({', '.join(f'{split}: {names}' for split, names in kinds.items())}); expected one "
+                              "type (e.g. all strings): tokenize and split the cells again from one labelled file")
     if check.problems:
         return check
     for split in ("val", "test"):

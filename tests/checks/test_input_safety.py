@@ -100,3 +100,16 @@ def test_a_foreign_weight_file_is_refused_before_loading(tmp_path, caplog):
         caplog.clear()
         assert main(argv) == 2, argv[0]
         assert "holds none of the tensors" in _error(caplog) and str(ckpt / "model.safetensors") in _error(caplog)
+
+
+def test_labels_of_different_types_across_splits_are_refused(job_data, tmp_path, caplog):
+    import job_factories as jf
+
+    data = jf.copy_job_data(job_data, tmp_path)
+    ids = {name: i for i, name in enumerate(job_data.labels)}
+    jf.rewrite_split(data, 1, "test", lambda cols: cols.update(cell_type=[ids[v] for v in cols["cell_type"]]))
+    assert jf.run_finetune(data.finetune_argv(tmp_path / "out", "--prompt_type", "lora")) == 2
+    message = _error(caplog)
+    assert "fold 1" in message and "holds values of different types across the splits" in message
+    assert "'int'" in message and "'str'" in message
+    assert not (jf.run_dir(tmp_path / "out", "lora", data) / "0").exists()
