@@ -83,4 +83,4 @@ def check_memory(report: CompatibilityReport, family: Any, config: Any, *, train
         report.add("memory", REFUSED, f"the model would not fit: {what}, and {available / gib:.2f} GiB are available "
                    f"({sizes}); check these config values", **details)
     else:
-        report.add("memory", OK, what + (f" of {available / gib:.1f} GiB available" if available else ""), **details)
+        report.add("memory", OK, what + (f"; {available / gib:.1f} GiB available" if available else ""), **details)
