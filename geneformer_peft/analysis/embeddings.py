@@ -244,8 +244,19 @@ def _write_table(frame: pd.DataFrame, path: Path, fmt: str) -> None:
 
 
 def _write_h5ad(adata, path: Path) -> None:
-    with atomic_file(path, suffix=".h5ad") as tmp:
-        adata.write_h5ad(tmp)
+    """Write ``adata`` as ``.h5ad``: built in memory, then written as plain bytes, because h5py
+    crashes the process (segfault) when a write to a full disk or past ``ulimit -f`` fails; this
+    way such a failure is an ordinary OSError naming the file."""
+    import io
+
+    import anndata
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        anndata.io.write_elem(handle, "/", adata)
+    with atomic_file(path, suffix=".h5ad") as tmp, open(tmp, "wb") as out:
+        out.write(buffer.getbuffer())
 
 
 def write_cell_embeddings(result: CellEmbeddings, path: str | Path) -> Path:

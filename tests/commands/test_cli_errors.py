@@ -298,3 +298,18 @@ def test_sigterm_during_finetune_exit_143_lock_released_and_resumes(job_data, tm
         assert jf.run_finetune(argv) == 0
     assert "fold 0: resuming after epoch" in caplog.text
     assert (run / "0" / "fold_done.json").is_file()
+
+
+def test_ulimit_f_in_embed_to_h5ad_is_one_line_exit_2(tmp_path):
+    """h5py crashes the process (exit 139) when its own write fails: the .h5ad is built in memory
+    and written as plain bytes instead."""
+    example = jf.ROOT / "example_py" / "data" / "synthetic" / "0" / "synthetic_test0.dataset"
+    out = tmp_path / "emb.h5ad"
+    proc = _cli(["embed", "--model_path", str(jf.ROOT / "Pretrain_ckpts" / "geneformer-tiny-example"),
+                 "--input", str(example), "--output", str(out), "--device", "cpu", "--no_plots"],
+                preexec_fn=_fsize_limited(16384))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = _last_line(proc.stderr)
+    assert "file too large (ulimit -f?) while writing " in last and "emb.h5ad" in last, last
+    assert not out.exists()
