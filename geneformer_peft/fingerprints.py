@@ -15,7 +15,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HASH_CHUNK", "PROVENANCE_FILE", "FileHashCache", "checkpoint_fingerprint", "read_provenance"]
+__all__ = ["HASH_CHUNK", "PROVENANCE_FILE", "FileHashCache", "checkpoint_fingerprint", "read_provenance",
+           "shared_cache"]
 
 #: a fold (or resume) folder's record of what made it (training/provenance.py)
 PROVENANCE_FILE = "provenance.json"
@@ -92,3 +93,15 @@ def read_provenance(folder: str | os.PathLike) -> dict | None:
         logger.warning("unreadable %s (%s)", path, error)
         return None
     return record if isinstance(record, dict) and isinstance(record.get("settings"), dict) else None
+
+
+_SHARED: FileHashCache | None = None
+
+
+def shared_cache() -> FileHashCache:
+    """The process's in-memory hash cache: a command that fingerprints a file for its provenance
+    and again for a check reads it once."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = FileHashCache(None)
+    return _SHARED

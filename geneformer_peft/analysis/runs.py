@@ -239,7 +239,8 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
     provenance = {"model_path": str(model_path), "base_model": None if base_model is None else str(base_model),
                   "input": str(input_path), "filters": chosen, "max_ncells": max_ncells,
                   "files": {"model_path": input_fingerprint(model_path), "base_model": input_fingerprint(base_model),
-                            "token_dictionary": input_fingerprint(token_path)}}
+                            "token_dictionary": input_fingerprint(token_path),
+                            "input": input_fingerprint(input_path)}}
     scan = PerturbationScan(am, cells, specials=SpecialTokens.from_dictionary(tokens), settings=settings,
                             output_dir=output_dir, device=dev, precision=precision, token_to_gene=token_to_gene,
                             state_cells=state_cells, provenance=provenance, progress=True)

@@ -21,6 +21,7 @@ from geneformer_peft.checks.checkpoint import (
 )
 from geneformer_peft.checks.data import (
     MIN_GENE_OVERLAP,
+    check_tokenized_with,
     check_encoding,
     check_labels,
     check_token_ids,
@@ -98,9 +99,8 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
         config = family.config_class.from_pretrained(model_path)
     report = CompatibilityReport(model_path=str(model_path), data=data_name or ", ".join(datasets),
                                  family=family.model_type[0])
-    if check_shapes:
-        check_checkpoint_shapes(report, weights_path, config)
-    check_memory(report, family, config, training=training)
+    shapes = check_checkpoint_shapes(report, weights_path, config) if check_shapes else None
+    check_memory(report, family, config, training=training, weight_shapes=shapes)
     if base_model is not None:
         check_base_model(report, fold_path or model_path, base_model, allow_other_base=allow_other_base)
     check_encoding(report, datasets, family.encoding)
@@ -128,6 +128,7 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
                                    checkpoint_dictionary=own if source != own_source else None,
                                    checkpoint_source=own_source, vocab_size=vocab_size, model_version=version,
                                    resize=resize_vocab)
+            check_tokenized_with(report, datasets, dictionary, source)
             special_ids = {int(v) for k, v in dictionary.items() if is_special_token(str(k))}
             id_to_gene = {int(v): str(k) for k, v in dictionary.items()}
         if own is not None:

@@ -81,9 +81,11 @@ def _expected(config: Any) -> tuple[list[tuple[str, int, int, str]], tuple[str, 
     return dims, (r"encoder\.layer\.(\d+)\.", "num_hidden_layers", config.num_hidden_layers)
 
 
-def check_checkpoint_shapes(report: CompatibilityReport, model_path: str | Path, config: Any) -> None:
+def check_checkpoint_shapes(report: CompatibilityReport, model_path: str | Path, config: Any
+                            ) -> dict[str, tuple[int, ...]]:
     """Refuse a checkpoint whose ``config.json`` describes another model than its weights hold
-    (e.g. 6 layers in the config, 3 in the weights: layers 3-5 would train from random values)."""
+    (e.g. 6 layers in the config, 3 in the weights: layers 3-5 would train from random values).
+    Returns the weights' shapes (name -> shape)."""
     shapes = weight_shapes(model_path)
     dims, (pattern, layer_key, layers) = _expected(config)
     wrong = []
@@ -99,7 +101,7 @@ def check_checkpoint_shapes(report: CompatibilityReport, model_path: str | Path,
         report.add("checkpoint", REFUSED, f"{file} holds none of the tensors of the model its config.json describes "
                    f"(e.g. {dims[0][0]}; found {sorted(shapes)[:3]}...): weights of another model? Put the "
                    "checkpoint's own weights beside its config.json", mismatches=["foreign weights"])
-        return
+        return shapes
     if in_weights and in_weights != layers:
         wrong.append(f"{layer_key}={layers} but the weights hold {in_weights} layers")
     where = f"{Path(model_path) / 'config.json'}"
@@ -109,6 +111,7 @@ def check_checkpoint_shapes(report: CompatibilityReport, model_path: str | Path,
     else:
         report.add("checkpoint", OK, f"config.json agrees with the weights ({in_weights} layers)", layers=in_weights,
                    tensors=len(shapes))
+    return shapes
 
 
 def check_token_dictionary(report: CompatibilityReport, dictionary: Mapping[str, int], source: str, *,
@@ -139,9 +142,13 @@ def check_token_dictionary(report: CompatibilityReport, dictionary: Mapping[str,
         gaps = sorted(set(range(ids[-1] + 1)) - set(ids))
         problems.append(f"{source}: token ids are not contiguous from 0 (missing e.g. {gaps[:5]}, largest {ids[-1]})")
     size = len(dictionary)
-    if not resize and not size <= vocab_size < size + VOCAB_PADDING:
-        problems.append(f"{source} holds {size} tokens but the model's vocab_size is {vocab_size}; expected the "
-                        "same size (up to padding to a multiple of 8)"
+    # outside pretraining, extra embedding rows are harmless (remap-vocab pads; the token-id check
+    # bounds the ids); a new model from a config must match unless resized
+    fits = size <= vocab_size if resize is None else size <= vocab_size < size + VOCAB_PADDING
+    if not resize and not fits:
+        problems.append(f"{source} holds {size} tokens but the model's vocab_size is {vocab_size}; expected "
+                        + ("at least as many embedding rows as tokens" if resize is None else
+                           "the same size (up to padding to a multiple of 8)")
                         + ("; pass --resize_vocab to size the new model to the dictionary" if resize is False else ""))
     n_genes = sum(1 for t in dictionary if not is_special_token(str(t)))
     if problems:
@@ -155,28 +162,44 @@ def check_token_dictionary(report: CompatibilityReport, dictionary: Mapping[str,
 
 
 def checkpoint_token_dictionary(model_path: str | Path) -> tuple[dict[str, int] | None, str | None]:
-    """The checkpoint's own dictionary (its tokenizer.json) and that file's path, or ``(None, None)``."""
+    """The checkpoint's own dictionary and its file, or ``(None, None)``: the folder's
+    tokenizer.json, token_dictionary.pkl or token_dictionary.json (the files the analyses read).
+
+    Raises
+    ------
+    DataError
+        When the folder holds two of them that differ (which one the model was trained with is
+        then unknown).
+    """
     from geneformer_peft.data.vocab import load_token_dictionary
 
-    file = Path(model_path) / TOKENIZER_FILE
-    if not file.is_file():
+    files = [Path(model_path) / name for name in (TOKENIZER_FILE, "token_dictionary.pkl", "token_dictionary.json")]
+    found = [(load_token_dictionary(f), f) for f in files if f.is_file()]
+    if not found:
         return None, None
-    return load_token_dictionary(file), str(file)
+    first, first_file = found[0]
+    for other, other_file in found[1:]:
+        if other != first:
+            raise DataError(f"{model_path} holds two different token dictionaries, {first_file.name} and "
+                            f"{other_file.name} ({len(first)} and {len(other)} tokens); keep the one the model was "
+                            "trained with")
+    return first, str(first_file)
 
 
 def check_base_model(report: CompatibilityReport, fold_path: str | Path, base_model: str | Path, *,
                      allow_other_base: bool = False) -> None:
     """A fold's PEFT-only weights belong on the checkpoint they were trained on: compare the base's
     SHA-256 with the one the fold's provenance.json recorded."""
-    from geneformer_peft.fingerprints import FileHashCache, checkpoint_fingerprint, read_provenance
+    from geneformer_peft.fingerprints import checkpoint_fingerprint, read_provenance, shared_cache
 
     provenance = read_provenance(fold_path)
-    recorded = (((provenance or {}).get("settings") or {}).get("checkpoint") or {}).get("files")
+    checkpoint = ((provenance or {}).get("settings") or {}).get("checkpoint") or {}
+    recorded, trained_on = checkpoint.get("files"), checkpoint.get("path")
     if not recorded:
         report.add("base_model", OK, f"{fold_path} records no base checkpoint (no provenance.json); the base "
                    f"{base_model} cannot be compared", compared=False)
         return
-    current = checkpoint_fingerprint(base_model, FileHashCache(None))["files"]
+    current = checkpoint_fingerprint(base_model, shared_cache())["files"]
     weights = [name for name in recorded if name != "config.json"]
     differ = [(name, recorded[name]["sha256"], (current.get(name) or {}).get("sha256")) for name in weights
               if (current.get(name) or {}).get("sha256") != recorded[name]["sha256"]]
@@ -189,5 +212,5 @@ def check_base_model(report: CompatibilityReport, fold_path: str | Path, base_mo
     status = OK if allow_other_base else REFUSED
     report.add("base_model", status, f"--base_model {base_model} is not the checkpoint {fold_path} was trained on "
                f"({desc})" + ("; allowed by --allow_other_base" if allow_other_base else
-                              "; pass the base the fold was trained on, or --allow_other_base"),
+                              f"; pass the base the fold was trained on ({trained_on}), or --allow_other_base"),
                compared=True, recorded={n: w for n, w, _ in differ}, given={n: g for n, _, g in differ})

@@ -18,6 +18,7 @@ import numpy as np
 from geneformer_peft.checks.report import OK, REFUSED, WARNING, CompatibilityReport
 
 __all__ = ["MIN_GENE_OVERLAP", "TRUNCATION_WARNING_SHARE", "check_encoding", "check_labels", "check_token_ids",
+           "check_tokenized_with",
            "check_truncation", "check_vocabulary", "data_encoding", "dataset_stats", "token_id_problems"]
 
 #: refuse when fewer than this share of the data's genes (or of its counts) have pretrained rows
@@ -78,6 +79,25 @@ def check_encoding(report: CompatibilityReport, datasets: Mapping[str, Any], exp
 def _rank_weights(n: int) -> np.ndarray:
     """Cumulative rank weight: ``out[k]`` = sum of ``1/sqrt(r)`` for r = 1..k."""
     return np.concatenate([[0.0], np.cumsum(1.0 / np.sqrt(np.arange(1, n + 1)))])
+
+
+def check_tokenized_with(report: CompatibilityReport, datasets: Mapping[str, Any], dictionary: Mapping[str, int],
+                         source: str) -> None:
+    """Refuse data whose tokenizer recorded another token dictionary than the model's (token ids of
+    one dictionary read as the genes of another); datasets that recorded none pass unchecked."""
+    from geneformer_peft.data.vocab import dictionary_digest
+
+    want = dictionary_digest(dictionary)
+    recorded = {name: dataset_stats(ds).get("token_dictionary_sha256") for name, ds in datasets.items()}
+    other = {name: sha for name, sha in recorded.items() if sha and sha != want}
+    if other:
+        name, sha = next(iter(other.items()))
+        report.add("tokenized_with", REFUSED, f"{name} was tokenized with another token dictionary (SHA-256 "
+                   f"{sha[:12]}...) than the model's {source} ({want[:12]}...): its token ids would be read as other "
+                   "genes; tokenize the raw counts with the model's dictionary", expected=want, recorded=recorded)
+    elif any(recorded.values()):
+        report.add("tokenized_with", OK, f"tokenized with the model's dictionary ({source})", expected=want,
+                   recorded=recorded)
 
 
 def check_truncation(report: CompatibilityReport, datasets: Mapping[str, Any], max_length: int) -> None:
@@ -222,8 +242,9 @@ def check_token_ids(report: CompatibilityReport, datasets: Mapping[str, Any], *,
 
 
 def _is_missing(value: Any) -> bool:
+    """None, NaN, an empty label, or "nan" (what a NaN becomes when a label column is made strings)."""
     return value is None or (isinstance(value, float) and math.isnan(value)) or (
-        isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "na", "n/a"))
+        isinstance(value, str) and value.strip().lower() in ("", "nan"))
 
 
 def check_labels(report: CompatibilityReport, datasets: Mapping[str, Any], label_column: str, *,
@@ -240,8 +261,9 @@ def check_labels(report: CompatibilityReport, datasets: Mapping[str, Any], label
         values = ds.data.column(label_column).to_pylist()
         missing = [i for i, v in enumerate(values) if _is_missing(v)]
         if missing:
-            problems.append(f"{name}: label column {label_column!r} holds {len(missing)} missing labels (None/NaN/"
-                            f"empty, e.g. rows {missing[:5]}); expected a label per cell: drop or label those cells")
+            problems.append(f"{name}: label column {label_column!r} holds {len(missing)} missing labels (None, NaN, "
+                            f"'nan' or empty, e.g. rows {missing[:5]}); expected a label per cell: drop or label "
+                            "those cells")
         kinds = sorted({type(v).__name__ for v in values if not _is_missing(v)})
         if len(kinds) > 1:
             problems.append(f"{name}: label column {label_column!r} mixes value types {kinds}; expected one type "
@@ -257,7 +279,7 @@ def check_labels(report: CompatibilityReport, datasets: Mapping[str, Any], label
                         "(e.g. all strings)")
     if not problems:
         reference = counts.get(train) if train in counts else {k: v for c in counts.values() for k, v in c.items()}
-        if len(reference) < 2:
+        if len(reference) < 2 and train is not None:
             problems.append(f"{train or 'the data'} holds a single class {sorted(reference)} in {label_column!r}; "
                             "a classifier needs at least two classes")
         if train in counts:

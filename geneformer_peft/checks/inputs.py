@@ -21,6 +21,13 @@ RAW_SUFFIXES = (".h5ad", ".loom")
 UNTRUNCATED = 2**31 - 1
 
 
+def _has_folds(path: Path) -> bool:
+    """Whether ``path`` is ``<data_path>/<dataset_name>`` of the reference fold layout (numbered
+    folders holding ``<dataset_name>_train<i>.dataset``), with or without ``split_info.json``."""
+    return any((child / f"{path.name}_train{child.name}.dataset").is_dir() for child in path.iterdir()
+               if child.is_dir() and child.name.isdigit())
+
+
 def input_kind(path: str | Path) -> str:
     """``"dataset"``, ``"folds"`` (a ``<data_path>/<dataset_name>`` folder written by ``split``) or ``"raw"``."""
     path = Path(path)
@@ -28,7 +35,7 @@ def input_kind(path: str | Path) -> str:
         return "raw"
     if path.is_dir() and (path / "dataset_info.json").is_file():
         return "dataset"
-    if path.is_dir() and (path / "split_info.json").is_file():
+    if path.is_dir() and ((path / "split_info.json").is_file() or _has_folds(path)):
         return "folds"
     if not path.exists():
         raise DataError(f"--input {path} does not exist; expected a saved dataset, a fold layout folder "

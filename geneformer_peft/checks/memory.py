@@ -60,10 +60,20 @@ def parameter_counts(family: Any, config: Any) -> tuple[int, int] | None:
 
 
 def check_memory(report: CompatibilityReport, family: Any, config: Any, *, training: bool,
-                 available: int | None = None) -> None:
+                 weight_shapes: dict[str, tuple[int, ...]] | None = None, available: int | None = None) -> None:
     """Refuse a model whose weights (and, when ``training``, gradients and optimizer state of its
-    trainable part) need more memory than the machine has available."""
-    counts = parameter_counts(family, config)
+    trainable part) need more memory than the machine has available.
+
+    Without training, a model loaded from a weights file holds what the file holds: its tensors
+    (``weight_shapes``) are counted, with no model built. Otherwise the model is built on the
+    ``meta`` device (its first use in a process costs about a second of imports)."""
+    import math
+
+    if not training and weight_shapes:
+        total = sum(math.prod(shape) for shape in weight_shapes.values())
+        counts = (total, 0)
+    else:
+        counts = parameter_counts(family, config)
     available = available_memory() if available is None else available
     if counts is None:
         report.add("memory", OK, "parameter count unknown (the model cannot be built on the meta device)")

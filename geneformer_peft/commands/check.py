@@ -41,17 +41,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--max_length", type=positive_int, default=None, help="Tokens the model reads per cell (default: the model's).")
     p("--allow_low_gene_overlap", action="store_true", help="Report low gene overlap as a warning, not a refusal.")
     p("--allow_other_base", action="store_true", help="Report another --base_model as allowed, not a refusal.")
+    p("--overwrite", action="store_true", help="Replace an existing --output.")
 
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.checks.inputs import check_input
 
-    reports = check_input(args.model_path, args.input, base_model=args.base_model,
-                          token_dictionary=args.token_dictionary, gene_median_dictionary=args.gene_median_dictionary,
-                          gene_id_column=args.gene_id_column, gene_name_id_dictionary=args.gene_name_id_dictionary,
-                          label_column=args.label_column, max_length=args.max_length,
-                          allow_low_gene_overlap=args.allow_low_gene_overlap, allow_other_base=args.allow_other_base,
-                          output=args.output)
+    options = dict(base_model=args.base_model, token_dictionary=args.token_dictionary,
+                   gene_median_dictionary=args.gene_median_dictionary, gene_id_column=args.gene_id_column,
+                   gene_name_id_dictionary=args.gene_name_id_dictionary, label_column=args.label_column,
+                   max_length=args.max_length, allow_low_gene_overlap=args.allow_low_gene_overlap,
+                   allow_other_base=args.allow_other_base)
+    if args.output is None:
+        reports = check_input(args.model_path, args.input, **options)
+    else:  # the report is written whether or not the pair fits: that is what it is for
+        from geneformer_peft.commands._common import guarded
+
+        with guarded(args, "check", inputs=("input", "model_path", "base_model", "token_dictionary",
+                                            "gene_median_dictionary", "gene_name_id_dictionary"),
+                     directory=False) as tmp:
+            reports = check_input(args.model_path, args.input, output=tmp, **options)
     for name, report in reports.items():
         print((f"[{name}] " if len(reports) > 1 else "") + report.text())
     if args.output is not None:

@@ -22,7 +22,7 @@ import csv
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands._common import OUTPUT_FOLDER, check_output_path, file_path, positive_int
+from geneformer_peft.commands._common import OUTPUT_FOLDER, file_path, guarded, positive_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -117,13 +117,11 @@ def gene_vocabulary(genes: list[str], vocab_size: int, *, source: str) -> dict[s
 def run(args: argparse.Namespace) -> int:
     """Run ``convert-cellfm``."""
     from geneformer_peft.data.vocab import save_tokenizer_json
-    from geneformer_peft.files import atomic_directory
     from transformerslocal.configuration_cellfm import CellFMConfig
     from transformerslocal.convert_cellfm import convert_cellfm_checkpoint
 
-    check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
     genes = read_gene_table(args.gene_table, column=args.gene_column) if args.gene_table is not None else None
-    with atomic_directory(args.output_dir, overwrite=args.overwrite) as tmp:
+    with guarded(args, "convert-cellfm", output="output_dir", inputs=("checkpoint", "gene_table")) as tmp:
         try:
             convert_cellfm_checkpoint(args.checkpoint, tmp, num_attention_heads=args.num_attention_heads,
                                       drop_unknown=args.drop_unknown, max_genes=args.max_genes)

@@ -64,6 +64,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--overwrite", action="store_true", help="Replace an existing --output.")
 
 
+def refuse_foreign_report(metrics_file: Path, output: Path, *, overwrite: bool) -> None:
+    """The quality report beside --output is shared by every embed writing into that folder: refuse
+    to replace one written for another output (its figures would be lost) unless --overwrite."""
+    import json
+
+    from geneformer_peft.errors import DataError
+
+    if overwrite or not metrics_file.is_file():
+        return
+    try:
+        owner = json.loads(metrics_file.read_text(encoding="utf-8")).get("output")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner is not None and Path(owner).resolve() != Path(output).resolve():
+        raise DataError(f"{metrics_file} holds the quality report of {owner}, and this run would replace it; pass "
+                        "--metrics_output FILE for this one's, or --overwrite to replace it")
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
     import os
@@ -72,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands._common import guarded
 
     metrics_file = args.metrics_output or args.output.parent / METRICS_FILE
+    refuse_foreign_report(Path(metrics_file), args.output, overwrite=args.overwrite)
     staged = None  # the report is staged beside the table and moved into place after it
     try:
         with guarded(args, "embed", inputs=("input", "model_path", "base_model", "token_dictionary"),

@@ -205,6 +205,8 @@ class TokenizationStats:
     length_max: int
     columns: list[str] = field(default_factory=list)
     gene_name_mapping: dict[str, Any] | None = None
+    #: which dictionary made the tokens (:func:`~geneformer_peft.data.vocab.dictionary_digest`)
+    token_dictionary_sha256: str | None = None
 
     def to_json(self) -> str:
         """Return the stats as a JSON string."""
@@ -330,6 +332,7 @@ def tokenize_anndata(
         CLS_TOKEN,
         EOS_TOKEN,
         check_model_version,
+        dictionary_digest,
         load_gene_median_dictionary,
         load_token_dictionary,
     )
@@ -466,6 +469,7 @@ def tokenize_anndata(
         columns=["input_ids", "length"] + out_columns,
         gene_name_mapping=(None if mapping is None
                            else mapping.summary(cells.gene_ids, column_counts, source=name_map_source)),
+        token_dictionary_sha256=dictionary_digest(token_dictionary),
     )
     _log_stats(stats)
     dataset = datasets.Dataset.from_file(arrow_path)

@@ -44,6 +44,7 @@ __all__ = [
     "write_dictionaries",
     "is_special_token",
     "validate_token_dictionary",
+    "dictionary_digest",
 ]
 
 PAD_TOKEN = "<pad>"
@@ -138,6 +139,16 @@ def _is_tokenizers_json(raw: Any) -> bool:
     """Whether ``raw`` is a ``tokenizers`` tokenizer.json (they all have a ``model`` object)
     rather than a plain ``{token: id}`` dictionary (whose values are numbers)."""
     return isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+
+
+def dictionary_digest(token_dictionary: Mapping[str, int]) -> str:
+    """SHA-256 of a token dictionary's content (token -> id, in id order): the same for its .pkl,
+    .json and tokenizer.json forms; recorded by the tokenizer, compared by the compatibility report."""
+    import hashlib
+    import json
+
+    items = sorted(((str(k), int(v)) for k, v in token_dictionary.items()), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(items, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def load_token_dictionary(path: PathLike) -> dict[str, int]:

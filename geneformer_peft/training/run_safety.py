@@ -43,6 +43,7 @@ from typing import Any
 
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_directory, atomic_file, temp_owner, write_json
+from geneformer_peft.fingerprints import shared_cache
 from geneformer_peft.training.provenance import (
     PROVENANCE_FILE,
     FileHashCache,
@@ -159,7 +160,7 @@ def input_fingerprint(path: str | os.PathLike | None, cache: FileHashCache | Non
     if path is None:
         return None
     path = Path(path).expanduser()
-    cache = cache or FileHashCache()
+    cache = cache or shared_cache()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -177,7 +178,7 @@ def command_provenance(command: str, settings: Mapping[str, Any],
                        cache: FileHashCache | None = None) -> dict[str, Any]:
     """The provenance record of a command's output: ``{"command", "settings": {"options", "inputs"},
     "host", "recorded_at"}``; only ``settings`` is compared on a rerun."""
-    cache = cache or FileHashCache()
+    cache = cache or shared_cache()
     return {"command": command,
             "settings": {"options": jsonable(dict(settings)),
                          "inputs": {name: input_fingerprint(path, cache) for name, path in inputs.items()}},

@@ -85,13 +85,13 @@ def test_every_family_and_input_kind_checks(tmp_path, capsys):
     assert report["kind"] == "folds" and report["compatible"] and sorted(report["reports"]) == [
         f"fold {i}" for i in range(5)]
     checks = [f["check"] for f in report["reports"]["fold 0"]["findings"]]
-    assert checks == ["checkpoint", "encoding", "token_ids", "labels"]
+    assert checks == ["checkpoint", "memory", "encoding", "token_ids", "labels"]
     assert main(["check", "--model_path", str(EXAMPLE_CKPT), "--input", str(EXAMPLE_TEST0), "--output", str(out),
-                 "--label_column", "cell_type"]) == 0
+                 "--label_column", "cell_type", "--overwrite"]) == 0
     report = json.loads(out.read_text())["reports"]["input"]
     found = {f["check"]: f for f in report["findings"]}
-    assert set(found) == {"checkpoint", "encoding", "token_ids", "token_dictionary", "vocabulary", "truncation",
-                          "labels"}
+    assert set(found) == {"checkpoint", "memory", "encoding", "token_ids", "token_dictionary", "vocabulary",
+                          "truncation", "labels"}
     assert found["vocabulary"]["details"]["gene_share_pretrained"] == 1.0
     assert "compatible: yes" in capsys.readouterr().out
 
@@ -293,7 +293,7 @@ def test_perturb_says_a_gene_is_expressed_beyond_the_input(tmp_path, caplog):
     from analysis_factories import gene_id, hf_checkpoint, save_cells
     from geneformer_peft.analysis.runs import run_perturb
 
-    hf_checkpoint(tmp_path / "ckpt", v2=False)
+    hf_checkpoint(tmp_path / "ckpt")
     rng = np.random.default_rng(0)
     rows = []
     for i in range(6):  # 70 genes per cell, the model reads 64; gene token 90 at rank 68 in cells 0-3
@@ -362,7 +362,7 @@ def test_symbols_against_an_ensembl_vocabulary_are_refused_with_the_map_hint(tmp
     finding = json.loads(out.read_text())["reports"]["input"]["findings"][0]
     assert finding["check"] == "gene_ids" and finding["status"] == "refused"
     assert finding["details"]["symbol_fraction"] == 1.0
-    assert main(argv + ["--gene_name_id_dictionary", str(tmp_path / "map.csv")]) == 0
+    assert main(argv + ["--gene_name_id_dictionary", str(tmp_path / "map.csv"), "--overwrite"]) == 0
     found = {f["check"]: f for f in json.loads(out.read_text())["reports"]["input"]["findings"]}
     assert found["gene_ids"]["status"] == "ok" and found["vocabulary"]["status"] == "ok"
     assert found["vocabulary"]["details"]["tokenized"]["count_share_matched"] == 1.0

@@ -43,7 +43,7 @@ def test_converts_with_gene_table(tmp_path, release):
     out = tmp_path / "converted"
     assert main(["convert-cellfm", "--checkpoint", str(ckpt), "--output_dir", str(out), "--num_attention_heads", "4",
                  "--gene_table", str(table), "--max_genes", "100"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "provenance.json", "tokenizer.json"]
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"], config["num_attention_heads"], config["max_genes"]) == ("cellfm", 4, 100)
     vocab = load_token_dictionary(out / "tokenizer.json")
