@@ -212,8 +212,11 @@ def check_gene_id_kinds(
 # ---------------------------------------------------------------------------------------------
 # Symbol -> Ensembl maps
 # ---------------------------------------------------------------------------------------------
-def _check_entry(symbol: object, ensembl_id: object, where: str) -> tuple[str, str]:
-    if not isinstance(symbol, (str, np.str_)) or not str(symbol).strip():
+def _check_entry(symbol: object, ensembl_id: object, where: str) -> tuple[str, str] | None:
+    """The entry as stripped strings; ``None`` for an entry without a symbol (skipped, counted)."""
+    if isinstance(symbol, (str, np.str_)) and not str(symbol).strip():
+        return None  # BioMart exports list Ensembl ids without a symbol
+    if not isinstance(symbol, (str, np.str_)):
         raise DataError(f"{where}: gene name {symbol!r} is not valid; expected a non-empty string (a gene symbol)")
     if not isinstance(ensembl_id, (str, np.str_)) or not is_ensembl_id(str(ensembl_id).strip()):
         raise DataError(
@@ -223,11 +226,40 @@ def _check_entry(symbol: object, ensembl_id: object, where: str) -> tuple[str, s
     return str(symbol).strip(), str(ensembl_id).strip()
 
 
-def _add_entry(result: dict[str, str], symbol: str, ensembl_id: str, where: str) -> None:
-    previous = result.setdefault(symbol, ensembl_id)
-    if previous != ensembl_id:
-        raise DataError(f"{where} maps gene {symbol!r} to {ensembl_id!r}, an earlier entry to {previous!r}; "
-                        "expected one Ensembl id per symbol")
+class _MapBuilder:
+    """Collects symbol -> Ensembl entries. A symbol given two different ids (common in BioMart
+    exports: Y_RNA, genes of the pseudo-autosomal regions) is ambiguous: it is left unmapped, as
+    are entries without a symbol, and both are counted and logged rather than refusing the map."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.result: dict[str, str] = {}
+        self.ambiguous: dict[str, set[str]] = {}
+        self.n_without_symbol = 0
+
+    def add(self, entry: tuple[str, str] | None) -> None:
+        if entry is None:
+            self.n_without_symbol += 1
+            return
+        symbol, ensembl_id = entry
+        if symbol in self.ambiguous:
+            self.ambiguous[symbol].add(ensembl_id)
+            return
+        previous = self.result.setdefault(symbol, ensembl_id)
+        if previous != ensembl_id:
+            self.ambiguous[symbol] = {previous, ensembl_id}
+            del self.result[symbol]
+
+    def finish(self, empty_message: str) -> dict[str, str]:
+        if self.ambiguous:
+            examples = {k: sorted(v) for k, v in list(self.ambiguous.items())[:3]}
+            logger.warning("%s: %d symbols map to several Ensembl ids and are left unmapped (e.g. %s)", self.source,
+                           len(self.ambiguous), examples)
+        if self.n_without_symbol:
+            logger.info("%s: %d entries without a symbol skipped", self.source, self.n_without_symbol)
+        if not self.result:
+            raise DataError(empty_message)
+        return self.result
 
 
 def validate_gene_name_map(raw: Mapping, source: str) -> dict[str, str]:
@@ -235,13 +267,10 @@ def validate_gene_name_map(raw: Mapping, source: str) -> dict[str, str]:
     if not isinstance(raw, Mapping):
         raise DataError(f"{source}: the gene name map is a {type(raw).__name__}; expected a dict of symbol -> "
                         "Ensembl id")
-    result: dict[str, str] = {}
+    builder = _MapBuilder(source)
     for symbol, ensembl_id in raw.items():
-        where = f"{source}: entry {symbol!r}"
-        _add_entry(result, *_check_entry(symbol, ensembl_id, where), where)
-    if not result:
-        raise DataError(f"{source}: the gene name map is empty; expected symbol -> Ensembl id entries")
-    return result
+        builder.add(_check_entry(symbol, ensembl_id, f"{source}: entry {symbol!r}"))
+    return builder.finish(f"{source}: the gene name map is empty; expected symbol -> Ensembl id entries")
 
 
 def _read_delimited(path: Path) -> dict[str, str]:
@@ -253,7 +282,7 @@ def _read_delimited(path: Path) -> dict[str, str]:
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     delimiter = "\t" if first.count("\t") >= first.count(",") and "\t" in first else ","
-    result: dict[str, str] = {}
+    builder = _MapBuilder(str(path))
     first_line_seen = False
     for number, row in enumerate(csv.reader(lines, delimiter=delimiter), start=1):
         if not any(cell.strip() for cell in row):
@@ -269,11 +298,8 @@ def _read_delimited(path: Path) -> dict[str, str]:
             if not is_ensembl_id(ensembl_id) and not is_ensembl_id(symbol):  # a header: "symbol,ensembl_id"
                 logger.info("%s: line %d %r taken as the header", path, number, row)
                 continue
-        where = f"{path}: line {number}"
-        _add_entry(result, *_check_entry(symbol, ensembl_id, where), where)
-    if not result:
-        raise DataError(f"{path}: the gene name map is empty; expected lines of symbol, Ensembl id")
-    return result
+        builder.add(_check_entry(symbol, ensembl_id, f"{path}: line {number}"))
+    return builder.finish(f"{path}: the gene name map is empty; expected lines of symbol, Ensembl id")
 
 
 def read_gene_name_map(path: PathLike) -> dict[str, str]:
@@ -298,8 +324,9 @@ def read_gene_name_map(path: PathLike) -> dict[str, str]:
     ------
     DataError
         A missing or unreadable file, a row without exactly two fields, a value that is not an
-        Ensembl id, a symbol given two different ids, or an empty map; the message names the
-        file and the line or entry.
+        Ensembl id, or an empty map; the message names the file and the line or entry. A symbol
+        given two different ids is left unmapped and an entry without a symbol skipped (both
+        logged), as BioMart exports hold both.
     """
     from geneformer_peft.data.safe_pickle import load_plain_pickle
 

@@ -228,18 +228,28 @@ def test_read_pickle_map_with_numpy_strings(tmp_path):
 @pytest.mark.parametrize("name, text, expected", [
     ("m.csv", "symbol,ensembl_id\nTP53,ENSG00000141510,extra\n", r"m\.csv: line 2 has 3 fields.*expected 2"),
     ("m.tsv", "TP53\tENSG00000141510\nMYC\n", r"m\.tsv: line 2 has 1 fields.*separated by a tab"),
-    ("m.csv", "TP53,ENSG00000141510\nMYC,ENSG00000136997\nTP53,ENSG00000000003\n",
-     r"m\.csv: line 3 maps gene 'TP53' to 'ENSG00000000003', an earlier entry to 'ENSG00000141510'"),
     ("m.csv", "symbol,ensembl_id\nTP53,not-an-id\n", r"m\.csv: line 2: gene 'TP53' maps to 'not-an-id'.*Ensembl"),
     ("m.csv", "ENSG00000141510,TP53\nENSG00000136997,MYC\n", r"line 1: gene 'ENSG00000141510' maps to 'TP53'.*other way"),
-    ("m.csv", ",ENSG00000141510\n", r"m\.csv: line 1: gene name '' is not valid"),
     ("m.csv", "", r"m\.csv: the gene name map is empty"),
     ("m.csv", "symbol,ensembl_id\n", r"m\.csv: the gene name map is empty"),
-], ids=["three-fields", "one-field", "conflict", "bad-id", "reversed", "empty-symbol", "empty", "header-only"])
+], ids=["three-fields", "one-field", "bad-id", "reversed", "empty", "header-only"])
 def test_malformed_maps_refused_naming_file_and_line(tmp_path, name, text, expected):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(DataError, match=expected):
+        read_gene_name_map(path)
+
+
+def test_ambiguous_symbols_and_entries_without_a_symbol_are_left_unmapped(tmp_path, caplog):
+    """As in BioMart exports: a symbol with two Ensembl ids, and Ensembl ids without a symbol."""
+    path = tmp_path / "biomart.csv"
+    path.write_text("Gene name,Gene stable ID\nTP53,ENSG00000141510\nY_RNA,ENSG00000201098\n,ENSG00000283633\n"
+                    "MYC,ENSG00000136997\nY_RNA,ENSG00000199568\nY_RNA,ENSG00000200997\n")
+    with caplog.at_level(logging.WARNING):
+        assert read_gene_name_map(path) == {"TP53": "ENSG00000141510", "MYC": "ENSG00000136997"}
+    assert "1 symbols map to several Ensembl ids and are left unmapped" in caplog.text and "Y_RNA" in caplog.text
+    with pytest.raises(DataError, match="the gene name map is empty"):
+        path.write_text("Y_RNA,ENSG00000201098\nY_RNA,ENSG00000199568\n")
         read_gene_name_map(path)
 
 
