@@ -29,12 +29,12 @@ from geneformer_peft.analysis.embeddings import (
 from geneformer_peft.analysis.figures import plot_label_heatmap, plot_umap, plot_volcano, umap_coordinates
 from geneformer_peft.analysis.layers import resolve_emb_layer
 from geneformer_peft.analysis.loading import AnalysisModel, SpecialTokens, load_analysis_model, resolve_token_dictionary
-from geneformer_peft.analysis.perturbation import PerturbationScan, PerturbationSettings, parse_cell_states
+from geneformer_peft.analysis.perturbation import SCAN_FILE, PerturbationScan, PerturbationSettings, parse_cell_states
 from geneformer_peft.analysis.perturbation_stats import perturbation_statistics
 from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.data.filters import format_column_values
 from geneformer_peft.errors import DataError
-from geneformer_peft.files import atomic_file, write_json
+from geneformer_peft.files import atomic_directory, atomic_file, write_json
 from geneformer_peft.models.device import resolve_device
 from geneformer_peft.training.run_safety import input_fingerprint
 
@@ -205,12 +205,24 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                 allow_other_base: bool = False) -> dict[str, Any]:
     """Run a perturbation scan and write its outputs under ``output_dir``.
 
+    An unfinished scan with the same settings resumes; ``overwrite`` replaces a scan made with
+    other settings, building the new one beside it and swapping it in only when complete (an
+    interrupted overwrite leaves the old scan whole).
+
     Returns
     -------
     dict
         ``stats`` (ranked DataFrame), ``summary`` (dict) and the written paths.
     """
+    options = {k: v for k, v in locals().items() if k not in ("model_path", "input_path", "output_dir", "genes",
+                                                               "overwrite")}
     output_dir = Path(output_dir)
+    if overwrite and (output_dir / SCAN_FILE).is_file():
+        with atomic_directory(output_dir, overwrite=True) as building:
+            result = run_perturb(model_path, input_path, building, genes=genes, overwrite=False, **options)
+        result["paths"] = {name: output_dir / Path(path).relative_to(building)
+                           for name, path in result["paths"].items()}
+        return result
     dev = resolve_device(device)
     dataset = load_saved_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,

@@ -125,3 +125,24 @@ def test_check_keeps_an_existing_report(tmp_path, caplog):
     before = out.read_text()
     assert main(argv) == 2 and out.read_text() == before
     assert main(argv + ["--overwrite"]) == 0
+
+
+def test_an_interrupted_perturb_overwrite_leaves_the_old_scan_whole(tmp_path, monkeypatch):
+    import geneformer_peft.analysis.runs as runs
+
+    argv = ["perturb", "--model_path", str(EXAMPLE_CKPT), "--input", str(EXAMPLE_TEST0), "--output_dir",
+            str(tmp_path / "scan"), "--genes", "all", "--perturb_type", "delete", "--device", "cpu", "--no_plots",
+            "--max_ncells", "3"]
+    assert main(argv) == 0
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "scan").rglob("*") if p.is_file()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "perturbation_statistics", interrupted)
+    assert main(argv[:-1] + ["4", "--overwrite"]) == 130
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "scan").rglob("*") if p.is_file()}
+    assert after == before
+    monkeypatch.undo()
+    assert main(argv[:-1] + ["4", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "scan" / "summary.json").read_text())["n_cells"] == 4
