@@ -809,6 +809,9 @@ def plot_search(study, out: Path) -> dict[str, Path]:
     if values:
         ax.step(numbers, np.maximum.accumulate(values), where="post", color="tab:red", label="best so far")
     ax.set_xlabel("trial")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole trials only
     ax.set_ylabel("validation macro-F1")
     ax.set_title(f"optimisation history ({len(study.trials)} trials)")
     ax.legend(loc="lower right", fontsize=8)
