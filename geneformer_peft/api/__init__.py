@@ -15,12 +15,12 @@ from geneformer_peft._lazy import lazy_face
 
 #: public name -> module of this package that defines it
 _WHERE = {
-    "tokenize": "data",
-    "split": "data",
-    "finetune": "finetune",
-    "open_run": "finetune",
-    "FinetuneResult": "finetune",
-    "FoldResult": "finetune",
+    "tokenize": "preparation",
+    "split": "preparation",
+    "finetune": "training",
+    "open_run": "training",
+    "FinetuneResult": "training",
+    "FoldResult": "training",
     "predict": "analysis",
     "embed": "analysis",
     "perturb": "analysis",

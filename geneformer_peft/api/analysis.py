@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from geneformer_peft.api._session import prepare
-from geneformer_peft.api.data import as_dataset
+from geneformer_peft.api.preparation import as_dataset
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def tokenize_for_model(adata: Any, model: PathLike, *, base_model: PathLike | No
     DataError
         When no dictionaries are found (naming the folders searched), or a cell would be lost.
     """
-    from geneformer_peft.api.data import tokenize
+    from geneformer_peft.api.preparation import tokenize
     from geneformer_peft.data.vocab import load_token_dictionary, read_json_dictionary
     from geneformer_peft.models.families import family_of
     from geneformer_peft.models.generation import model_version
