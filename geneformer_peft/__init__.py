@@ -18,4 +18,4 @@ from geneformer_peft._lazy import lazy_face
 
 __getattr__, __dir__, __all__ = lazy_face(__name__, {name: "api" for name in (
     "tokenize", "split", "finetune", "open_run", "FinetuneResult", "FoldResult", "predict", "embed", "perturb",
-    "check")})
+    "check", "umap")})

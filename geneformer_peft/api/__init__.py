@@ -25,6 +25,7 @@ _WHERE = {
     "embed": "analysis",
     "perturb": "analysis",
     "check": "analysis",
+    "umap": "analysis",
 }
 
 __getattr__, __dir__, __all__ = lazy_face(__name__, _WHERE)

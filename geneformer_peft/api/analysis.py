@@ -17,7 +17,7 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check", "embed", "is_anndata", "perturb", "predict", "tokenize_for_model"]
+__all__ = ["check", "embed", "is_anndata", "perturb", "predict", "tokenize_for_model", "umap", "umap_or_explain"]
 
 PathLike = str | Path
 _TOKEN_FILES = ("tokenizer.json", "token_dictionary.pkl", "token_dictionary.json")
@@ -431,3 +431,50 @@ label_column, max_length, allow_low_gene_overlap, allow_other_base, output
                                 "compatible": all(r.ok for r in reports.values()),
                                 "reports": {name: r.to_dict() for name, r in reports.items()}})
     return {name: report.to_dict() for name, report in reports.items()}
+
+
+def umap_or_explain(embeddings, *, seed: int = 0):
+    """2-D UMAP coordinates of ``embeddings``; without the ``umap`` extra, an ImportError saying
+    how to install it."""
+    from geneformer_peft.analysis.figures import umap_coordinates
+
+    coords = umap_coordinates(embeddings, seed=seed)
+    if coords is None:
+        raise ImportError("UMAP needs the umap extra: pip install 'geneformer-peft[umap]' (umap-learn)")
+    return coords
+
+
+def umap(adata: Any, *, key: str = "X_geneformer", color: str = "cell_type", seed: int = 0, title: str | None = None):
+    """A UMAP of the embeddings ``adata.obsm[key]`` coloured by ``adata.obs[color]``.
+
+    Parameters
+    ----------
+    adata
+        An AnnData with embeddings (e.g. from :func:`embed`).
+    key
+        The ``obsm`` entry to reduce.
+    color
+        The ``obs`` column to colour by.
+    seed
+        Seed of the UMAP.
+    title
+        Figure title (default: the key).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The scatter plot; the coordinates are stored in ``adata.obsm["X_umap"]``.
+    """
+    from geneformer_peft.analysis.figures import plot_umap
+
+    if key not in adata.obsm:
+        raise DataError(f"adata.obsm has no {key!r}; expected one of {list(adata.obsm)} (run gp.embed first)")
+    if color not in adata.obs:
+        raise DataError(f"adata.obs has no column {color!r}; expected one of {list(adata.obs.columns)}")
+    coords = umap_or_explain(adata.obsm[key], seed=seed)
+    adata.obsm["X_umap"] = coords
+    figure = plot_umap(coords, adata.obs[color].astype(str).to_numpy(), None, label_name=color,
+                       title=title or f"UMAP of {key}")
+    if figure is None:
+        raise ImportError("figures need matplotlib: pip install 'geneformer-peft[plot]'")
+    return figure

@@ -16,22 +16,7 @@ import job_factories as jf
 import geneformer_peft as gp
 from geneformer_peft.cli import main
 from geneformer_peft.errors import DataError
-
-
-def _adata():
-    """The tiny job data's raw counts (make_job_data draws them from the same seed)."""
-    from geneformer_peft.data.synthetic import generate_counts
-
-    return generate_counts(n_cells=100, n_genes=200, n_cell_types=3, seed=0, class_proportions=[0.4, 0.35, 0.25])
-
-
-@pytest.fixture(scope="module")
-def vocab(tmp_path_factory):
-    """The job data's dictionaries on disk, as the command reads them."""
-    from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries
-
-    tokens, medians = build_vocabulary(_adata(), show_progress=False)
-    return write_dictionaries(tmp_path_factory.mktemp("vocab"), tokens, medians)
+from api_factories import make_adata as _adata
 
 
 @pytest.fixture(scope="module")
