@@ -41,11 +41,24 @@ def _first_file(names: Sequence[str], *folders: PathLike | None) -> Path | None:
     return None
 
 
+def _trained_from(model: PathLike) -> Path | None:
+    """The checkpoint a fine-tuned fold was trained from (its provenance.json), when still there."""
+    import json
+
+    path = Path(model) / "provenance.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["settings"]["checkpoint"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(recorded) if Path(recorded).is_dir() else None
+
+
 def tokenize_for_model(adata: Any, model: PathLike, *, base_model: PathLike | None = None, token_dictionary=None,
                        gene_median_dictionary=None, gene_id_column: str | None = None,
                        gene_name_id_dictionary=None, progress: bool = True):
     """Tokenize an in-memory AnnData for ``model``: its own dictionaries (or ``base_model``'s, or
-    those given), its input size and version, every cell kept and every ``obs`` column copied.
+    those of the checkpoint a fold was trained from, or those given), its input size and version,
+    every cell kept and every ``obs`` column copied.
 
     Raises
     ------
@@ -57,12 +70,13 @@ def tokenize_for_model(adata: Any, model: PathLike, *, base_model: PathLike | No
     from geneformer_peft.models.families import family_of
     from geneformer_peft.models.generation import model_version
 
-    tokens = token_dictionary or _first_file(_TOKEN_FILES, model, base_model)
-    medians = gene_median_dictionary or _first_file(_MEDIAN_FILES, model, base_model)
+    folders = (model, base_model, _trained_from(model))
+    tokens = token_dictionary or _first_file(_TOKEN_FILES, *folders)
+    medians = gene_median_dictionary or _first_file(_MEDIAN_FILES, *folders)
     if tokens is None or medians is None:
-        searched = [str(p) for p in (model, base_model) if p is not None]
+        searched = [str(p) for p in folders if p is not None]
         raise DataError(f"to tokenize the AnnData for {model}, pass token_dictionary= and gene_median_dictionary= "
-                        f"({' and '.join(searched)} hold{'s' if len(searched) == 1 else ''} no "
+                        f"({', '.join(searched)} hold{'s' if len(searched) == 1 else ''} no "
                         f"{'token dictionary' if tokens is None else 'gene median dictionary'})")
     folder = Path(model) if (Path(model) / "config.json").is_file() or base_model is None else Path(base_model)
     if family_of(folder).encoding != "rank_value":
@@ -398,7 +412,7 @@ label_column, max_length, allow_low_gene_overlap, allow_other_base, output
     Returns
     -------
     dict
-        Name (``"input"`` or ``"fold <i>"``) -> the report as a dict (``ok``, ``findings``, ...,
+        Name (``"input"`` or ``"fold <i>"``) -> the report as a dict (``compatible``, ``findings``, ...,
         as in the JSON the command writes).
     """
     prepare()
