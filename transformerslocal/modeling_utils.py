@@ -88,8 +88,16 @@ def write_state_dict(state: dict[str, torch.Tensor], directory: Path, *, safe_se
         save_file(state, str(tmp), metadata={"format": "pt"})
     else:
         torch.save(state, tmp)
+    os.chmod(tmp, _new_file_mode())  # safetensors creates its file 0600; weights are shared like any output
     os.replace(tmp, file)
     return file
+
+
+def _new_file_mode() -> int:
+    """``0o666 & ~umask``: the mode of a file created normally under the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _layer_pattern(keys, *, layer_word: str = "layer") -> list[str]:
