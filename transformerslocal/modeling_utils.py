@@ -41,6 +41,13 @@ def find_weights_file(directory: Path) -> Path:
     for name in names:
         if (directory / name).is_file():
             return directory / name
+    from .peft.io import PEFT_WEIGHTS_NAME
+
+    if (directory / PEFT_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"checkpoint folder {directory} holds {PEFT_WEIGHTS_NAME}, the PEFT weights alone, and no full model "
+            f"(looked for {', '.join(names)}): pass the checkpoint they were trained on as --base_model "
+            "(base_model= in Python)")
     raise FileNotFoundError(
         f"checkpoint folder {directory} has no weights: looked for {', '.join(names)}. "
         "Point --model_path at a folder holding config.json and the weights (e.g. a Geneformer checkpoint).")
