@@ -191,3 +191,17 @@ def test_a_notebook_sees_a_concise_log_and_no_datasets_bars(tmp_path, job_data):
 
     record = logging.LogRecord("geneformer_peft.x", logging.INFO, "", 0, "run settings: %s", ("{...}",), None)
     assert not ConciseFilter().filter(record)
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    import anndata
+
+    import geneformer_peft.analysis.figures as figures
+
+    adata = anndata.AnnData(obs=pd.DataFrame({"cell_type": ["a", "b", "a"]}, index=["x", "y", "z"]))
+    adata.obsm["X_geneformer"] = np.zeros((3, 4))
+    monkeypatch.setattr(figures, "umap_coordinates", lambda *a, **k: None)  # as without umap-learn
+    with pytest.raises(ImportError, match=r"pip install 'geneformer-peft\[umap\]'"):
+        gp.umap(adata)
+    with pytest.raises(DataError, match="adata.obsm has no 'X_other'"):
+        gp.umap(adata, key="X_other")
