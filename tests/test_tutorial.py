@@ -12,7 +12,7 @@ import job_factories as jf
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "tutorial.ipynb"
 #: the test's settings, put into the cell tagged "parameters"
-FAST = {"EPOCHS": 2, "FOLDS": [0], "PERTURB_CELLS": 3}
+FAST = {"EPOCHS": 1, "FOLDS": [0], "PERTURB_CELLS": 2}
 
 
 def _kernel_or_skip() -> None:
@@ -56,5 +56,5 @@ def test_the_notebook_runs(tmp_path):
     assert (tmp_path / "out" / "runs" / "Gene_token_prompt" / "synthetic" / "0" / "fold_done.json").is_file()
     shown = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "accuracy on new cells" in shown and "kNN accuracy" in shown and "genes tested" in shown
-    assert "fold 0 epoch 2:" in shown  # one log line per epoch in a notebook
+    assert "fold 0 epoch 1:" in shown  # one log line per epoch in a notebook
     assert "Saving the dataset" not in shown

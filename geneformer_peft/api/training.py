@@ -110,6 +110,13 @@ def finetune(
         allowed = sorted(set(actions) - reserved - set(explicit))
         raise TypeError(f"finetune() got option(s) {unknown} it does not take; expected data=, model=, method=, "
                         f"folds=, output=, config=, {', '.join(f'{k}=' for k in explicit)} or one of {allowed}")
+    for name, value in list(options.items()):  # a str where the command parses one: parsed as the command does
+        convert = actions[name].type
+        if isinstance(value, str) and convert is not None and convert is not str:
+            try:
+                options[name] = convert(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                raise DataError(f"finetune {name}={value!r}: {error}") from None
     for name, value in {**explicit, **options}.items():
         choices = actions[name].choices
         if choices is not None and value not in choices:

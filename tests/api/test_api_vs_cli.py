@@ -6,6 +6,7 @@ import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -205,3 +206,19 @@ def test_a_missing_extra_is_named(monkeypatch):
         gp.umap(adata)
     with pytest.raises(DataError, match="adata.obsm has no 'X_other'"):
         gp.umap(adata, key="X_other")
+
+
+def test_finetune_parses_text_options_as_the_command(monkeypatch, job_data, tmp_path):
+    """A path or number given as text reaches the job as the command would pass it."""
+    import geneformer_peft.training.cross_validation as cv
+
+    seen = {}
+    monkeypatch.setattr(cv, "run_cross_validation", lambda opts: seen.setdefault("opts", opts) and
+                        {"run_dir": str(tmp_path), "fold_ids": [], "folds": [], "metrics": {}})
+    gp.finetune(job_data.data_path / "tiny", model=job_data.model_path, token_dictionary="vocab.json",
+                weight_decay="0.01", use_prompt="false", output=tmp_path)
+    opts = seen["opts"]
+    assert opts.token_dictionary == Path("vocab.json") and opts.training.weight_decay == 0.01
+    assert opts.use_prompt is False
+    with pytest.raises(DataError, match="finetune weight_decay='heavy'"):
+        gp.finetune(job_data.data_path / "tiny", model=job_data.model_path, weight_decay="heavy")
