@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,6 +48,21 @@ def load_saved_dataset(path: str | Path):
                         "expected a complete folder written by save_to_disk") from None
 
 
+@contextlib.contextmanager
+def _no_save_bar():
+    """Without datasets' "Saving the dataset" bar (a fold split saves 3 x K of them; the caller logs
+    what was written), its previous setting restored afterwards."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def save_dataset_atomically(dataset, path: str | Path) -> None:
     """``save_to_disk`` into a sibling temporary directory, then move it into place.
 
@@ -58,7 +74,8 @@ def save_dataset_atomically(dataset, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    dataset.save_to_disk(str(tmp))
+    with _no_save_bar():
+        dataset.save_to_disk(str(tmp))
     if path.exists():
         if path.is_dir():
             shutil.rmtree(path)

@@ -222,3 +222,11 @@ def test_finetune_parses_text_options_as_the_command(monkeypatch, job_data, tmp_
     assert opts.use_prompt is False
     with pytest.raises(DataError, match="finetune weight_decay='heavy'"):
         gp.finetune(job_data.data_path / "tiny", model=job_data.model_path, weight_decay="heavy")
+
+
+def test_split_on_the_command_line_saves_without_datasets_bars(tmp_path, job_data):
+    out = subprocess.run([sys.executable, "-m", "geneformer_peft.cli", "split", "--input", str(job_data.cells),
+                          "--dataset_name", "t", "--output_dir", str(tmp_path), "--n_folds", "2"],
+                         capture_output=True, text=True, env=jf._subprocess_env(), cwd=jf.ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "Saving the dataset" not in out.stderr and "wrote 2 folds" in out.stderr
