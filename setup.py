@@ -30,6 +30,7 @@ setup(
         "plot": ["matplotlib>=3.5"],
         "loom": ["loompy>=3.0"],
         "umap": ["umap-learn>=0.5"],
+        "notebook": ["ipywidgets>=7", "matplotlib>=3.5", "umap-learn>=0.5"],  # tqdm.auto's widget bars in Jupyter
         "bench": ["transformers>=4.30", "peft>=0.6", "psutil>=5", "performer-pytorch==1.1.4", "optuna>=3.0"],
     },
     entry_points={"console_scripts": ["geneformer-peft=geneformer_peft.cli:main"]},
