@@ -24,11 +24,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.30", "peft>=0.6", "hypothesis>=6", "anndata>=0.9", "matplotlib>=3.5",
-                 "optuna>=3.0", "performer-pytorch==1.1.4"],
+                 "optuna>=3.0", "performer-pytorch==1.1.4", "umap-learn>=0.5",
+                 "nbclient>=0.7", "nbformat>=5", "ipykernel>=6"],  # the tutorial notebook runs in the tests
         "search": ["optuna>=3.0", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
         "loom": ["loompy>=3.0"],
         "umap": ["umap-learn>=0.5"],
+        "notebook": ["ipywidgets>=7", "matplotlib>=3.5", "umap-learn>=0.5"],  # tqdm.auto's widget bars in Jupyter
         "bench": ["transformers>=4.30", "peft>=0.6", "psutil>=5", "performer-pytorch==1.1.4", "optuna>=3.0"],
     },
     entry_points={"console_scripts": ["geneformer-peft=geneformer_peft.cli:main"]},

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: stage of each top-level part of geneformer_peft, lowest first
 STAGES = {"_lazy": 0, "errors": 0, "log_format": 0, "files": 0, "fingerprints": 0, "data": 1, "models": 2, "checks": 3,
-          "evaluation": 3, "training": 4, "analysis": 5, "commands": 6, "cli": 6}
+          "evaluation": 3, "training": 4, "analysis": 5, "commands": 6, "cli": 6, "api": 6, "compat": 7}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

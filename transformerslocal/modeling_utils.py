@@ -43,6 +43,13 @@ def find_weights_file(directory: Path) -> Path:
     for name in names:
         if (directory / name).is_file():
             return directory / name
+    from .peft.io import PEFT_WEIGHTS_NAME
+
+    if (directory / PEFT_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"checkpoint folder {directory} holds {PEFT_WEIGHTS_NAME}, the PEFT weights alone, and no full model "
+            f"(looked for {', '.join(names)}): pass the checkpoint they were trained on as --base_model "
+            "(base_model= in Python)")
     raise FileNotFoundError(
         f"checkpoint folder {directory} has no weights: looked for {', '.join(names)}. "
         "Point --model_path at a folder holding config.json and the weights (e.g. a Geneformer checkpoint).")
@@ -170,10 +177,18 @@ def write_state_dict(state: dict[str, torch.Tensor], directory: Path, *, safe_se
     if safe_serialization:
         from safetensors.torch import save_file
         save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, _new_file_mode())  # safetensors creates its file 0600; weights are shared like any output
         os.replace(tmp, file)
     else:
         save_torch(state, file)
     return file
+
+
+def _new_file_mode() -> int:
+    """``0o666 & ~umask``: the mode of a file created normally under the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _layer_pattern(keys, *, layer_word: str = "layer") -> list[str]:

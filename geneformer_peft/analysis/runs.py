@@ -87,6 +87,18 @@ def _info(am: AnalysisModel, *, mode: str, emb_layer: int, input_path, token_pat
             "n_cells": int(n_cells), "version": analysis_version()}
 
 
+#: how an in-memory dataset is named in messages and provenance
+IN_MEMORY = "<dataset in memory>"
+
+
+def input_dataset(input_path) -> tuple[Any, Any]:
+    """``(dataset, name)`` of a saved dataset's folder, or of a ``datasets.Dataset`` already in
+    memory (the Python API passes one), named :data:`IN_MEMORY`."""
+    if hasattr(input_path, "column_names"):
+        return input_path, IN_MEMORY
+    return load_saved_dataset(input_path), input_path
+
+
 def check_analysis_input(model_path, dataset, input_path, *, base_model=None, token_dictionary=None,
                          allow_low_gene_overlap: bool = False, allow_other_base: bool = False):
     """The compatibility report of an analysis's model and input (before the model is loaded);
@@ -123,7 +135,7 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
     output = Path(output)
     table = Path(write_to) if write_to is not None else output
     dev = resolve_device(device)
-    dataset = load_saved_dataset(input_path)
+    dataset, input_path = input_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap or random_init,
                          allow_other_base=allow_other_base)
@@ -224,7 +236,7 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                            for name, path in result["paths"].items()}
         return result
     dev = resolve_device(device)
-    dataset = load_saved_dataset(input_path)
+    dataset, input_path = input_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
     am = load_analysis_model(model_path, base_model)

@@ -97,35 +97,17 @@ def run(args: argparse.Namespace) -> int:
         return _binned_tokenize.run(args)
     _binned_tokenize.refuse_binned_options(args)
     from geneformer_peft.data.rank_value import tokenize_anndata
-    from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries
+    from geneformer_peft.data.vocab import tokenizer_dictionaries
 
     with guarded(args, "tokenize", inputs=TOKENIZE_INPUTS) as tmp:
         obs_filter = parse_obs_filters(args.obs_filter)
         filter_column = args.filter_column or None
-        if args.build_vocab is not None:
-            if args.token_dictionary or args.gene_median_dictionary:
-                raise DataError("--build_vocab cannot be combined with --token_dictionary/--gene_median_dictionary")
-            if args.gene_name_id_dictionary is not None:
-                raise DataError("--build_vocab builds the vocabulary from the file's own gene ids; "
-                                "--gene_name_id_dictionary maps symbols onto an Ensembl vocabulary "
-                                "(--token_dictionary): give one or the other")
-            token_dictionary, median_dictionary = build_vocabulary(
-                args.input,
-                gene_id_column=args.gene_id_column,
-                model_version=args.model_version,
-                chunk_size=args.chunk_size,
-                filter_column=filter_column,
-                obs_filter=obs_filter,
-                show_progress=not args.no_progress,
-            )
-            write_dictionaries(args.build_vocab, token_dictionary, median_dictionary, overwrite=args.overwrite)
-        else:
-            if args.token_dictionary is None or args.gene_median_dictionary is None:
-                raise DataError(
-                    "tokenize needs --token_dictionary and --gene_median_dictionary (or --build_vocab DIR); "
-                    f"got --token_dictionary={args.token_dictionary} --gene_median_dictionary={args.gene_median_dictionary}"
-                )
-            token_dictionary, median_dictionary = args.token_dictionary, args.gene_median_dictionary
+        token_dictionary, median_dictionary = tokenizer_dictionaries(
+            args.input, token_dictionary=args.token_dictionary, gene_median_dictionary=args.gene_median_dictionary,
+            build_vocab=args.build_vocab, overwrite=args.overwrite, gene_id_column=args.gene_id_column,
+            gene_name_id_dictionary=args.gene_name_id_dictionary, model_version=args.model_version,
+            chunk_size=args.chunk_size, filter_column=filter_column, obs_filter=obs_filter,
+            show_progress=not args.no_progress)
         keep_columns = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
         dataset, stats = tokenize_anndata(
             args.input,

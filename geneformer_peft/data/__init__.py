@@ -78,6 +78,7 @@ _WHERE = {
     "save_tokenizer_json": "vocab",
     "build_vocabulary": "vocab",
     "write_dictionaries": "vocab",
+    "tokenizer_dictionaries": "vocab",
     "is_special_token": "vocab",
     "validate_token_dictionary": "vocab",
 }

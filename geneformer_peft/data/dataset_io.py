@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def load_saved_dataset(path: str | Path):
                         "expected a complete folder written by save_to_disk") from None
 
 
+@contextlib.contextmanager
+def _no_save_bar():
+    """Without datasets' "Saving the dataset" bar (a fold split saves 3 x K of them; the caller logs
+    what was written), its previous setting restored afterwards."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def save_dataset_atomically(dataset, path: str | Path) -> None:
     """``save_to_disk`` into a sibling temporary directory (a unique name,
     :func:`geneformer_peft.files.atomic_directory`), then move it into place.
@@ -54,5 +70,5 @@ def save_dataset_atomically(dataset, path: str | Path) -> None:
     An interrupted save never leaves a half-written dataset at ``path``; an existing
     ``path`` is replaced once the new one is complete (callers decide whether that is allowed).
     """
-    with atomic_directory(path, overwrite=True) as tmp:
+    with atomic_directory(path, overwrite=True) as tmp, _no_save_bar():
         dataset.save_to_disk(str(tmp))

@@ -42,6 +42,7 @@ __all__ = [
     "save_tokenizer_json",
     "build_vocabulary",
     "write_dictionaries",
+    "tokenizer_dictionaries",
     "is_special_token",
     "validate_token_dictionary",
     "dictionary_digest",
@@ -440,3 +441,55 @@ def write_dictionaries(
     save_tokenizer_json(token_dictionary, directory)
     logger.info("wrote %s, %s and their .pkl forms in %s", token_json.name, median_json.name, directory)
     return token_path, median_path
+
+
+def tokenizer_dictionaries(
+    source: Any,
+    *,
+    token_dictionary: Any = None,
+    gene_median_dictionary: Any = None,
+    build_vocab: PathLike | None = None,
+    overwrite: bool = False,
+    gene_name_id_dictionary: Any = None,
+    **build_options: Any,
+) -> tuple[Any, Any]:
+    """The two dictionaries a rank-value tokenization uses: both given, or built from ``source``.
+
+    Parameters
+    ----------
+    source
+        The raw counts (a path or an AnnData) the vocabulary is built from with ``build_vocab``.
+    token_dictionary, gene_median_dictionary
+        Dicts or paths; give both, or neither with ``build_vocab``.
+    build_vocab
+        A folder: build both dictionaries from ``source`` (:func:`build_vocabulary`) and write
+        them there (:func:`write_dictionaries`).
+    overwrite
+        Replace dictionaries already in ``build_vocab``.
+    gene_name_id_dictionary
+        A symbol -> Ensembl map the tokenization will apply: refused with ``build_vocab`` (the
+        vocabulary is then the file's own gene ids).
+    **build_options
+        Passed to :func:`build_vocabulary` (``gene_id_column``, ``model_version``, ...).
+
+    Returns
+    -------
+    (token_dictionary, gene_median_dictionary)
+        As given (paths or dicts), or the built dicts.
+    """
+    if build_vocab is not None:
+        if token_dictionary is not None or gene_median_dictionary is not None:
+            raise DataError("--build_vocab cannot be combined with --token_dictionary/--gene_median_dictionary")
+        if gene_name_id_dictionary is not None:
+            raise DataError("--build_vocab builds the vocabulary from the file's own gene ids; "
+                            "--gene_name_id_dictionary maps symbols onto an Ensembl vocabulary "
+                            "(--token_dictionary): give one or the other")
+        tokens, medians = build_vocabulary(source, **build_options)
+        write_dictionaries(build_vocab, tokens, medians, overwrite=overwrite)
+        return tokens, medians
+    if token_dictionary is None or gene_median_dictionary is None:
+        raise DataError(
+            "tokenize needs --token_dictionary and --gene_median_dictionary (or --build_vocab DIR); "
+            f"got --token_dictionary={token_dictionary} --gene_median_dictionary={gene_median_dictionary}"
+        )
+    return token_dictionary, gene_median_dictionary

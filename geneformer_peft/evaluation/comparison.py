@@ -196,8 +196,9 @@ def format_comparison_table(comparison: Mapping[str, Any]) -> str:
             test = f"Wilcoxon p = {e['p_value']:.3g}"
         else:
             test = "signs " + " ".join({1: "+", -1: "-", 0: "0"}[s] for s in e["signs"])
-        rows.append((name, f"{e['model_mean']:.4f}", f"{e['baseline_mean']:.4f}",
-                     f"{e['diff_mean']:+.4f} ± {e['diff_std']:.4f}", test))
+        spread = f" ± {e['diff_std']:.4f}" if len(e.get("diffs") or {}) > 1 else ""  # one fold: no spread measured
+        rows.append((name, f"{e['model_mean']:.4f}", f"{e['baseline_mean']:.4f}", f"{e['diff_mean']:+.4f}{spread}",
+                     test))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(v.ljust(w) if i in (0, 4) else v.rjust(w)
                               for i, (v, w) in enumerate(zip(r, widths))).rstrip()

@@ -19,7 +19,7 @@ import numpy as np
 
 from geneformer_peft.files import atomic_file
 
-__all__ = ["plotting_available", "plot_confusion_matrix", "plot_training_curves", "starred_epoch"]
+__all__ = ["new_figure", "plotting_available", "plot_confusion_matrix", "plot_training_curves", "starred_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ def _log_missing_once() -> None:
         _missing_logged = True
 
 
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on an Agg canvas (see :func:`_new_figure`), or None without matplotlib."""
+    if not plotting_available():
+        _log_missing_once()
+        return None
+    return _new_figure(width, height)
+
+
 def _new_figure(width: float, height: float) -> Any:
     """A matplotlib Figure attached to an Agg canvas (no pyplot, no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -58,8 +66,11 @@ def _new_figure(width: float, height: float) -> Any:
     return figure
 
 
-def _save_atomically(figure: Any, path: str | os.PathLike, *, dpi: int) -> Path:
-    """Save ``figure`` to a temporary file beside ``path``, then move it into place."""
+def _save_atomically(figure: Any, path: str | os.PathLike | None, *, dpi: int) -> Any:
+    """Save ``figure`` to a temporary file beside ``path``, then move it into place; with no
+    ``path``, return the figure itself (the Python API shows it)."""
+    if path is None:
+        return figure
     path = Path(path)
     suffix = path.suffix.lower()
     if not suffix:
@@ -75,7 +86,7 @@ def _save_atomically(figure: Any, path: str | os.PathLike, *, dpi: int) -> Path:
 def plot_confusion_matrix(
     cm: Sequence[Sequence[float]] | np.ndarray,
     label_names: Sequence[str],
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     *,
     normalize: bool = True,
     title: str = "Confusion matrix",
@@ -90,8 +101,9 @@ def plot_confusion_matrix(
         ``classification_metrics(...)["confusion_matrix"]``).
     label_names : sequence of str
         Name of each label id.
-    path : path-like
-        Output file; the format follows the extension (``.png``, ``.pdf``, ``.svg``).
+    path : path-like or None
+        Output file; the format follows the extension (``.png``, ``.pdf``, ``.svg``). None:
+        return the matplotlib Figure instead of saving it.
     normalize : bool, default True
         Show each row as fractions of that true class (recall on the diagonal); a row
         without cells stays 0. Raw counts otherwise.
@@ -102,8 +114,8 @@ def plot_confusion_matrix(
 
     Returns
     -------
-    pathlib.Path or None
-        ``path``, or None when matplotlib is missing.
+    pathlib.Path, matplotlib Figure or None
+        ``path`` (the Figure when ``path`` is None), or None when matplotlib is missing.
 
     Raises
     ------
@@ -194,7 +206,7 @@ def starred_epoch(history: Sequence[Mapping[str, Any]], best_epoch: int | None =
 
 def plot_training_curves(
     history: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     *,
     title: str | None = None,
     dpi: int = 150,
@@ -207,8 +219,8 @@ def plot_training_curves(
     history : sequence of mapping
         One dict per epoch with ``epoch`` and any of ``train_loss``, ``val_loss``,
         ``val_macro_f1`` (a missing or NaN value is skipped).
-    path : path-like
-        Output file; the format follows the extension.
+    path : path-like or None
+        Output file; the format follows the extension. None: return the Figure instead.
     title : str, optional
         Figure title.
     dpi : int, default 150
@@ -220,8 +232,8 @@ def plot_training_curves(
 
     Returns
     -------
-    pathlib.Path or None
-        ``path``, or None when matplotlib is missing.
+    pathlib.Path, matplotlib Figure or None
+        ``path`` (the Figure when ``path`` is None), or None when matplotlib is missing.
 
     Raises
     ------
@@ -237,6 +249,8 @@ def plot_training_curves(
     if not plotting_available():
         _log_missing_once()
         return None
+
+    from matplotlib.ticker import MaxNLocator
 
     figure = _new_figure(10.0, 4.0)
     loss_axes, f1_axes = figure.subplots(1, 2)
@@ -256,9 +270,11 @@ def plot_training_curves(
         f1_axes.plot(epochs, values, "o-", color="tab:green", markersize=4, label="validation macro-F1")
         best = epochs.index(starred_epoch(history, best_epoch))
         f1_axes.plot([epochs[best]], [values[best]], "*", color="tab:red", markersize=12,
-                     label=f"best {values[best]:.3f} (epoch {epochs[best]:g})")
+                     label=f"epoch kept: {epochs[best]:g} (val macro-F1 {values[best]:.3f})")
         f1_axes.legend(loc="lower right")
     f1_axes.set_xlabel("epoch")
+    for axes in (loss_axes, f1_axes):  # whole epochs only
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     f1_axes.set_ylabel("macro-F1")
     f1_axes.set_ylim(0.0, 1.02)
     f1_axes.set_title("validation macro-F1")

@@ -307,6 +307,22 @@ def _require_optuna() -> None:
                         "install the 'search' extra: pip install 'geneformer-peft[search]'") from err
 
 
+def check_space_fits_method(space: SearchSpace, opts: RunOptions) -> None:
+    """Refuse a space that varies a PEFT key none of the run's methods reads (every trial would
+    train the same model while the study records a difference)."""
+    from transformerslocal.peft.registry import REGISTRY
+
+    config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
+                            use_prompt=opts.use_prompt, overrides=opts.config_overrides)
+    active = set(config.peft_methods)
+    for name in space.names:
+        owners = [m for m, method in REGISTRY.items() if name in method.config_keys]
+        if owners and not active & set(owners):
+            raise DataError(f"{space.source}: {name} is a key of {', '.join(owners)}, which this run does not use "
+                            f"(prompt_type {config.prompt_type!r}); every trial would train the same model. "
+                            f"Remove {name} from the space or pass --prompt_type {owners[0]}")
+
+
 def open_study(settings: SearchSettings, *, n_existing: int | None = None, record: dict | None = None):
     """Create or load the study in ``settings.storage_path`` (TPE sampler, median pruner).
 
@@ -577,6 +593,8 @@ def run_search(settings: SearchSettings) -> Any:
         On Ctrl-C: the running trial is recorded as failed, the outputs are written, and the
         same command resumes the study.
     """
+    _require_optuna()
+    check_space_fits_method(settings.space, settings.run)
     import optuna
     import torch
 
@@ -818,6 +836,9 @@ def plot_search(study, out: Path) -> dict[str, Path]:
     if values:
         ax.step(numbers, np.maximum.accumulate(values), where="post", color="tab:red", label="best so far")
     ax.set_xlabel("trial")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole trials only
     ax.set_ylabel("validation macro-F1")
     ax.set_title(f"optimisation history ({len(study.trials)} trials)")
     ax.legend(loc="lower right", fontsize=8)
