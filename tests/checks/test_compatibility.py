@@ -66,7 +66,7 @@ def test_binned_data_refused_by_every_command_of_a_geneformer_model(tmp_path, ca
         "search": lambda: main(["search", "--dataset_name", "synthetic_binned", "--data_path", str(EXAMPLE_DATA),
                                 "--model_path", str(EXAMPLE_CKPT), "--space", str(ROOT / "docs" / "search_space_example.json"),
                                 "--output_dir", str(tmp_path / "search"), "--n_trials", "1", "--folds", "0",
-                                "--epoch", "1", "--device", "cpu", "--no_progress"]),
+                                "--epoch", "1", "--device", "cpu", "--no_progress", "--prompt_type", "lora"]),
     }
     for command, run in runs.items():
         caplog.clear()
