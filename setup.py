@@ -24,9 +24,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.30", "peft>=0.6", "hypothesis>=6", "anndata>=0.9", "matplotlib>=3.5",
-                 "optuna>=3.0", "performer-pytorch==1.1.4"],
+                 "optuna>=3.0", "performer-pytorch==1.1.4", "torchao>=0.18"],
         "search": ["optuna>=3.0", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
+        "quant": ["torchao>=0.18"],  # finetune --quantize (nf4 / int8 frozen base); pure PyTorch, CPU or CUDA
         "loom": ["loompy>=3.0"],
         "umap": ["umap-learn>=0.5"],
         "bench": ["transformers>=4.30", "peft>=0.6", "psutil>=5", "performer-pytorch==1.1.4", "optuna>=3.0"],
