@@ -335,7 +335,7 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     report = mark_trainable(model)
     logger.info("fold %d: %s", fold, report)
     if args.quantize is not None:  # the frozen projections, as QLoRA: after loading, before training
-        quantize_base(model, args.quantize)
+        quantize_base(model, args.quantize, device=device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device)

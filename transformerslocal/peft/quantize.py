@@ -31,7 +31,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["NF4_BLOCK_SIZE", "NF4_SCALER_BLOCK_SIZE", "QUANTIZE_SCHEMES", "QuantizeReport", "check_quantizable",
-           "dense_weight", "is_quantized", "quantize_base", "require_torchao"]
+           "dense_weight", "is_quantized", "quantize_base", "quantized_nbytes", "require_torchao"]
 
 #: the ``--quantize`` choices
 QUANTIZE_SCHEMES = ("nf4", "int8")
@@ -150,7 +150,14 @@ class QuantizeReport:
 
 
 def quantized_nbytes(weight: torch.Tensor) -> int:
-    """Bytes a (quantized or plain) weight holds: the sum over its inner tensors."""
+    """Bytes a weight holds: a plain tensor's elements, or the sum over a quantized one's inner
+    tensors (codes, scales, factors).
+
+    Parameters
+    ----------
+    weight
+        A parameter or buffer.
+    """
     if not is_quantized(weight):
         return weight.numel() * weight.element_size()
     names, _ = weight.__tensor_flatten__()
@@ -164,7 +171,7 @@ def _dense_state(module: nn.Module, state: dict, prefix: str, local_metadata: An
         state[key] = dense_weight(state[key].detach())
 
 
-def quantize_base(model: nn.Module, scheme: str) -> QuantizeReport:
+def quantize_base(model: nn.Module, scheme: str, device: torch.device | str | None = None) -> QuantizeReport:
     """Store the frozen projection weights of ``model`` quantized, in place.
 
     Call it after the base weights are loaded and ``mark_trainable`` has run (the weights that
@@ -178,6 +185,9 @@ def quantize_base(model: nn.Module, scheme: str) -> QuantizeReport:
         A model whose config lists PEFT methods (``prompt_type``).
     scheme
         ``"nf4"`` or ``"int8"`` (:data:`QUANTIZE_SCHEMES`).
+    device
+        Where to quantize and keep the quantized weights (the run's device: on a GPU much faster
+        than on the CPU, and the dense weights go there one at a time); default: where they are.
 
     Raises
     ------
@@ -202,6 +212,7 @@ def quantize_base(model: nn.Module, scheme: str) -> QuantizeReport:
     with torch.no_grad():
         for _, module in targets:
             weight = module.weight.detach()
+            weight = weight if device is None else weight.to(device)
             dense_bytes += weight.numel() * weight.element_size()
             module.weight = nn.Parameter(quantize(weight.contiguous()), requires_grad=False)
             quantized_bytes += quantized_nbytes(module.weight)
