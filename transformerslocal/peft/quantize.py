@@ -176,8 +176,8 @@ def quantize_base(model: nn.Module, scheme: str, device: torch.device | str | No
 
     Call it after the base weights are loaded and ``mark_trainable`` has run (the weights that
     do not train are the ones quantized), before training; a weight already quantized stays
-    as it is. A DoRA layer's magnitude is restarted at the norm of its quantized weight, so the
-    model starts equal to the quantized base.
+    as it is. A DoRA layer still at its start (``B = 0``) has its magnitude restarted at the norm
+    of its quantized weight, so the model starts equal to the quantized base.
 
     Parameters
     ----------
