@@ -252,20 +252,22 @@ def render_section(r: dict, targets: list) -> list[str]:
     """The section of ``docs/benchmarks.md`` (called by ``run_all.py``)."""
     md = ["## Quantized frozen base (`finetune --quantize`): V2 shapes and the example", ""]
     if "memory" in r:
-        md += [f"LoRA (r 8, query/value) at the V2 shapes, random weights, one training batch of {r['length']} tokens "
-               f"on {r['machine']['device']}. Weight memory: bytes of all parameters and buffers (embeddings, "
-               "LayerNorms, head and LoRA stay fp32 in every setting). Peak training memory: "
-               f"{r['memory'][0].get('method', '')}, measured after one warmup step, so it holds weights, AdamW state, "
-               "activations and temporaries. Step: forward, backward, AdamW, median of the settings timed in "
-               "alternation; ratio to fp32.", "",
-               "| shape | setting | weight MiB | peak training MiB | step s | step / fp32 |", "|---|---|---:|---:|---:|---:|"]
+        md += [f"LoRA (r 8, query/value) at the V2 shapes, random weights, one training batch of {r['length']} "
+               f"tokens on {r['machine']['device']}. Weight memory: bytes of all parameters and buffers (embeddings, "
+               "LayerNorms, head and LoRA stay fp32 in every setting but `bf16 weights`). Held: the process after "
+               "one warmup step (weights, AdamW state) above itself after its imports. Peak training memory: "
+               f"{r['memory'][0].get('method', '')}, during the next step: weights, AdamW state, activations and "
+               "temporaries. Step: forward, backward, AdamW; median, the settings timed in alternation.", "",
+               "| shape | setting | weight MiB | held MiB | peak training MiB | step s | step / fp32 |",
+               "|---|---|---:|---:|---:|---:|---:|"]
         for row in r["memory"]:
             if "error" in row:
-                md.append(f"| {row['shape']} | {row['setting']} | failed | | | |")
+                md.append(f"| {row['shape']} | {row['setting']} | failed | | | | |")
                 continue
             t = r["timing"][row["shape"]]
             ratio = t[row["setting"]]["median_s"] / t["fp32"]["median_s"]
-            md.append(f"| {row['shape']} | {row['setting']} | {row['weight_mib']:.0f} | {row['peak_training_mib']:.0f} | "
+            md.append(f"| {row['shape']} | {row['setting']} | {row['weight_mib']:.0f} | "
+                      f"{row['held_after_warmup_mib']:.0f} | {row['peak_training_mib']:.0f} | "
                       f"{t[row['setting']]['median_s']:.2f} | {ratio:.2f} |")
         md.append("")
         by = {(x["shape"], x["setting"]): x for x in r["memory"] if "error" not in x}
@@ -273,10 +275,12 @@ def render_section(r: dict, targets: list) -> list[str]:
             if (shape, "fp32") in by and (shape, "nf4 + bf16") in by:
                 a, b = by[(shape, "fp32")], by[(shape, "nf4 + bf16")]
                 t = r["timing"][shape]
-                md.append(f"- {shape}: nf4 + bf16 holds x{b['weight_mib'] / a['weight_mib']:.2f} the fp32 weight memory, "
-                          f"peaks at x{b['peak_training_mib'] / a['peak_training_mib']:.2f} the fp32 training memory, "
-                          f"steps in x{t['nf4 + bf16']['median_s'] / t['fp32']['median_s']:.2f} the fp32 time "
-                          f"(nf4 with fp32 compute: x{t['nf4']['median_s'] / t['fp32']['median_s']:.2f}).")
+                md.append(f"- {shape}: nf4 + bf16 holds x{b['weight_mib'] / a['weight_mib']:.2f} the fp32 weight "
+                          f"memory, peaks at x{b['peak_training_mib'] / a['peak_training_mib']:.2f} the fp32 "
+                          f"training memory and steps in x{t['nf4 + bf16']['median_s'] / t['fp32']['median_s']:.2f} "
+                          f"the fp32 time (nf4 with fp32 compute: "
+                          f"x{t['nf4']['median_s'] / t['fp32']['median_s']:.2f}; on CPU the weights are dequantized "
+                          "in forward and again in backward by plain PyTorch ops, no fused 4-bit kernel).")
         md.append("")
     if "example" in r:
         e = r["example"]

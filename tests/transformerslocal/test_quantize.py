@@ -24,7 +24,7 @@ QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              0.7229568362236023, 1.0]
 #: hidden 128: a 128 x 128 projection has 256 blocks of 64, one full double-quantisation block
 SIZES = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4)
-METHODS = ["lora", "dora", "ia3", "encoder_prompt"]
+METHODS = ["lora", "dora", "ia3", "encoder_prompt", "Gene_token_prompt", "prefix_prompt"]
 
 
 def _torchao():
