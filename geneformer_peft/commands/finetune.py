@@ -74,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--device", default="auto", help="auto, cpu, cuda or cuda:N (%(default)s).")
     p("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
       help="fp32, or mixed precision bf16 (CUDA; optional on CPU) / fp16 (CUDA, with loss scaling).")
+    p("--quantize", default=None, choices=["nf4", "int8"],
+      help="Store the frozen encoder projections quantized under a PEFT method, computed in --precision: nf4 "
+           "(4-bit NormalFloat with double quantisation, as QLoRA) or int8; needs the 'quant' extra "
+           "(torchao). Default: off. See docs/recipes.md.")
     p("--warmup_steps", type=non_negative_int, default=0, help="Linear warmup steps (0: --warmup_ratio of all steps).")
     p("--warmup_ratio", type=float_in(0, 1, high_open=True), default=0.05, help="Warmup fraction of all steps when --warmup_steps is 0 "
                                                        "(%(default)s).")
@@ -138,7 +142,7 @@ def options_from_args(args: argparse.Namespace):
         early_stopping_patience=args.early_stopping_patience, select_epoch_by=args.select_epoch_by,
         sampler=args.sampler, class_weighting=args.class_weighting, max_length=args.max_length,
         num_workers=args.num_workers,
-        seed=args.seed, device=args.device, precision=args.precision,
+        seed=args.seed, device=args.device, precision=args.precision, quantize=args.quantize,
         gradient_checkpointing=args.gradient_checkpointing, cache_frozen_layers=not args.no_frozen_cache,
         progress=not args.no_progress)
     return RunOptions(dataset_name=args.dataset_name, data_path=args.data_path, output_path=args.output_path,

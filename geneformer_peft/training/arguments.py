@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["CLASS_WEIGHTINGS", "EPOCH_SELECTIONS", "LR_SCHEDULES", "PRECISIONS", "SAMPLERS", "TrainingArguments"]
+from transformerslocal.peft.quantize import QUANTIZE_SCHEMES
+
+__all__ = ["CLASS_WEIGHTINGS", "EPOCH_SELECTIONS", "LR_SCHEDULES", "PRECISIONS", "QUANTIZE", "SAMPLERS",
+           "TrainingArguments"]
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 SAMPLERS = ("balanced", "length", "random")
@@ -11,13 +14,16 @@ CLASS_WEIGHTINGS = ("reference", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: the validation score that picks the kept epoch (and that early stopping watches)
 EPOCH_SELECTIONS = ("macro_f1", "loss")
+#: storage of the frozen encoder projections under a PEFT method (``--quantize``)
+QUANTIZE = QUANTIZE_SCHEMES
 
 
 @dataclass
 class TrainingArguments:
     """Optimisation settings of a fold (AdamW, linear warmup/decay, the epoch kept and early
     stopping by validation macro-F1 or loss (``select_epoch_by``), class weights (1 - n_c/N)^2,
-    class-balanced length-grouped sampling).
+    class-balanced length-grouped sampling). ``quantize`` stores the frozen encoder projections
+    as nf4 or int8 under a PEFT method (``transformerslocal.peft.quantize``).
     """
 
     epochs: int = 10
@@ -39,6 +45,7 @@ class TrainingArguments:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    quantize: str | None = None
     gradient_checkpointing: bool = False
     cache_frozen_layers: bool = True
     max_grad_norm: float | None = 1.0
@@ -69,6 +76,7 @@ class TrainingArguments:
         check("class_weighting", self.class_weighting in CLASS_WEIGHTINGS, f"one of {list(CLASS_WEIGHTINGS)}")
         check("max_length", self.max_length is None or self.max_length >= 1, "an integer >= 1")
         check("precision", self.precision in PRECISIONS, f"one of {list(PRECISIONS)}")
+        check("quantize", self.quantize is None or self.quantize in QUANTIZE, f"None or one of {list(QUANTIZE)}")
         check("num_workers", self.num_workers >= 0, "an integer >= 0")
 
     def to_dict(self) -> dict:

@@ -83,6 +83,7 @@ from transformerslocal import (
     mark_trainable,
     save_peft_weights,
 )
+from transformerslocal.peft.quantize import check_quantizable, quantize_base, require_torchao
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,12 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     probe = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
                            use_prompt=opts.use_prompt, overrides=opts.config_overrides)
     prompt_type = probe.prompt_type if probe.peft_methods else ""
+    if args.quantize is not None:  # refused (or the missing extra named) before any fold starts
+        check_quantizable(probe, args.quantize, source=str(opts.config_path or opts.model_path))
+        try:
+            require_torchao()
+        except ImportError as err:
+            raise DataError(str(err)) from err
     run_dir = run_directory(opts, prompt_type)
     folds = opts.folds if opts.folds is not None else discover_folds(opts.data_path, opts.dataset_name)
     check_fold_files(opts.data_path, opts.dataset_name,
@@ -329,6 +336,8 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
         model = load_classifier(opts.model_path, config)
     report = mark_trainable(model)
     logger.info("fold %d: %s", fold, report)
+    if args.quantize is not None:  # the frozen projections, as QLoRA: after loading, before training
+        quantize_base(model, args.quantize, device=device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device)

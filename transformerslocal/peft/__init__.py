@@ -1,7 +1,8 @@
 """PEFT methods of scPEFT and more, one module each (lora, prefix, gene_token, encoder_adapter,
 ia3, dora; the shared bottleneck in adapter), described by a :class:`~.base.PeftMethod` and
 listed in :mod:`.registry`; which parameters train (trainable); PEFT weights on disk and
-merging (io). Keys, modules and files: ``docs/peft_keys.md``."""
+merging (io); the frozen base stored quantized under them (quantize, ``finetune --quantize``).
+Keys, modules and files: ``docs/peft_keys.md``."""
 from .base import PeftMethod
 from .io import (
     PEFT_WEIGHTS_NAME,

@@ -31,6 +31,7 @@ from torch import nn
 from ..dropout import Dropout
 from .base import PeftMethod
 from .lora import LORA_RANK_KEYS, check_rank_keys, rank_targets
+from .quantize import dense_weight
 
 DORA_KEYS = (".dora_A", ".dora_B", ".dora_magnitude")
 
@@ -75,7 +76,14 @@ class DoRALinear(nn.Linear):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """``||W + s B A||`` per row (out), detached."""
-        return torch.linalg.norm(self.weight + self.delta_weight(), dim=1)
+        return torch.linalg.norm(dense_weight(self.weight) + self.delta_weight(), dim=1)
+
+    @torch.no_grad()
+    def restart_magnitude(self) -> None:
+        """After the base weight is quantized (``quantize.quantize_base``): a layer still at its
+        start (``B = 0``) gets ``m = ||W||`` of the quantized ``W``, so it starts equal to that base."""
+        if not self.dora_B.any():
+            self.dora_magnitude.copy_(self.weight_norm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -93,7 +101,7 @@ class DoRALinear(nn.Linear):
     def merged_weight(self) -> torch.Tensor:
         """``diag(m / ||W + s B A||) (W + s B A)``: the weight of a plain ``nn.Linear``
         computing the same function (same bias)."""
-        direction = self.weight + self.delta_weight()
+        direction = dense_weight(self.weight) + self.delta_weight()
         return (self.dora_magnitude / torch.linalg.norm(direction, dim=1))[:, None] * direction
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

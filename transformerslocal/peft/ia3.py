@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PeftMethod, config_error, linear_paths, names_own_linears
+from .quantize import dense_weight
 
 IA3_KEYS = (".ia3_l",)
 #: the names ``ia3_target_modules`` / ``ia3_feedforward_modules`` may hold
@@ -63,10 +64,11 @@ class IA3Linear(nn.Linear):
     @torch.no_grad()
     def merged_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ``weight`` and ``bias`` of a plain ``nn.Linear`` computing the same function."""
+        weight = dense_weight(self.weight)
         if self.feedforward:  # (x * l) W^T = x (W diag(l))^T
-            return self.weight * self.ia3_l, self.bias
+            return weight * self.ia3_l, self.bias
         bias = None if self.bias is None else self.bias * self.ia3_l
-        return self.ia3_l[:, None] * self.weight, bias
+        return self.ia3_l[:, None] * weight, bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", feedforward={self.feedforward}"
