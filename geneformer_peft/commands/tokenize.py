@@ -21,6 +21,9 @@ Example:
   geneformer-peft tokenize --input cells.h5ad --output cells.dataset \\
       --token_dictionary token_dictionary.pkl --gene_median_dictionary gene_median_dictionary.pkl \\
       --label_column cell_type --obs_filter demuxlet_cls=SNG
+
+--nproc N encodes the chunks in N worker processes while this one reads and writes them, in
+file order: the output is identical to --nproc 1.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_input_size", type=int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
     parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
     parser.add_argument("--chunk_size", type=int, default=512, help="Cells read at a time (memory stays flat).")
+    parser.add_argument("--nproc", type=int, default=1, help="Worker processes encoding the chunks (output identical to 1; each holds one chunk).")
     parser.add_argument("--filter_column", default="filter_pass", help="obs column; when present only cells with value 1 are tokenized. Use '' to disable.")
     parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
@@ -73,6 +77,8 @@ def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
 def run(args: argparse.Namespace) -> int:
     """Run ``tokenize``."""
     if args.encoding == "binned":
+        if args.nproc != 1:
+            raise DataError(f"--nproc {args.nproc} applies to the rank value encoding; --encoding binned runs in one process")
         return _binned_tokenize.run(args)
     _binned_tokenize.refuse_binned_options(args)
     from geneformer_peft.data.dataset_io import save_dataset_atomically
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         obs_filter=obs_filter,
         show_progress=not args.no_progress,
         return_stats=True,
+        nproc=args.nproc,
     )
     save_dataset_atomically(dataset, args.output)
     logger.info("saved %d cells to %s", stats.n_cells_kept, args.output)
