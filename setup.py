@@ -24,8 +24,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.30", "peft>=0.6", "hypothesis>=6", "anndata>=0.9", "matplotlib>=3.5",
-                 "optuna>=3.0", "performer-pytorch==1.1.4"],
+                 "optuna>=3.0", "performer-pytorch==1.1.4", "psycopg[binary]>=3.1"],
         "search": ["optuna>=3.0", "matplotlib>=3.5"],
+        "postgres": ["optuna>=3.0", "psycopg[binary]>=3.1"],
         "plot": ["matplotlib>=3.5"],
         "loom": ["loompy>=3.0"],
         "umap": ["umap-learn>=0.5"],
