@@ -21,7 +21,7 @@ from geneformer_peft.analysis.embeddings import (
     EMB_MODES,
     CellEmbeddings,
     analysis_version,
-    embed_cells,
+    embed_cell_batches,
     embed_genes,
     write_cell_embeddings,
     write_gene_embeddings,
@@ -35,6 +35,7 @@ from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_file, write_json
 from geneformer_peft.models.device import resolve_device
+from geneformer_peft.training import distributed
 
 __all__ = ["METRICS_FILE", "gene_tokens", "run_embed", "run_perturb", "select_rows"]
 
@@ -105,6 +106,9 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
               allow_low_gene_overlap: bool = False, allow_other_base: bool = False) -> dict[str, Any]:
     """Extract embeddings and write them with their quality report and plots.
 
+    Under ``torchrun`` (cell and cls modes) each rank embeds every ``world_size``-th batch and
+    rank 0 writes the outputs, in input order, identical to one process.
+
     Label columns missing from the input are an error only when named explicitly
     (the default ``cell_type`` is skipped with a message when absent).
 
@@ -116,7 +120,10 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
     if emb_mode not in EMB_MODES:
         raise DataError(f"--emb_mode {emb_mode!r}; expected one of {list(EMB_MODES)}")
     output = Path(output)
-    dev = resolve_device(device)
+    dev = _join_torchrun(resolve_device(device))
+    if emb_mode == "gene" and distributed.world_size() > 1:
+        raise DataError("--emb_mode gene runs in one process; start it without torchrun "
+                        f"(this is rank {distributed.rank()} of {distributed.world_size()})")
     dataset = load_saved_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap or random_init,
@@ -149,8 +156,13 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
         logger.info("%d genes (over %d cells) -> %s", len(genes.tokens), len(cells), output)
         result["n_genes"] = len(genes.tokens)
         return result
-    emb = embed_cells(am.model, cells, specials=specials, mode=emb_mode, emb_layer=emb_layer, batch_size=batch_size,
-                      device=dev, precision=precision, progress=True)
+    # under torchrun each rank embeds every world_size-th batch; rank 0 writes them all in input order
+    positions, part = embed_cell_batches(am.model, cells, specials=specials, mode=emb_mode, emb_layer=emb_layer,
+                                         batch_size=batch_size, device=dev, precision=precision, progress=True,
+                                         shard=(distributed.rank(), distributed.world_size()))
+    emb = distributed.gather_rows(positions, part, len(cells))
+    if emb is None:  # not rank 0: rank 0 writes the outputs
+        return result
     write_cell_embeddings(CellEmbeddings(emb, cells.obs(), info), output)
     logger.info("%d cell embeddings (%d dims) -> %s", *emb.shape, output)
     if labels:
@@ -171,6 +183,19 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
                 result["plots"].append(path)
         result["plots"] = [p for p in result["plots"] if p is not None]
     return result
+
+
+def _join_torchrun(device):
+    """Join the process group when started by ``torchrun`` (gloo on CPU, NCCL on CUDA, each rank
+    on its own GPU); the device to use."""
+    if distributed.launched_by_torchrun():
+        distributed.init_distributed(device)
+        device = distributed.local_device(device)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+    return device
 
 
 def gene_tokens(genes: Sequence[str], token_dictionary: dict[str, int] | None, source: str | None) -> list[int]:
@@ -199,13 +224,16 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                 allow_other_base: bool = False) -> dict[str, Any]:
     """Run a perturbation scan and write its outputs under ``output_dir``.
 
+    Under ``torchrun`` each rank computes every ``world_size``-th chunk of cells and rank 0
+    writes the outputs from all chunks (the same files as one process; resumable as ever).
+
     Returns
     -------
     dict
         ``stats`` (ranked DataFrame), ``summary`` (dict) and the written paths.
     """
     output_dir = Path(output_dir)
-    dev = resolve_device(device)
+    dev = _join_torchrun(resolve_device(device))
     dataset = load_saved_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
@@ -235,7 +263,7 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
     scan = PerturbationScan(am, cells, specials=SpecialTokens.from_dictionary(tokens), settings=settings,
                             output_dir=output_dir, device=dev, precision=precision, token_to_gene=token_to_gene,
                             state_cells=state_cells, provenance=provenance, progress=True)
-    summary = scan.run(overwrite=overwrite)
+    summary = scan.run(overwrite=overwrite)  # under torchrun: each rank its share of the chunks
     results = scan.results()
     measure = f"shift_to_{states.goal_state}" if states else "cosine_sim"
     listed = None if every else (["+".join(genes)] if combination else list(genes))
@@ -243,6 +271,9 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                                     n_cells_absent=None if every else summary.n_cells_absent, listed=listed)
     paths = {"results": output_dir / "perturbations.parquet", "stats": output_dir / "gene_stats.csv",
              "summary": output_dir / "summary.json"}
+    if not distributed.is_main_process():  # every rank read the same chunks; rank 0 writes
+        return {"stats": stats, "summary": {**asdict(summary), "measure": measure}, "paths": paths,
+                "results": results}
     with atomic_file(paths["results"], suffix=".parquet") as tmp:
         results.to_parquet(tmp, index=False)
     with atomic_file(paths["stats"], suffix=".csv") as tmp:
