@@ -445,6 +445,10 @@ def main(argv=None) -> int:
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
     md, targets = render(results, command.strip(), meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous_md = args.out.read_text() if args.out.is_file() else ""
+    if "<!-- gpu_check -->" in previous_md:  # gpu_check.sh's section, measured on another machine: kept
+        md += "\n<!-- gpu_check -->" + previous_md.split("<!-- gpu_check -->", 1)[1].split("<!-- /gpu_check -->")[0]
+        md += "<!-- /gpu_check -->\n"
     args.out.write_text(md)
     json_out = args.out.with_suffix(".json")
     json_out.write_text(json.dumps({"command": command.strip(), "meta": meta, "results": results,
