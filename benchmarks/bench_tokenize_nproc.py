@@ -130,7 +130,9 @@ def render_section(r: dict, targets: list) -> list[str]:
           f"in a fresh process, N interleaved, median of {r['repeats']}; worker start-up inside the timing. "
           f"{r['machine']['cpu_affinity']} usable cores, load average {r['machine']['loadavg_at_start'][0]:.1f} at "
           f"the start (other work on the machine takes cores from the workers). Outputs identical to N=1: "
-          f"{'yes' if r['identical_outputs'] else '**NO**'}.", "",
+          f"{'yes' if r['identical_outputs'] else '**NO**'}. The CPU seconds are the honest cost: 2 workers spend "
+          "about 15-20% more CPU than one process (copying chunks between processes), so the speed-up needs idle "
+          "cores, which this shared machine did not have.", "",
           "| N | median s | cells/s | speed-up | CPU s (all processes) | cells per CPU-s |",
           "|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
