@@ -184,7 +184,7 @@ def _run_or_plan(cmd: list[str], argv_for_parser: list[str], dry: bool, out: Pat
 def finetune(device: torch.device, dry: bool, work: Path) -> dict:
     out = work / "finetune"
     argv = ["finetune", *EXAMPLE, "--device", "cpu" if dry else "cuda", "--output_path", str(out)]
-    return _run_or_plan([sys.executable, "-m", "geneformer_peft.cli", *argv], argv, dry, out, 300)
+    return _run_or_plan([sys.executable, "-m", "geneformer_peft.cli", *argv], argv, dry, out, 170)
 
 
 def torchrun(device: torch.device, dry: bool, work: Path) -> dict:
@@ -193,7 +193,7 @@ def torchrun(device: torch.device, dry: bool, work: Path) -> dict:
     argv = [*EXAMPLE, "--device", "cpu" if dry else "cuda", "--output_path", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(max(gpus, 1)),
            str(REPO / "example_py" / "cell_classification_prompt_fold.py"), *argv]
-    result = _run_or_plan(cmd, ["finetune", *argv], dry, out, 300)
+    result = _run_or_plan(cmd, ["finetune", *argv], dry, out, 170)
     result.update(backend="gloo" if dry else "nccl", processes=max(gpus, 1))
     return result
 
@@ -227,7 +227,7 @@ def render(r: dict) -> str:
         state = ("error: " + x["error"]) if "error" in x else ("planned (dry run)" if "planned" in x else
                                                                f"exit {x.get('returncode')} in {x.get('seconds', 0):.0f} s"
                                                                f" {x.get('metrics', '')}")
-        md.append(f"\n- {key}: {state}")
+        md.append(f"\n- {key}: {state if x else 'not run (stopped before it)'}")
     for key in ("parity", "step", "memory"):
         if "error" in r.get(key, {}):
             md.append(f"- {key}: error: {r[key]['error']}")
@@ -244,6 +244,12 @@ def write_section(md_path: Path, section: str) -> None:
         text = text + ("\n" if text and not text.endswith("\n") else "") + section
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text)
+
+
+def _write(result: dict, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=float))
+    write_section(args.md, render(result))
 
 
 def main(argv=None) -> int:
@@ -269,11 +275,9 @@ def main(argv=None) -> int:
             except Exception as error:  # noqa: BLE001 (one failing check must not hide the others)
                 result[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-3000:]}
             print(f"{name}: {time.perf_counter() - t:.1f} s", flush=True)
-    result["seconds"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=float))
-    write_section(args.md, render(result))
-    failed = [k for k in ("parity", "step", "memory", "finetune", "torchrun") if "error" in result[k]
+            result["seconds"] = time.perf_counter() - t0
+            _write(result, args)  # after every check: what ran survives a later timeout
+    failed = [k for k in ("parity", "step", "memory", "finetune", "torchrun") if "error" in result.get(k, {})
               or result[k].get("ok") is False]
     failed += [f"parity.{k}" for k, v in result.get("parity", {}).items() if isinstance(v, dict) and v.get("ok") is False]
     print(f"wrote {args.out / 'gpu_check.json'} and {args.md}; {'failed: ' + ', '.join(failed) if failed else 'all ok'}")
