@@ -28,7 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODULES = ["model_step", "inference", "mfu", "end_to_end", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
-           "embeddings", "perturbation", "v2", "search", "quantize"]
+           "embeddings", "perturbation", "v2", "search", "quantize", "tokenize_nproc", "predict_memory",
+           "distributed_analyses"]
 
 
 def run_module(name: str, args, workdir: Path, jsons: Path) -> dict:
@@ -343,9 +344,11 @@ SECTIONS = {"model_step": section_model_step, "end_to_end": section_e2e, "mfu": 
             "batching": section_batching, "frozen_cache": section_cache, "memory": section_memory,
             "tokenizer_memory": section_tokenizer,
             **{name: module_section(name) for name in ("performer", "threads", "embeddings", "inference",
-                                                       "perturbation", "v2", "search", "quantize")}}
+                                                       "perturbation", "v2", "search", "quantize", "tokenize_nproc",
+                                                       "predict_memory", "distributed_analyses")}}
 ORDER = ["model_step", "inference", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
-         "embeddings", "perturbation", "v2", "search", "quantize"]
+         "embeddings", "perturbation", "v2", "search", "quantize", "tokenize_nproc", "predict_memory",
+         "distributed_analyses"]
 
 
 def render(results: dict, command: str, meta: dict) -> str:
@@ -444,6 +447,10 @@ def main(argv=None) -> int:
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
     md, targets = render(results, command.strip(), meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous_md = args.out.read_text() if args.out.is_file() else ""
+    if "<!-- gpu_check -->" in previous_md:  # gpu_check.sh's section, measured on another machine: kept
+        md += "\n<!-- gpu_check -->" + previous_md.split("<!-- gpu_check -->", 1)[1].split("<!-- /gpu_check -->")[0]
+        md += "<!-- /gpu_check -->\n"
     args.out.write_text(md)
     json_out = args.out.with_suffix(".json")
     json_out.write_text(json.dumps({"command": command.strip(), "meta": meta, "results": results,

@@ -35,7 +35,7 @@ from geneformer_peft.files import atomic_file
 from geneformer_peft.models.device import autocast
 
 __all__ = ["EMB_MODES", "OBSM_KEY", "CellEmbeddings", "GeneEmbeddings", "analysis_version", "check_cls_inputs",
-           "embed_cells", "embed_genes", "gene_token_mask", "make_batch", "pool_cells", "resolve_precision",
+           "embed_cell_batches", "embed_cells", "embed_genes", "gene_token_mask", "make_batch", "pool_cells", "resolve_precision",
            "write_cell_embeddings",
            "write_gene_embeddings"]
 
@@ -140,7 +140,6 @@ def _setup(model, device, precision, emb_layer):
     return dev, prec, LayerReader(model, emb_layer)
 
 
-@torch.no_grad()
 def embed_cells(model, cells: TokenizedCells, *, specials: SpecialTokens, mode: str = "cell", emb_layer: int = -1,
                 batch_size: int = 64, device: str | torch.device = "cpu", precision: str = "auto",
                 progress: bool = False) -> np.ndarray:
@@ -151,21 +150,42 @@ def embed_cells(model, cells: TokenizedCells, *, specials: SpecialTokens, mode: 
     DataError
         For ``cls`` on inputs without ``<cls>``.
     """
+    positions, emb = embed_cell_batches(model, cells, specials=specials, mode=mode, emb_layer=emb_layer,
+                                        batch_size=batch_size, device=device, precision=precision, progress=progress)
+    out = np.zeros((len(cells), emb.shape[1]), dtype=np.float32)
+    out[positions] = emb
+    return out
+
+
+@torch.no_grad()
+def embed_cell_batches(model, cells: TokenizedCells, *, specials: SpecialTokens, mode: str = "cell",
+                       emb_layer: int = -1, batch_size: int = 64, device: str | torch.device = "cpu",
+                       precision: str = "auto", progress: bool = False,
+                       shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings of the length-grouped batches numbered ``rank, rank + world, ...`` for
+    ``shard=(rank, world)`` (all of them by default): ``(positions, embeddings)``.
+
+    The batches are those of one process whatever the shard, so each cell's embedding is
+    computed in the same batch as without sharding (see :func:`embed_cells`).
+    """
     if mode not in ("cell", "cls"):
         raise ValueError(f"mode {mode!r}; expected 'cell' or 'cls' (gene embeddings: embed_genes)")
     if mode == "cls":
         check_cls_inputs(cells, specials)
     dev, prec, reader = _setup(model, device, precision, emb_layer)
-    out = np.zeros((len(cells), model.config.hidden_size), dtype=np.float32)
-    total = -(-len(cells) // batch_size)
-    for idx in tqdm(length_grouped_batches(cells.lengths, batch_size), total=total, desc=f"embed ({mode})",
-                    disable=None if progress else True, leave=False):
+    rank, world = shard
+    mine = [idx for k, idx in enumerate(length_grouped_batches(cells.lengths, batch_size)) if k % world == rank]
+    positions = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    out = np.zeros((len(positions), model.config.hidden_size), dtype=np.float32)
+    start = 0
+    for idx in tqdm(mine, desc=f"embed ({mode})", disable=None if progress else True, leave=False):
         token_lists = cells.tokens(idx)
         input_ids, attention_mask, genes = make_batch(token_lists, specials, dev)
         with autocast(dev, prec):
             hidden, _ = reader(input_ids, attention_mask)
-        out[idx] = pool_cells(hidden, genes, mode).cpu().numpy()
-    return out
+        out[start:start + len(idx)] = pool_cells(hidden, genes, mode).cpu().numpy()
+        start += len(idx)
+    return positions, out
 
 
 @torch.no_grad()

@@ -565,13 +565,21 @@ class PerturbationScan:
 
     # ------------------------------------------------------------------ the scan
     def run(self, *, overwrite: bool = False) -> ScanSummary:
-        """Run (or resume) the scan; returns its counts. Results: :meth:`results`, :meth:`gene_shifts`."""
-        self._check_resume(overwrite)
+        """Run (or resume) the scan; returns its counts. Results: :meth:`results`, :meth:`gene_shifts`.
+
+        Under ``torchrun`` each rank computes every ``world_size``-th chunk (chunks are
+        independent: a cell's null draws are seeded by its row), then all wait for all."""
+        from geneformer_peft.training import distributed
+
+        if distributed.is_main_process():  # one process checks, records or clears the scan
+            self._check_resume(overwrite)
+        distributed.barrier()
         self._compute_state_means()
         chunks = self._chunks()
         done = 0
-        for c, positions in enumerate(tqdm(chunks, desc=f"perturb ({self.settings.perturb_type})",
-                                           disable=None if self.progress else True)):
+        for c in tqdm(distributed.shard_of(len(chunks)), desc=f"perturb ({self.settings.perturb_type})",
+                      disable=None if self.progress else True):
+            positions = chunks[c]
             result_file = self.chunk_dir / f"results_{c:05d}.parquet"
             absent_file = self.chunk_dir / f"absent_{c:05d}.json"
             if result_file.is_file() and absent_file.is_file():
@@ -587,6 +595,7 @@ class PerturbationScan:
                 frame.to_parquet(tmp, index=False)
         if done:
             logger.info("resumed: %d of %d chunks were already computed", done, len(chunks))
+        distributed.barrier()  # every rank's chunks are written
         return self.summary()
 
     def results(self) -> pd.DataFrame:

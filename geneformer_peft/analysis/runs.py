@@ -21,7 +21,7 @@ from geneformer_peft.analysis.embeddings import (
     EMB_MODES,
     CellEmbeddings,
     analysis_version,
-    embed_cells,
+    embed_cell_batches,
     embed_genes,
     write_cell_embeddings,
     write_gene_embeddings,
@@ -37,6 +37,7 @@ from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_directory, atomic_file, write_json
 from geneformer_peft.models.device import resolve_device
 from geneformer_peft.training.run_safety import input_fingerprint
+from geneformer_peft.training import distributed
 
 __all__ = ["METRICS_FILE", "gene_tokens", "run_embed", "run_perturb", "select_rows"]
 
@@ -120,6 +121,9 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
               write_to=None) -> dict[str, Any]:
     """Extract embeddings and write them with their quality report and plots.
 
+    Under ``torchrun`` (cell and cls modes) each rank embeds every ``world_size``-th batch and
+    rank 0 writes the outputs, in input order, identical to one process.
+
     Label columns missing from the input are an error only when named explicitly
     (the default ``cell_type`` is skipped with a message when absent). ``write_to``: write the
     embeddings table there instead of to ``output`` (a temporary name the caller moves onto
@@ -134,7 +138,10 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
         raise DataError(f"--emb_mode {emb_mode!r}; expected one of {list(EMB_MODES)}")
     output = Path(output)
     table = Path(write_to) if write_to is not None else output
-    dev = resolve_device(device)
+    dev = _join_torchrun(resolve_device(device))
+    if emb_mode == "gene" and distributed.world_size() > 1:
+        raise DataError("--emb_mode gene runs in one process; start it without torchrun "
+                        f"(this is rank {distributed.rank()} of {distributed.world_size()})")
     dataset, input_path = input_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap or random_init,
@@ -167,8 +174,13 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
         logger.info("%d genes (over %d cells) -> %s", len(genes.tokens), len(cells), output)
         result["n_genes"] = len(genes.tokens)
         return result
-    emb = embed_cells(am.model, cells, specials=specials, mode=emb_mode, emb_layer=emb_layer, batch_size=batch_size,
-                      device=dev, precision=precision, progress=True)
+    # under torchrun each rank embeds every world_size-th batch; rank 0 writes them all in input order
+    positions, part = embed_cell_batches(am.model, cells, specials=specials, mode=emb_mode, emb_layer=emb_layer,
+                                         batch_size=batch_size, device=dev, precision=precision, progress=True,
+                                         shard=(distributed.rank(), distributed.world_size()))
+    emb = distributed.gather_rows(positions, part, len(cells))
+    if emb is None:  # not rank 0: rank 0 writes the outputs
+        return result
     write_cell_embeddings(CellEmbeddings(emb, cells.obs(), info), table)
     logger.info("%d cell embeddings (%d dims) -> %s", *emb.shape, output)
     if labels:
@@ -189,6 +201,19 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
                 result["plots"].append(path)
         result["plots"] = [p for p in result["plots"] if p is not None]
     return result
+
+
+def _join_torchrun(device):
+    """Join the process group when started by ``torchrun`` (gloo on CPU, NCCL on CUDA, each rank
+    on its own GPU); the device to use."""
+    if distributed.launched_by_torchrun():
+        distributed.init_distributed(device)
+        device = distributed.local_device(device)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+    return device
 
 
 def gene_tokens(genes: Sequence[str], token_dictionary: dict[str, int] | None, source: str | None) -> list[int]:
@@ -221,6 +246,9 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
     other settings, building the new one beside it and swapping it in only when complete (an
     interrupted overwrite leaves the old scan whole).
 
+    Under ``torchrun`` each rank computes every ``world_size``-th chunk of cells and rank 0
+    writes the outputs from all chunks (the same files as one process; resumable as ever).
+
     Returns
     -------
     dict
@@ -235,7 +263,7 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
         result["paths"] = {name: output_dir / Path(path).relative_to(building)
                            for name, path in result["paths"].items()}
         return result
-    dev = resolve_device(device)
+    dev = _join_torchrun(resolve_device(device))
     dataset, input_path = input_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
@@ -268,7 +296,7 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
     scan = PerturbationScan(am, cells, specials=SpecialTokens.from_dictionary(tokens), settings=settings,
                             output_dir=output_dir, device=dev, precision=precision, token_to_gene=token_to_gene,
                             state_cells=state_cells, provenance=provenance, progress=True)
-    summary = scan.run(overwrite=overwrite)
+    summary = scan.run(overwrite=overwrite)  # under torchrun: each rank its share of the chunks
     results = scan.results()
     measure = f"shift_to_{states.goal_state}" if states else "cosine_sim"
     listed = None if every else (["+".join(genes)] if combination else list(genes))
@@ -276,6 +304,9 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                                     n_cells_absent=None if every else summary.n_cells_absent, listed=listed)
     paths = {"results": output_dir / "perturbations.parquet", "stats": output_dir / "gene_stats.csv",
              "summary": output_dir / "summary.json"}
+    if not distributed.is_main_process():  # every rank read the same chunks; rank 0 writes
+        return {"stats": stats, "summary": {**asdict(summary), "measure": measure}, "paths": paths,
+                "results": results}
     with atomic_file(paths["results"], suffix=".parquet") as tmp:
         results.to_parquet(tmp, index=False)
     with atomic_file(paths["stats"], suffix=".csv") as tmp:

@@ -1,6 +1,8 @@
 """Hyperparameter search over the fine-tuning job (Optuna TPE, median pruning per epoch),
 stored in <output_dir>/study.db: rerun the same command to add trials to the same study, or
-start a second process on the same folder to share it.
+start a second process on the same folder to share it. --storage puts the study in PostgreSQL
+(postgresql://...) or a journal file on a shared filesystem (journal:PATH) so that processes
+on several machines share it (docs/scale.md).
 
 Every training flag of `finetune` (--epoch, --batch_size, --config, --prompt_type, ...) sets
 what the space does not vary. The objective is validation macro-F1 averaged over --folds;
@@ -51,9 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
            "see docs/recipes.md.")
     p("--output_dir", type=OUTPUT_FOLDER, required=True,
       help="Study folder: study.db, trials.csv, best_config.json, plots, refit/.")
-    p("--n_trials", type=non_negative_int, default=10, help="Trials to add to the study in this run (%(default)s).")
+    p("--n_trials", type=non_negative_int, default=10,
+      help="Trials this process adds to the study (%(default)s); processes sharing a study add theirs up. 0: run "
+           "none, write this folder's outputs from the study as it stands.")
     p("--timeout", type=positive_float, default=None, help="Stop starting new trials after this many seconds.")
-    p("--study_name", default="search", help="Study name inside study.db (%(default)s).")
+    p("--study_name", default="search", help="Study name inside the storage (%(default)s).")
+    p("--storage", default=None, metavar="URL|journal:PATH",
+      help="Where the study lives, for several processes or machines sharing it (default: <output_dir>/study.db): "
+           "an RDB URL (postgresql://user:password@host:5432/dbname; needs the 'postgres' extra) or journal:PATH (a "
+           "journal file on a filesystem every machine mounts). See docs/scale.md.")
     p("--no_pruning", action="store_true", help="Run every trial to the end (no median pruner).")
     p("--pruner_startup_trials", type=non_negative_int, default=2,
       help="Trials that finish before the median pruner stops any (%(default)s).")
@@ -68,20 +76,26 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
 
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.files import check_path
-    from geneformer_peft.training.search import SearchSettings, load_search_space, refit_best, run_search
+    from geneformer_peft.training.search import (SearchSettings, check_storage, collect_outputs, load_search_space,
+                                                 refit_best, run_search)
 
     if args.n_trials is not None and args.n_trials < 0:
         raise ValueError(f"--n_trials {args.n_trials}: expected an integer >= 0")
     check_path(args.data_path, "folder", f"the folder holding {args.dataset_name}/<i>/", flag="--data_path")
+    if args.storage is not None:
+        check_storage(args.storage)
     opts = finetune.options_from_args(args)
     space = load_search_space(args.space, base_training=opts.training)
     settings = SearchSettings(run=opts, space=space, output_dir=args.output_dir, n_trials=args.n_trials,
                               timeout=args.timeout, study_name=args.study_name, pruning=not args.no_pruning,
                               pruner_startup_trials=args.pruner_startup_trials,
-                              pruner_warmup_epochs=args.pruner_warmup_epochs, sampler_seed=args.sampler_seed)
+                              pruner_warmup_epochs=args.pruner_warmup_epochs, sampler_seed=args.sampler_seed,
+                              storage=args.storage)
     if args.n_trials or args.timeout:
         study = run_search(settings)
-        logger.info("study %r: %d trials in %s", args.study_name, len(study.trials), settings.storage_path)
+        logger.info("study %r: %d trials in %s", args.study_name, len(study.trials), settings.storage_name)
+    elif not args.refit:
+        collect_outputs(settings)
     if args.refit:
         summary = refit_best(settings)
         if not logging.getLogger("geneformer_peft").isEnabledFor(logging.INFO):

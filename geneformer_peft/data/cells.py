@@ -21,7 +21,10 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CELL_ID_COLUMN", "EncodedCells", "collate_cells"]
+__all__ = ["CELL_ID_COLUMN", "EncodedCells", "StreamedCells", "collate_cells"]
+
+#: batches a StreamedCells reads before mapping its files afresh (releasing the pages read)
+REMAP_EVERY_BATCHES = 32
 
 #: dataset column holding each cell's identifier (e.g. its barcode); copied into predictions.csv
 CELL_ID_COLUMN = "cell_id"
@@ -89,6 +92,87 @@ class EncodedCells(Dataset):
         if self.labels is not None:
             item["label"] = int(self.labels[i])
         return item
+
+    def items(self, positions: Sequence[int]) -> list[dict]:
+        """The items of the cells at ``positions`` (one batch)."""
+        return [self[i] for i in positions]
+
+
+class StreamedCells:
+    """Cells of a saved ``datasets.Dataset`` whose tokens are read one batch at a time.
+
+    Like :class:`EncodedCells` (``lengths``, ``labels``, ``index``, ``items``) but the
+    ``input_ids`` are never all in memory: each :meth:`items` call takes its rows from the
+    dataset's memory-mapped Arrow files, and the files are mapped afresh every
+    ``remap_every`` batches (default :data:`REMAP_EVERY_BATCHES`), so the pages read so far are released and the resident
+    memory stays bounded by a few batches whatever the number of cells. A dataset that is
+    not backed by its own files (in memory, or a ``select``-ed view) is read from its table
+    as it is.
+    """
+
+    def __init__(self, dataset, *, labels: np.ndarray | None = None, max_length: int | None = None,
+                 name: str = "cells", remap_every: int | None = None) -> None:
+        import pyarrow.compute as pc
+
+        if "input_ids" not in dataset.column_names:
+            raise DataError(f"{name}: no 'input_ids' column; expected a tokenized dataset, "
+                            f"found columns {dataset.column_names}")
+        self._dataset = dataset
+        full = pc.list_value_length(dataset.data.column("input_ids")).to_numpy(zero_copy_only=False)
+        full = full.astype(np.int64)
+        self.full_lengths = full  # before max_length
+        self.lengths = np.minimum(full, max_length) if max_length else full
+        self.max_length = max_length
+        self.labels = labels
+        self.index = np.arange(len(full))
+        self.name = name
+        self.key = f"{name}#{uuid.uuid4().hex[:8]}"
+        files = [f.get("filename") for f in (getattr(dataset, "cache_files", None) or [])]
+        self._files = files if files and all(files) and getattr(dataset, "_indices", None) is None else None
+        self._remap_every = remap_every or REMAP_EVERY_BATCHES
+        self._column = None
+        self._reads = 0
+        truncated = int((full > self.lengths).sum())
+        if truncated:
+            logger.info("%s: %d of %d cells are longer than max_length=%d and keep their first %d genes",
+                        name, truncated, len(full), max_length, max_length)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _input_ids(self):
+        if self._files is None:
+            return self._dataset.data.column("input_ids")
+        if self._column is None or self._reads >= self._remap_every:
+            self._column = None  # drop the old mapping before making the new one
+            chunks = []
+            for filename in self._files:
+                table = pa.ipc.open_stream(pa.memory_map(filename)).read_all()
+                chunks += table.column("input_ids").chunks
+            column = pa.chunked_array(chunks, type=self._dataset.data.column("input_ids").type)
+            if len(column) != len(self.lengths):
+                raise DataError(f"{self.name}: its Arrow files hold {len(column)} cells, the dataset "
+                                f"{len(self.lengths)}; expected the files of this dataset")
+            self._column, self._reads = column, 0
+        self._reads += 1
+        return self._column
+
+    def items(self, positions: Sequence[int]) -> list[dict]:
+        """The items (``input_ids`` truncated to ``max_length``, ``cell``, ``split``,
+        ``label``) of the cells at ``positions``, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        part = self._input_ids().take(pa.array(positions))
+        part = part.combine_chunks() if isinstance(part, pa.ChunkedArray) else part
+        offsets = part.offsets.to_numpy().astype(np.int64)
+        values = part.values.to_numpy(zero_copy_only=False)
+        out = []
+        for k, i in enumerate(positions):
+            item = {"input_ids": values[offsets[k]:offsets[k] + self.lengths[i]].astype(np.int32),
+                    "cell": int(i), "split": self.key}
+            if self.labels is not None:
+                item["label"] = int(self.labels[i])
+            out.append(item)
+        return out
 
 
 def collate_cells(items: Sequence[dict], *, pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> dict:

@@ -17,9 +17,10 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -256,6 +257,7 @@ def tokenize_anndata(
     cache_dir: PathLike | None = None,
     return_stats: bool = False,
     gene_name_id_dictionary: Mapping[str, str] | PathLike | None = None,
+    nproc: int = 1,
 ):
     """Tokenize a ``.h5ad`` / ``.loom`` file or an AnnData into a ``datasets.Dataset``.
 
@@ -299,6 +301,11 @@ def tokenize_anndata(
         pass through (without version suffix); columns that get the same Ensembl id are
         summed, as repeated gene ids always are. The figures go to
         ``TokenizationStats.gene_name_mapping``.
+    nproc
+        Worker processes encoding the chunks that this process reads (each holds one chunk
+        at a time; the chunks are written in file order, so the output is identical to
+        ``nproc=1``). Workers are forked where the platform allows it, else spawned (a
+        script calling this then needs the ``if __name__ == "__main__":`` guard).
 
     Returns
     -------
@@ -340,6 +347,8 @@ def tokenize_anndata(
     check_model_version(model_version)
     if chunk_size < 1:
         raise DataError(f"chunk_size {chunk_size!r} is not valid; expected a positive integer")
+    if isinstance(nproc, bool) or not isinstance(nproc, (int, np.integer)) or nproc < 1:
+        raise DataError(f"nproc {nproc!r} is not valid; expected a positive integer (worker processes)")
     if not isinstance(token_dictionary, Mapping):
         token_dictionary = load_token_dictionary(token_dictionary)
     if not isinstance(gene_median_dictionary, Mapping):
@@ -413,39 +422,26 @@ def tokenize_anndata(
         total_counts = matched_counts = 0.0
         n_truncated = 0
         with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
-                                          show_progress=show_progress):
-                n_counts = chunk.n_counts
-                matched = gene_map.project(chunk.counts)
-                has_counts = np.diff(matched.indptr) > 0
-                invalid = has_counts & ~(np.isfinite(n_counts) & (n_counts > 0))
-                if invalid.any():
-                    row = int(np.flatnonzero(invalid)[0])
-                    raise DataError(
-                        f"{cells.name}: field obs['n_counts'] is {float(n_counts[row])!r} for cell "
-                        f"{str(chunk.cell_names[row])!r}; expected a positive total count"
-                    )
-                total_counts += float(chunk.raw_totals.sum())
-                if column_counts is not None:
-                    column_counts += np.asarray(chunk.counts.sum(axis=0)).ravel()
-                matched_counts += float(matched.sum())
-                encoded = rank_value_encode(
-                    matched,
-                    n_counts=n_counts,
-                    gene_token_ids=gene_map.token_ids,
-                    gene_medians=gene_map.medians,
-                    model_input_size=model_input_size,
-                    prefix_token_ids=prefix,
-                    suffix_token_ids=suffix,
+            chunks = iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
+                                      show_progress=show_progress)
+            if nproc == 1:
+                encoded_chunks = (
+                    _encode_chunk(chunk, gene_map, source_name=cells.name, model_input_size=model_input_size,
+                                  prefix=prefix, suffix=suffix, count_columns=column_counts is not None)
+                    for chunk in chunks
                 )
-                n_truncated += int((np.diff(matched.indptr) > model_input_size - len(prefix) - len(suffix)).sum())
-                lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-                lengths_parts.append(lengths)
-                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-                flat = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64)
-                rows = chunk.rows
-                arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64())), pa.array(lengths)]
-                arrays += [obs_arrays[c].take(pa.array(rows)) for c in out_columns]
+            else:
+                encoded_chunks = _encode_in_workers(chunks, gene_map, source_name=cells.name, nproc=nproc,
+                                                    model_input_size=model_input_size, prefix=prefix, suffix=suffix)
+            for part in encoded_chunks:
+                total_counts += part.raw_total
+                matched_counts += part.matched_total
+                n_truncated += part.n_truncated
+                lengths_parts.append(part.lengths)
+                offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int32)
+                arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(part.flat, type=pa.int64())),
+                          pa.array(part.lengths)]
+                arrays += [obs_arrays[c].take(pa.array(part.rows)) for c in out_columns]
                 writer.write_batch(pa.record_batch(arrays, schema=schema))
 
     lengths = np.concatenate(lengths_parts)
@@ -475,6 +471,111 @@ def tokenize_anndata(
     dataset = datasets.Dataset.from_file(arrow_path)
     dataset.info.description = stats.to_json()
     return (dataset, stats) if return_stats else dataset
+
+
+@dataclass
+class _EncodedChunk:
+    """One chunk's tokens and counters, as a worker process hands them to the writer."""
+
+    rows: np.ndarray
+    lengths: np.ndarray
+    flat: np.ndarray
+    n_truncated: int
+    raw_total: float
+    matched_total: float
+    column_counts: np.ndarray | None = None  # per file gene, for the symbol map's report
+
+
+def _encode_chunk(chunk: Any, gene_map: GeneMap, *, source_name: str, model_input_size: int,
+                  prefix: tuple[int, ...], suffix: tuple[int, ...], count_columns: bool = False) -> _EncodedChunk:
+    """Check ``n_counts`` and rank value encode one :class:`~geneformer_peft.data.cell_source.CellChunk`."""
+    n_counts = chunk.n_counts
+    matched = gene_map.project(chunk.counts)
+    has_counts = np.diff(matched.indptr) > 0
+    invalid = has_counts & ~(np.isfinite(n_counts) & (n_counts > 0))
+    if invalid.any():
+        row = int(np.flatnonzero(invalid)[0])
+        raise DataError(
+            f"{source_name}: field obs['n_counts'] is {float(n_counts[row])!r} for cell "
+            f"{str(chunk.cell_names[row])!r}; expected a positive total count"
+        )
+    encoded = rank_value_encode(
+        matched,
+        n_counts=n_counts,
+        gene_token_ids=gene_map.token_ids,
+        gene_medians=gene_map.medians,
+        model_input_size=model_input_size,
+        prefix_token_ids=prefix,
+        suffix_token_ids=suffix,
+    )
+    return _EncodedChunk(
+        rows=chunk.rows,
+        lengths=np.array([len(e) for e in encoded], dtype=np.int64),
+        flat=np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.int64),
+        n_truncated=int((np.diff(matched.indptr) > model_input_size - len(prefix) - len(suffix)).sum()),
+        raw_total=float(chunk.raw_totals.sum()),
+        matched_total=float(matched.sum()),
+        column_counts=np.asarray(chunk.counts.sum(axis=0)).ravel() if count_columns else None,
+    )
+
+
+# What a tokenization worker process needs for every chunk, set once by _start_worker.
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(gene_map: GeneMap, source_name: str, encode_options: dict[str, Any]) -> None:
+    _WORKER.update(gene_map=gene_map, source_name=source_name, options=encode_options)
+
+
+def _encode_in_worker(chunk: SimpleNamespace) -> _EncodedChunk:
+    return _encode_chunk(chunk, _WORKER["gene_map"], source_name=_WORKER["source_name"], **_WORKER["options"])
+
+
+def _worker_context():
+    """``fork`` where the platform has it (workers start in milliseconds, share this process's
+    memory copy-on-write, and only run numpy/scipy code on the arrays they are sent, so the
+    threads this process may hold - pyarrow's allocator, torch - are never used in them),
+    else ``spawn`` (workers re-import ``__main__``: scripts need the ``if __name__ ==
+    "__main__":`` guard)."""
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def _encode_in_workers(chunks: Iterator[Any], gene_map: GeneMap, *, source_name: str, nproc: int,
+                       model_input_size: int, prefix: tuple[int, ...], suffix: tuple[int, ...],
+                       count_columns: bool = False):
+    """Encode ``chunks`` in ``nproc`` worker processes and yield the results in their order.
+
+    This process reads and checks the chunks (one reader, so the file is read exactly as
+    with ``nproc=1``); the workers only encode arrays and never touch the file. At most
+    ``2 * nproc`` chunks are in flight, so memory stays bounded by the chunk size whatever
+    the number of cells. A worker's error is raised here for the first failing chunk in
+    order, as in one process.
+    """
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = _worker_context()
+    logger.info("%s: encoding in %d worker processes (%s)", source_name, nproc, context.get_start_method())
+    options = dict(model_input_size=model_input_size, prefix=prefix, suffix=suffix, count_columns=count_columns)
+    executor = ProcessPoolExecutor(max_workers=nproc, mp_context=context,
+                                   initializer=_start_worker, initargs=(gene_map, source_name, options))
+    pending: deque = deque()
+    try:
+        for chunk in chunks:
+            # only plain arrays travel: the worker need not import pandas
+            task = SimpleNamespace(rows=chunk.rows, cell_names=np.asarray(chunk.cell_names, dtype=object),
+                                   counts=chunk.counts, raw_totals=chunk.raw_totals, n_counts=chunk.n_counts)
+            pending.append(executor.submit(_encode_in_worker, task))
+            if len(pending) >= 2 * nproc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _log_stats(stats: TokenizationStats) -> None:

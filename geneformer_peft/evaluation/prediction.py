@@ -4,17 +4,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import io
+import os
 
 import numpy as np
 import pandas as pd
 
-from geneformer_peft.data.cells import EncodedCells
+from geneformer_peft.data.cells import StreamedCells
 from geneformer_peft.errors import DataError
 from geneformer_peft.evaluation.inference import predict_logits, softmax
 from geneformer_peft.evaluation.metrics import classification_metrics
-from geneformer_peft.evaluation.outputs import predictions_frame, write_predictions_csv
-from geneformer_peft.files import write_text
+from geneformer_peft.evaluation.outputs import predictions_frame
+from geneformer_peft.files import atomic_file
 from geneformer_peft.models.device import resolve_device
 from geneformer_peft.models.families import check_input_lengths, family_of_config
 from geneformer_peft.models.loading import load_fold_model
@@ -25,6 +25,8 @@ __all__ = ["UNASSIGNED", "predict_cells"]
 
 #: the label of a cell whose top probability is below ``unassign_threshold``
 UNASSIGNED = "Unassigned"
+#: rows of predictions.csv formatted at a time
+CSV_CHUNK_ROWS = 10_000
 
 
 def predict_cells(model_path, dataset, *, output: str | Path | None = None, base_model=None,
@@ -68,9 +70,12 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
             raise DataError(f"column {label_column!r} holds labels the model was not trained on: {unknown}; "
                             f"model labels: {names}")
         mapping = {v: config.label2id[str(v)] for v in dataset.unique(label_column)}
-    cells = EncodedCells.from_dataset(dataset, label_column=label_column if has_labels else None, label2id=mapping,
-                                      max_length=max_length or family.input_length(config), name="input")
-    check_input_lengths(config, np.diff(cells.offsets), source="input")
+    labels = None
+    if has_labels:
+        labels = np.array([mapping[v] for v in dataset[label_column]], dtype=np.int64)
+    # tokens are read batch by batch from the memory-mapped dataset: memory flat in the number of cells
+    cells = StreamedCells(dataset, labels=labels, max_length=max_length or family.input_length(config), name="input")
+    check_input_lengths(config, cells.full_lengths, source="input")
     logits = predict_logits(model, cells, batch_size=batch_size, device=dev, progress=True)
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
@@ -84,11 +89,17 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
         frame.loc[below, "pred_cellcode"] = -1
         logger.info("%d of %d cells below unassign_threshold=%g -> %s", int(below.sum()), len(frame),
                     float(unassign_threshold), UNASSIGNED)
-    if output is not None and unassign_threshold is None:
-        write_predictions_csv(output, **kwargs)
-    elif output is not None:  # the same table, with the relabelled cells
-        buffer = io.StringIO()
-        frame.to_csv(buffer, index=False)
-        write_text(output, buffer.getvalue())
+    if output is not None:  # the table of write_predictions_csv (relabelled cells included), streamed
+        _write_csv_in_chunks(frame, output)
     metrics = classification_metrics(truth, preds, label_names=names, probabilities=probs) if has_labels else None
     return frame, metrics
+
+
+def _write_csv_in_chunks(frame: pd.DataFrame, output: str | Path, rows: int = CSV_CHUNK_ROWS) -> None:
+    """``frame.to_csv(output, index=False)``, atomically, formatting ``rows`` rows at a time
+    (the same text as formatting the whole table at once, without holding it as one string)."""
+    with atomic_file(output) as tmp_name, open(tmp_name, "w", encoding="utf-8", newline="") as handle:
+        for start in range(0, max(len(frame), 1), rows):
+            frame.iloc[start:start + rows].to_csv(handle, index=False, header=start == 0)
+        handle.flush()
+        os.fsync(handle.fileno())

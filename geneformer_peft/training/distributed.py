@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["barrier", "init_distributed", "is_distributed", "is_main_process", "launched_by_torchrun", "local_device", "rank", "world_size"]
+__all__ = ["barrier", "gather_rows", "init_distributed", "shard_of", "is_distributed", "is_main_process", "launched_by_torchrun", "local_device", "rank", "world_size"]
 
 
 def launched_by_torchrun() -> bool:
@@ -60,3 +60,36 @@ def local_device(device: torch.device) -> torch.device:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shard_of(n_items: int) -> range:
+    """Indices ``0..n_items-1`` this rank takes: every ``world_size``-th from its rank (all of
+    them in one process). The items are batches already formed as one process forms them, so
+    that each is computed exactly as it would be without ``torchrun``."""
+    return range(rank(), n_items, world_size())
+
+
+def gather_rows(positions, values, n_rows: int):
+    """Rank 0: an ``(n_rows, ...)`` array with each rank's ``values`` at its ``positions``
+    (input order); other ranks: ``None``. One process: ``values`` placed at ``positions``.
+
+    ``positions`` of all ranks together must cover ``0..n_rows-1`` once each.
+    """
+    import numpy as np
+
+    parts = [(positions, values)]
+    if is_distributed():
+        gathered = [None] * world_size() if is_main_process() else None
+        dist.gather_object((positions, values), gathered, dst=0)
+        if not is_main_process():
+            return None
+        parts = gathered
+    first = parts[0][1]
+    out = np.zeros((n_rows, *first.shape[1:]), dtype=first.dtype)
+    seen = np.zeros(n_rows, dtype=np.int64)
+    for pos, val in parts:
+        out[pos] = val
+        seen[pos] += 1
+    if not (seen == 1).all():
+        raise RuntimeError(f"gather_rows: {int((seen != 1).sum())} of {n_rows} rows were not given exactly once")
+    return out

@@ -289,14 +289,112 @@ class SearchSettings:
     pruner_startup_trials: int = 2
     pruner_warmup_epochs: int = 0
     sampler_seed: int | None = None
+    #: where the study lives: ``None`` (``output_dir/study.db``), an RDB URL
+    #: (``postgresql://user:password@host:5432/db``, ``sqlite:///path.db``) or ``journal:PATH``
+    storage: str | None = None
 
     @property
     def storage_path(self) -> Path:
+        """The local SQLite file (also the creation lock's name when the study lives elsewhere)."""
         return Path(self.output_dir) / "study.db"
+
+    @property
+    def storage_name(self) -> str:
+        """Where the study lives, for messages (an RDB URL's password left out)."""
+        if self.storage is None:
+            return str(self.storage_path)
+        return _hide_password(self.storage)
+
+
+#: what --storage accepts besides the default SQLite file
+JOURNAL_PREFIX = "journal:"
 
 
 def storage_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
+
+
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in credentials else ''}@{host}"
+
+
+def check_storage(value: str) -> str:
+    """Return ``value`` if it is a storage that :func:`open_study` can use, else raise.
+
+    Accepted: an RDB URL that SQLAlchemy understands (``postgresql://...``,
+    ``mysql://...``, ``sqlite:///...``) or ``journal:PATH`` (Optuna's journal file, for a
+    filesystem shared by several machines).
+
+    Raises
+    ------
+    DataError
+        Naming the value and what was expected.
+    """
+    expected = ("expected an RDB URL such as postgresql://user:password@host:5432/dbname or sqlite:///path/study.db, "
+                "or journal:/shared/path/study.journal")
+    if value.startswith(JOURNAL_PREFIX):
+        path = Path(value[len(JOURNAL_PREFIX):]).expanduser()
+        if not value[len(JOURNAL_PREFIX):] or path.is_dir():
+            raise DataError(f"--storage {value!r}: the journal file's path is empty or a directory; {expected}")
+        if not path.parent.is_dir():
+            raise DataError(f"--storage {value!r}: folder {path.parent} does not exist; {expected}")
+        return value
+    if "://" not in value:
+        raise DataError(f"--storage {value!r} is neither a URL nor journal:PATH; {expected}")
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(value)
+    except Exception as error:  # noqa: BLE001 (SQLAlchemy raises several types for a bad URL)
+        raise DataError(f"--storage {_hide_password(value)!r} is not a valid URL ({error}); {expected}") from None
+    if url.get_backend_name() not in ("postgresql", "mysql", "sqlite", "mariadb", "oracle", "mssql"):
+        raise DataError(f"--storage {_hide_password(value)!r}: database {url.get_backend_name()!r} is not one "
+                        f"Optuna's RDB storage supports; {expected}")
+    return value
+
+
+def make_storage(settings: SearchSettings):
+    """The Optuna storage of ``settings``: the SQLite file in the output folder (default), an
+    RDB URL (PostgreSQL for several machines), or a journal file on a shared filesystem.
+    RDB storages record heartbeats, so that the trial of a killed process is failed."""
+    import optuna
+
+    if settings.storage is not None and settings.storage.startswith(JOURNAL_PREFIX):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(settings.storage[len(JOURNAL_PREFIX):]).expanduser()
+        return JournalStorage(JournalFileBackend(str(path)))
+    url = storage_url(settings.storage_path) if settings.storage is None else check_storage(settings.storage)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    # processes on several machines may create the tables of a new database at once: the one that
+    # loses the race sees "already exists" and retries (a lock file cannot serve across machines)
+    for attempt in range(6):
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they fail trials of killed processes
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30,
+                                                  grace_period=120)
+            except ImportError as error:
+                raise DataError(f"--storage {settings.storage_name!r} needs a database driver that is not installed "
+                                f"({error}); for PostgreSQL: pip install 'psycopg[binary]' (SQLAlchemy >= 2.1) or "
+                                "psycopg2-binary, or name the driver: postgresql+psycopg://...") from None
+            except Exception as error:  # noqa: BLE001 (SQLAlchemy's and the driver's errors)
+                text = str(error)
+                if ("already exists" in text or "duplicate key" in text) and attempt < 5:
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                if "OperationalError" not in type(error).__name__:
+                    raise
+                raise DataError(f"--storage {settings.storage_name!r}: cannot connect ({text.splitlines()[0]}); "
+                                "expected a running database server that this user may write to") from None
+    raise AssertionError("unreachable")
 
 
 def _require_optuna() -> None:
@@ -324,7 +422,7 @@ def check_space_fits_method(space: SearchSpace, opts: RunOptions) -> None:
 
 
 def open_study(settings: SearchSettings, *, n_existing: int | None = None, record: dict | None = None):
-    """Create or load the study in ``settings.storage_path`` (TPE sampler, median pruner).
+    """Create or load the study in ``settings``' storage (TPE sampler, median pruner).
 
     ``record`` (:func:`study_settings`): recorded in a new study, compared with an existing
     one's (:func:`check_study_settings`), under the same lock as the creation.
@@ -356,11 +454,7 @@ def _creation_lock(path: Path):
 def _open_study(settings: SearchSettings, n_existing: int | None):
     import optuna
 
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they fail trials of killed processes
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            storage_url(settings.storage_path), engine_kwargs={"connect_args": {"timeout": 120}},
-            heartbeat_interval=30, grace_period=120)
+    storage = make_storage(settings)
     # a resumed (or second) process must not replay the first one's random draws: the seed moves on
     # with the trials stored; without --sampler_seed it also differs between processes started together
     seed = settings.sampler_seed if settings.sampler_seed is not None else settings.run.training.seed + _process_salt()
@@ -445,13 +539,13 @@ def check_study_settings(study, settings: SearchSettings, record: Mapping[str, A
         if study.trials:
             logger.warning("study %r in %s has %d trials but no recorded settings (made by an older version): they "
                            "cannot be checked against this command's, which are recorded from now on",
-                           settings.study_name, settings.storage_path, len(study.trials))
+                           settings.study_name, settings.storage_name, len(study.trials))
         study.set_user_attr(SETTINGS_ATTR, dict(record))
         return
     diffs = prov.compare_settings(recorded, record)
     if diffs:
         raise SettingsChanged(
-            f"study {settings.study_name!r} in {settings.storage_path} was created with other settings than this "
+            f"study {settings.study_name!r} in {settings.storage_name} was created with other settings than this "
             f"command's, and its {len(study.trials)} trials were measured with those; refusing to {action}, which "
             f"would mix values that cannot be compared ({len(diffs)} setting{'s' if len(diffs) != 1 else ''} "
             "differ):\n"
@@ -614,7 +708,7 @@ def run_search(settings: SearchSettings) -> Any:
         study = open_study(settings, record=record)
         study.set_user_attr("folds", list(folds))
         logger.info("search %r in %s: %d trials so far; adding %s (timeout %s s); folds %s; space %s; pruning %s",
-                    settings.study_name, settings.storage_path, len(study.trials), settings.n_trials,
+                    settings.study_name, settings.storage_name, len(study.trials), settings.n_trials,
                     settings.timeout, folds, settings.space.names, settings.pruning)
 
         def objective(trial) -> float:
@@ -638,7 +732,7 @@ def run_search(settings: SearchSettings) -> Any:
             except KeyboardInterrupt:
                 ending.error = RunInterrupted(
                     f"search interrupted during trial {trial.number} (recorded as failed); study "
-                    f"{settings.study_name!r} in {settings.storage_path} keeps its finished trials: rerun the same "
+                    f"{settings.study_name!r} in {settings.storage_name} keeps its finished trials: rerun the same "
                     "command to add trials")
                 raise ending.error from None
             except DataError as error:  # reported by the command as one line
@@ -658,7 +752,7 @@ def run_search(settings: SearchSettings) -> Any:
                                catch=(TrainingDiverged,), gc_after_trial=True)
         except KeyboardInterrupt as error:  # also between trials, inside Optuna
             stopped = error if isinstance(error, RunInterrupted) else RunInterrupted(
-                f"search interrupted between trials; study {settings.study_name!r} in {settings.storage_path} keeps "
+                f"search interrupted between trials; study {settings.study_name!r} in {settings.storage_name} keeps "
                 "its finished trials: rerun the same command to add trials")
             raise stopped from None
         except BaseException as error:
@@ -764,6 +858,14 @@ def best_command(opts: RunOptions, params: Mapping[str, Any], config_path: Path,
     if num_threads is not None:
         command += ["--num_threads", str(num_threads)]
     return command
+
+
+def collect_outputs(settings: SearchSettings) -> dict[str, Path]:
+    """Write this folder's outputs (:func:`write_search_outputs`) from the study as it stands,
+    running no trial: on any of several machines sharing a study, after the others finished."""
+    study = open_study(settings)
+    logger.info("study %r in %s: %d trials", settings.study_name, settings.storage_name, len(study.trials))
+    return write_search_outputs(study, settings)
 
 
 def write_search_outputs(study, settings: SearchSettings) -> dict[str, Path]:
@@ -875,7 +977,7 @@ def refit_best(settings: SearchSettings) -> dict[str, Any]:
     """
     study = open_study(settings)
     if not _completed(study):
-        raise DataError(f"study {settings.study_name!r} in {settings.storage_path} has no completed trial; "
+        raise DataError(f"study {settings.study_name!r} in {settings.storage_name} has no completed trial; "
                         "run the search (--n_trials N) before --refit")
     # the best parameters are refitted with the settings they were measured with
     opts = settings.run
