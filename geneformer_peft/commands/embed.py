@@ -64,22 +64,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--overwrite", action="store_true", help="Replace an existing --output.")
 
 
-def refuse_foreign_report(metrics_file: Path, output: Path, *, overwrite: bool) -> None:
-    """The quality report beside --output is shared by every embed writing into that folder: refuse
-    to replace one written for another output (its figures would be lost) unless --overwrite."""
+def keep_foreign_report(metrics_file: Path, output: Path) -> None:
+    """The quality report beside --output is shared by every embed writing into that folder: one
+    written for another output is kept, renamed after that output (``<its name>.<report name>``),
+    before this run's report takes its place."""
     import json
+    import os
 
     from geneformer_peft.errors import DataError
 
-    if overwrite or not metrics_file.is_file():
+    if not metrics_file.is_file():
         return
     try:
         owner = json.loads(metrics_file.read_text(encoding="utf-8")).get("output")
     except (OSError, ValueError, AttributeError):
         owner = None
-    if owner is not None and Path(owner).resolve() != Path(output).resolve():
-        raise DataError(f"{metrics_file} holds the quality report of {owner}, and this run would replace it; pass "
-                        "--metrics_output FILE for this one's, or --overwrite to replace it")
+    if owner is None or Path(owner).resolve() == Path(output).resolve():
+        return
+    kept = metrics_file.with_name(f"{Path(owner).name}.{metrics_file.name}")
+    if kept.exists():
+        raise DataError(f"{metrics_file} holds the quality report of {owner}, and {kept} exists already, so it "
+                        "cannot be kept; pass --metrics_output FILE for this run's report")
+    os.replace(metrics_file, kept)
+    logger.info("the quality report of %s moved to %s (this run's report takes %s)", owner, kept, metrics_file)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands._common import guarded
 
     metrics_file = args.metrics_output or args.output.parent / METRICS_FILE
-    refuse_foreign_report(Path(metrics_file), args.output, overwrite=args.overwrite)
     staged = None  # the report is staged beside the table and moved into place after it
     try:
         with guarded(args, "embed", inputs=("input", "model_path", "base_model", "token_dictionary"),
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                                allow_other_base=args.allow_other_base)
         if result["metrics_file"]:
             Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            keep_foreign_report(Path(metrics_file), args.output)
             os.replace(staged, metrics_file)
             result["metrics_file"] = metrics_file
     finally:

@@ -94,15 +94,14 @@ def test_the_refusal_of_another_base_names_the_one_trained_on(finished_runs, job
     assert f"pass the base the fold was trained on ({Path(job_data.model_path).resolve()})" in _error(caplog)
 
 
-def test_a_second_embed_into_the_folder_keeps_the_first_report(tmp_path, caplog):
+def test_a_second_embed_into_the_folder_keeps_the_first_report(tmp_path):
     argv = ["embed", "--model_path", str(EXAMPLE_CKPT), "--input", str(EXAMPLE_TEST0), "--device", "cpu",
             "--no_plots"]
     assert main(argv + ["--output", str(tmp_path / "a.csv")]) == 0
     first = (tmp_path / "embedding_metrics.json").read_text()
-    assert main(argv + ["--output", str(tmp_path / "b.csv")]) == 2
-    assert "holds the quality report of" in _error(caplog) and "--metrics_output" in _error(caplog)
-    assert (tmp_path / "embedding_metrics.json").read_text() == first and not (tmp_path / "b.csv").exists()
-    assert main(argv + ["--output", str(tmp_path / "b.csv"), "--metrics_output", str(tmp_path / "b.json")]) == 0
+    assert main(argv + ["--output", str(tmp_path / "b.csv")]) == 0
+    assert (tmp_path / "a.csv.embedding_metrics.json").read_text() == first  # kept, named after its output
+    assert json.loads((tmp_path / "embedding_metrics.json").read_text())["output"] == str(tmp_path / "b.csv")
 
 
 def test_a_perturbation_scan_is_not_resumed_on_other_cells(tmp_path, caplog):
