@@ -24,10 +24,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.30", "peft>=0.6", "hypothesis>=6", "anndata>=0.9", "matplotlib>=3.5",
-                 "optuna>=3.0", "performer-pytorch==1.1.4", "umap-learn>=0.5", "torchao>=0.18", "psycopg[binary]>=3.1",
+                 "optuna>=3.0", "performer-pytorch==1.1.4", "umap-learn>=0.5", "torchao>=0.18", "psycopg>=3.1", "psycopg-binary>=3.1",
                  "nbclient>=0.7", "nbformat>=5", "ipykernel>=6"],  # the tutorial notebook runs in the tests
         "search": ["optuna>=3.0", "matplotlib>=3.5"],
-        "postgres": ["optuna>=3.0", "psycopg[binary]>=3.1"],
+        "postgres": ["optuna>=3.0", "psycopg>=3.1", "psycopg-binary>=3.1"],
         "plot": ["matplotlib>=3.5"],
         "quant": ["torchao>=0.18"],  # finetune --quantize (nf4 / int8 frozen base); pure PyTorch, CPU or CUDA
         "loom": ["loompy>=3.0"],

@@ -25,7 +25,7 @@ HASH_CHUNK = 1 << 20
 
 
 class FileHashCache:
-    """SHA-256 of files, remembered by (path, size, mtime) in a JSON file."""
+    """SHA-256 of files, remembered by (path, size, modification and change time, inode) in a JSON file."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -43,13 +43,17 @@ class FileHashCache:
         stat = file.stat()
         key = str(file)
         entry = self._entries.get(key)
-        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        # size and modification time alone miss a file rewritten within one clock tick (coarse file
+        # timestamps); the inode and change time catch a replaced or rewritten file
+        if entry and all(entry.get(k) == v for k, v in (("size", stat.st_size), ("mtime_ns", stat.st_mtime_ns),
+                                                         ("ctime_ns", stat.st_ctime_ns), ("inode", stat.st_ino))):
             return entry["sha256"]
         digest = hashlib.sha256()
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
                 digest.update(chunk)
-        self._entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+        self._entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+                              "inode": stat.st_ino, "sha256": digest.hexdigest()}
         self._dirty = True
         return digest.hexdigest()
 

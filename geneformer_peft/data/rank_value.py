@@ -432,8 +432,11 @@ def tokenize_anndata(
                 )
             else:
                 encoded_chunks = _encode_in_workers(chunks, gene_map, source_name=cells.name, nproc=nproc,
-                                                    model_input_size=model_input_size, prefix=prefix, suffix=suffix)
+                                                    model_input_size=model_input_size, prefix=prefix, suffix=suffix,
+                                                    count_columns=column_counts is not None)
             for part in encoded_chunks:
+                if column_counts is not None:
+                    column_counts += part.column_counts
                 total_counts += part.raw_total
                 matched_counts += part.matched_total
                 n_truncated += part.n_truncated
