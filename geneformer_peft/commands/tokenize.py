@@ -17,6 +17,10 @@ whose obs[col] equals one of the values, e.g. --obs_filter demuxlet_cls=SNG.
 scBERT: --encoding binned --gene_panel PANEL.txt|.npy [--gene2vec FILE.npy] writes one
 position per panel gene (binned log2 expression, uint8) instead; see docs/scbert.md.
 
+CellFM: --encoding cellfm --token_dictionary MODEL/tokenizer.json [--max_genes 2048] writes each
+cell's expressed genes (input_ids) with their log1p(count * 10,000 / cell total) (values), highest
+value first, at most --max_genes; see docs/cellfm.md.
+
 Example:
   geneformer-peft tokenize --input cells.h5ad --output cells.dataset \\
       --token_dictionary token_dictionary.pkl --gene_median_dictionary gene_median_dictionary.pkl \\
@@ -29,11 +33,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands import _binned_tokenize
+from geneformer_peft.commands import _binned_tokenize, _cellfm_tokenize
 from geneformer_peft.commands._common import check_output_path
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+#: --model_input_size's default (V1's 2048)
+DEFAULT_MODEL_INPUT_SIZE = 2048
 
 HELP = "tokenize a .h5ad/.loom file of raw counts into a Geneformer dataset"
 
@@ -49,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")
-    parser.add_argument("--model_input_size", type=int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
+    parser.add_argument("--model_input_size", type=int, default=DEFAULT_MODEL_INPUT_SIZE, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
     parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
     parser.add_argument("--chunk_size", type=int, default=512, help="Cells read at a time (memory stays flat).")
     parser.add_argument("--filter_column", default="filter_pass", help="obs column; when present only cells with value 1 are tokenized. Use '' to disable.")
@@ -57,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
     _binned_tokenize.add_arguments(parser)
+    _cellfm_tokenize.add_arguments(parser)
 
 
 def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
@@ -74,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``tokenize``."""
     if args.encoding == "binned":
         return _binned_tokenize.run(args)
+    if args.encoding == "cellfm":
+        return _cellfm_tokenize.run(args)
     _binned_tokenize.refuse_binned_options(args)
+    _cellfm_tokenize.refuse_cellfm_options(args)
     from geneformer_peft.data.dataset_io import save_dataset_atomically
     from geneformer_peft.data.rank_value import tokenize_anndata
     from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries
