@@ -25,6 +25,8 @@ MODEL_TYPE = "cellfm"
 #: the classifier heads: ``linear`` (Linear(d, C) on the cls state) or ``mlp``
 #: (Linear(d, h) - BatchNorm - LeakyReLU - Linear(h, C), h = ``classifier_hidden_size``)
 CLASSIFIER_HEADS = ("linear", "mlp")
+#: the classifier head's keys, which a fine-tuning method file (``--config``) may set
+HEAD_KEYS = ("classifier_head", "classifier_hidden_size")
 
 CELLFM_DEFAULTS: dict[str, Any] = {
     "vocab_size": 27856,          # gene_emb rows: pad row 0 + genes (+ rows up to a multiple of 8)

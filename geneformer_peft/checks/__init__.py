@@ -102,7 +102,8 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
     check_encoding(report, datasets, family.encoding)
     vocab_size = _vocab_size(config)
     length = max_length or family.input_length(config)
-    check_token_ids(report, datasets, vocab_size=vocab_size, max_length=None if family.fixed_length else length)
+    check_token_ids(report, datasets, vocab_size=vocab_size,
+                    max_length=None if family.fixed_length else family.data_length(length))
 
     pretrained_ids = id_to_gene = None
     special_ids: set[int] = set()

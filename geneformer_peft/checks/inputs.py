@@ -52,6 +52,12 @@ def _tokenize_raw(model_path: Path, path: Path, *, token_dictionary, gene_median
                             f"{path}")
         return tokenize_binned(path, gene_panel=panel, gene_id_column=gene_id_column, label_column=label_column,
                                show_progress=False)
+    if family.encoding == "cellfm":
+        from geneformer_peft.data.cellfm import tokenize_cellfm
+
+        vocabulary = token_dictionary or model_path
+        return tokenize_cellfm(path, token_dictionary=vocabulary, gene_id_column=gene_id_column,
+                               label_column=label_column, max_genes=UNTRUNCATED, show_progress=False)
     from geneformer_peft.data.rank_value import tokenize_anndata
 
     tokens = token_dictionary or next((model_path / n for n in ("tokenizer.json", "token_dictionary.pkl")

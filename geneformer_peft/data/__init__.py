@@ -35,6 +35,7 @@ _WHERE = {
     "CELL_ID_COLUMN": "cells",
     "EncodedCells": "cells",
     "collate_cells": "cells",
+    "model_inputs": "cells",
     "MaskedLMCollator": "collator",
     "WorkerGenerator": "collator",
     "pad_input_ids": "collator",

@@ -69,7 +69,8 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
                             f"model labels: {names}")
         mapping = {v: config.label2id[str(v)] for v in dataset.unique(label_column)}
     cells = EncodedCells.from_dataset(dataset, label_column=label_column if has_labels else None, label2id=mapping,
-                                      max_length=max_length or family.input_length(config), name="input")
+                                      max_length=family.data_length(max_length or family.input_length(config)),
+                                      name="input", values_column=family.values_column)
     check_input_lengths(config, np.diff(cells.offsets), source="input")
     logits = predict_logits(model, cells, batch_size=batch_size, device=dev, progress=True)
     probs = softmax(logits)

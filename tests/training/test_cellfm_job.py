@@ -1,0 +1,167 @@
+"""The cross-validation job run unchanged on a tiny CellFM checkpoint (the family comes from its
+config.json): every output file, resume of an interrupted fold, the values baseline, prediction
+from the fold folders (full and PEFT-only weights) equal to the model run directly on the
+dataset's ids *and values*, ``--max_length`` counting the cls, and the encodings refused across
+families."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from cellfm_factories import JOB_MAX_GENES, make_cellfm_job_data
+
+import job_factories as jf
+from geneformer_peft.cli import main
+from geneformer_peft.data.dataset_io import load_saved_dataset
+from geneformer_peft.training import trainer as trainer_module
+
+FLAGS = ["--batch_size", "8", "--no_progress", "--lr", "3e-3", "--device", "cpu"]
+FOLD_FILES = {"config.json", "metrics.json", "predictions.csv", "predictions.pickle", "history.json",
+              "fold_done.json", "peft_model.safetensors", "provenance.json", "confusion_matrix.png",
+              "training_curves.png", "baseline_metrics.json", "baseline_predictions.csv", "tokenizer.json"}
+
+
+class Interrupted(Exception):
+    """Stands for a killed process (raised right after an epoch checkpoint was written)."""
+
+
+@pytest.fixture(scope="module")
+def cellfm_job(tmp_path_factory):
+    return make_cellfm_job_data(tmp_path_factory.mktemp("cellfm_job"))
+
+
+def _argv(data, output: Path, *extra: str) -> list[str]:
+    return ["finetune", "--dataset_name", data.dataset_name, "--data_path", str(data.data_path), "--model_path",
+            str(data.model_path), "--output_path", str(output), *FLAGS, *extra]
+
+
+def _direct_probabilities(fold_dir: Path, test: Path, *, max_genes: int | None = None, zero_values: bool = False):
+    """The fold's classifier run by hand on the test split's ids and values (one cell at a time)."""
+    import transformerslocal as tl
+
+    model = tl.CellFMForSequenceClassification.from_pretrained(fold_dir).eval()
+    dataset = load_saved_dataset(test)
+    out = []
+    with torch.no_grad():
+        for ids, values in zip(dataset["input_ids"], dataset["values"]):
+            ids, values = torch.tensor([ids[:max_genes]]), torch.tensor([values[:max_genes]])
+            if zero_values:
+                values = torch.zeros_like(values)
+            out.append(torch.softmax(model(ids, values).logits, dim=-1)[0].numpy())
+    return np.stack(out)
+
+
+def test_cellfm_job_outputs_resume_and_predict(cellfm_job, tmp_path, monkeypatch, caplog):
+    data = cellfm_job
+    argv = ["--epoch", "3", "--early_stopping_patience", "0", "--prompt_type", "lora"]
+    reference = tmp_path / "reference" / "lora" / "tiny"
+    assert main(_argv(data, tmp_path / "reference", *argv, "--folds", "1")) == 0
+
+    original = trainer_module.FoldTrainer._save_checkpoint
+
+    def save_then_die(self, epoch, state):
+        original(self, epoch, state)
+        if self.desc == "fold 1" and epoch == 2:
+            raise Interrupted("killed after epoch 2")
+
+    monkeypatch.setattr(trainer_module.FoldTrainer, "_save_checkpoint", save_then_die)
+    run = tmp_path / "out" / "lora" / "tiny"
+    with pytest.raises(Interrupted):
+        main(_argv(data, tmp_path / "out", *argv))
+    monkeypatch.undo()
+    assert (run / "0" / "fold_done.json").is_file() and not (run / "1").exists()
+    with caplog.at_level(logging.INFO):
+        assert main(_argv(data, tmp_path / "out", *argv)) == 0
+    assert "fold 0: finished earlier, skipped" in caplog.text and "resuming after epoch 2" in caplog.text
+    # the linear baseline reads each gene's log1p value at its id
+    assert "tokens features, values encoding" in caplog.text
+    assert jf.result_metrics(jf.read_json(run / "1" / "metrics.json")) == \
+        jf.result_metrics(jf.read_json(reference / "1" / "metrics.json"))
+    compatibility = jf.read_json(run / "compatibility.json")
+    assert "cellfm, as the model reads" in json.dumps(compatibility)
+
+    assert {"summary.csv", "summary.json", "run.log"} <= {p.name for p in run.iterdir()}
+    for fold in (0, 1):
+        files = {p.name for p in (run / str(fold)).iterdir()}
+        assert FOLD_FILES <= files, f"fold {fold} lacks {sorted(FOLD_FILES - files)}"
+        config = jf.read_json(run / str(fold) / "config.json")
+        assert config["model_type"] == "cellfm" and config["prompt_type"] == "lora"
+        assert config["finetune_max_length"] == JOB_MAX_GENES + 1  # the cls and max_genes genes
+        metrics = jf.read_json(run / str(fold) / "metrics.json")
+        assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
+        assert jf.read_json(run / str(fold) / "provenance.json")
+
+    # the fold's predictions are the model's on the ids and their values (zeroed values differ)
+    fold_dir, test = run / "0", data.fold_file(0, "test")
+    expected = pd.read_csv(fold_dir / "predictions.csv")
+    prob_columns = [c for c in expected.columns if c.startswith("prob_")]
+    direct = _direct_probabilities(fold_dir, test)
+    np.testing.assert_allclose(expected[prob_columns].to_numpy(), direct, atol=1e-5)
+    assert np.abs(_direct_probabilities(fold_dir, test, zero_values=True) - direct).max() > 1e-3
+    for extra in ([], ["--base_model", str(data.model_path)]):
+        out = tmp_path / f"pred{len(extra)}.csv"
+        assert main(["predict", "--model_path", str(fold_dir), "--input", str(test), "--output", str(out),
+                     *extra]) == 0
+        np.testing.assert_allclose(pd.read_csv(out)[prob_columns].to_numpy(), direct, atol=1e-5)
+    # --max_length counts positions with the cls: 11 reads each cell's first 10 genes (the highest values)
+    out = tmp_path / "short.csv"
+    assert main(["predict", "--model_path", str(fold_dir), "--input", str(test), "--output", str(out),
+                 "--max_length", "11"]) == 0
+    np.testing.assert_allclose(pd.read_csv(out)[prob_columns].to_numpy(),
+                               _direct_probabilities(fold_dir, test, max_genes=10), atol=1e-5)
+
+
+def test_cellfm_full_finetune_random_init_and_mlp_head(cellfm_job, tmp_path):
+    output = tmp_path / "out"
+    assert main(_argv(cellfm_job, output, "--epoch", "1", "--folds", "0", "--prompt_type", "", "--random_init")) == 0
+    run = output / "full_finetune" / "tiny"
+    metrics = jf.read_json(run / "0" / "metrics.json")
+    assert metrics["trainable_parameters"] == metrics["total_parameters"]
+    # the recipe's MLP head chosen by a --config of the checkpoint's size
+    method = {**jf.read_json(cellfm_job.model_path / "config.json"), "classifier_head": "mlp"}
+    (tmp_path / "method.json").write_text(json.dumps(method))
+    assert main(_argv(cellfm_job, tmp_path / "mlp", "--epoch", "1", "--folds", "0", "--prompt_type", "",
+                      "--max_length", "20", "--config", str(tmp_path / "method.json"))) == 0
+    config = jf.read_json(tmp_path / "mlp" / "full_finetune" / "tiny" / "0" / "config.json")
+    assert config["finetune_max_length"] == 20 and config["classifier_head"] == "mlp"
+
+
+def test_encodings_are_refused_across_families(cellfm_job, job_data, tmp_path, caplog):
+    """Rank-value folds on a CellFM checkpoint, and CellFM folds on a BERT checkpoint: exit 2
+    before training, naming both encodings."""
+    argv = _argv(cellfm_job, tmp_path / "a", "--epoch", "1", "--folds", "0")
+    argv[argv.index("--data_path") + 1] = str(job_data.data_path)
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert "is rank_value-encoded" in caplog.text and "reads cellfm-encoded cells" in caplog.text
+    argv = _argv(cellfm_job, tmp_path / "b", "--epoch", "1", "--folds", "0")
+    argv[argv.index("--model_path") + 1] = str(job_data.model_path)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert "is cellfm-encoded" in caplog.text and "reads rank_value-encoded cells" in caplog.text
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("fold_done.json"))
+
+
+def test_cells_without_values_are_refused_naming_the_column(cellfm_job, tmp_path):
+    from datasets import load_from_disk
+
+    from geneformer_peft.data.cells import EncodedCells
+    from geneformer_peft.errors import DataError
+
+    cells = load_from_disk(str(cellfm_job.cells))
+    with pytest.raises(DataError, match="no 'values' column; the model reads each gene's expression value"):
+        EncodedCells.from_dataset(cells.remove_columns("values"), values_column="values")
+    shifted = cells.map(lambda row: {"values": row["values"][1:]})
+    with pytest.raises(DataError, match="row 0 has .* 'values' for .* input_ids; expected one value per gene"):
+        EncodedCells.from_dataset(shifted, values_column="values")
+    encoded = EncodedCells.from_dataset(cells, values_column="values", max_length=5)
+    item = encoded[0]
+    np.testing.assert_allclose(item["values"], cells[0]["values"][:5], rtol=1e-6)
+    assert "values" not in EncodedCells.from_dataset(cells)[0]
