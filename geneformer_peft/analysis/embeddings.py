@@ -153,6 +153,11 @@ def embed_cells(model, cells: TokenizedCells, *, specials: SpecialTokens, mode: 
     """
     if mode not in ("cell", "cls"):
         raise ValueError(f"mode {mode!r}; expected 'cell' or 'cls' (gene embeddings: embed_genes)")
+    values_column = _values_column(model)
+    if values_column is not None:  # CellFM: ids and values, the model's own cls in front
+        return _embed_cells_with_values(model, cells, values_column, mode=mode, emb_layer=emb_layer,
+                                        batch_size=batch_size, device=device, precision=precision,
+                                        progress=progress)
     if mode == "cls":
         check_cls_inputs(cells, specials)
     dev, prec, reader = _setup(model, device, precision, emb_layer)
@@ -165,6 +170,45 @@ def embed_cells(model, cells: TokenizedCells, *, specials: SpecialTokens, mode: 
         with autocast(dev, prec):
             hidden, _ = reader(input_ids, attention_mask)
         out[idx] = pool_cells(hidden, genes, mode).cpu().numpy()
+    return out
+
+
+def _values_column(model) -> str | None:
+    """The dataset column of expression values ``model``'s family reads (CellFM), else ``None``."""
+    from geneformer_peft.models.families import family_of_config
+
+    return family_of_config(model.config).values_column
+
+
+@torch.no_grad()
+def _embed_cells_with_values(model, cells: TokenizedCells, values_column: str, *, mode: str, emb_layer: int,
+                             batch_size: int, device, precision: str, progress: bool) -> np.ndarray:
+    """:func:`embed_cells` for a model that reads values beside the ids and puts its own cls at
+    position 0 (CellFM): ``cls`` is that position, ``cell`` the mean over the gene positions."""
+    from geneformer_peft.analysis.layers import resolve_emb_layer
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    prec = resolve_precision(precision, dev)
+    model.to(dev).eval()
+    index = resolve_emb_layer(emb_layer, int(model.config.num_hidden_layers))
+    out = np.zeros((len(cells), model.config.hidden_size), dtype=np.float32)
+    total = -(-len(cells) // batch_size)
+    for idx in tqdm(length_grouped_batches(cells.lengths, batch_size), total=total, desc=f"embed ({mode})",
+                    disable=None if progress else True, leave=False):
+        batch = pad_input_ids(cells.tokens(idx), pad_token_id=int(model.config.pad_token_id))
+        values = np.zeros(tuple(batch["input_ids"].shape), dtype=np.float32)
+        for row, cell_values in enumerate(cells.token_values(idx, values_column)):
+            values[row, :len(cell_values)] = cell_values
+        mask = batch["attention_mask"].to(dev)
+        with autocast(dev, prec):
+            hidden = model(batch["input_ids"].to(dev), torch.from_numpy(values).to(dev), mask,
+                           output_hidden_states=True).hidden_states[index]
+        if mode == "cls":
+            pooled = hidden[:, 0].float()
+        else:
+            weights = mask.to(torch.float32).unsqueeze(1)  # (B, 1, L): the gene positions 1..L
+            pooled = torch.bmm(weights, hidden[:, 1:].float()).squeeze(1) / weights.sum(dim=2)
+        out[idx] = pooled.cpu().numpy()
     return out
 
 

@@ -165,3 +165,33 @@ def test_cells_without_values_are_refused_naming_the_column(cellfm_job, tmp_path
     item = encoded[0]
     np.testing.assert_allclose(item["values"], cells[0]["values"][:5], rtol=1e-6)
     assert "values" not in EncodedCells.from_dataset(cells)[0]
+
+
+def test_cellfm_embed_cls_and_cell_modes(cellfm_job, tmp_path, caplog):
+    """``embed`` on a CellFM checkpoint: ``cls`` is the model's own cls state at the read layer,
+    ``cell`` the mean over the gene positions; both from the ids and their values."""
+    import anndata
+
+    import transformerslocal as tl
+
+    data = cellfm_job
+    model = tl.CellFMForMaskedValues.from_pretrained(data.model_path).eval()
+    dataset = load_saved_dataset(data.cells)
+    for mode, layer in (("cls", "0"), ("cell", "-1")):
+        out = tmp_path / f"{mode}.h5ad"
+        assert main(["embed", "--model_path", str(data.model_path), "--input", str(data.cells), "--output", str(out),
+                     "--emb_mode", mode, "--emb_layer", layer, "--no_plots", "--device", "cpu",
+                     "--batch_size", "7"]) == 0
+        got = anndata.read_h5ad(out).obsm["X_geneformer"]
+        with torch.no_grad():
+            for row in (0, 5, len(dataset) - 1):
+                ids, values = torch.tensor([dataset[row]["input_ids"]]), torch.tensor([dataset[row]["values"]])
+                hidden = model(ids, values, output_hidden_states=True).hidden_states[2 + int(layer)][0]
+                want = hidden[0] if mode == "cls" else hidden[1:].mean(dim=0)
+                np.testing.assert_allclose(got[row], want.numpy(), atol=1e-5)
+    assert "cell_type" in jf.read_json(tmp_path / "embedding_metrics.json")["labels"]
+    assert main(["embed", "--model_path", str(data.model_path), "--input", str(data.cells), "--output",
+                 str(tmp_path / "gene.h5ad"), "--emb_mode", "gene", "--no_plots"]) == 2
+    assert "--emb_mode gene is not written for a cellfm model" in caplog.text
+    assert main(["embed", "--model_path", str(data.model_path), "--input", str(data.cells), "--output",
+                 str(tmp_path / "random.h5ad"), "--emb_mode", "cls", "--no_plots", "--random_init"]) == 0
