@@ -195,3 +195,31 @@ def test_cellfm_embed_cls_and_cell_modes(cellfm_job, tmp_path, caplog):
     assert "--emb_mode gene is not written for a cellfm model" in caplog.text
     assert main(["embed", "--model_path", str(data.model_path), "--input", str(data.cells), "--output",
                  str(tmp_path / "random.h5ad"), "--emb_mode", "cls", "--no_plots", "--random_init"]) == 0
+
+
+def test_cellfm_recipe_reinitialised_frozen_gene_embedding(cellfm_job, tmp_path):
+    """The recipe end to end: the gene embedding re-initialised for the data's vocabulary
+    (remap-vocab --reinit_all_rows), frozen by freeze_preset "cellfm" with the MLP head; the fold
+    keeps that embedding exactly and trains the encoder."""
+    import transformerslocal as tl
+
+    data = cellfm_job
+    recipe = tmp_path / "recipe_ckpt"
+    vocabulary = tmp_path / "lab.json"
+    vocabulary.write_text(json.dumps(data.token_dictionary))
+    assert main(["remap-vocab", "--model_path", str(data.model_path), "--token_dictionary", str(vocabulary),
+                 "--output_dir", str(recipe), "--reinit_all_rows"]) == 0
+    method = {**jf.read_json(recipe / "config.json"), "classifier_head": "mlp", "freeze_preset": "cellfm"}
+    (tmp_path / "method.json").write_text(json.dumps(method))
+    argv = _argv(data, tmp_path / "out", "--epoch", "2", "--folds", "0", "--prompt_type", "", "--config",
+                 str(tmp_path / "method.json"))
+    argv[argv.index("--model_path") + 1] = str(recipe)
+    assert main(argv) == 0
+    fold = tmp_path / "out" / "full_finetune" / "tiny" / "0"
+    start = tl.CellFMModel.from_pretrained(recipe).state_dict()
+    trained = tl.CellFMForSequenceClassification.from_pretrained(fold)
+    assert trained.config.freeze_preset == "cellfm" and trained.config.classifier_head == "mlp"
+    assert torch.equal(trained.state_dict()["gene_emb"], start["gene_emb"])
+    assert not torch.equal(trained.state_dict()["encoder.0.attn.q_proj.weight"], start["encoder.0.attn.q_proj.weight"])
+    metrics = jf.read_json(fold / "metrics.json")
+    assert metrics["total_parameters"] - metrics["trainable_parameters"] == start["gene_emb"].numel()
