@@ -26,6 +26,7 @@ _WHERE = {
     "CellFMStats": "cellfm",
     "cellfm_encode": "cellfm",
     "tokenize_cellfm": "cellfm",
+    "CellFMMaskingCollator": "cellfm_collator",
     "CellChunk": "cell_source",
     "CellSource": "cell_source",
     "check_raw_counts": "cell_source",

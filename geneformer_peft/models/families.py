@@ -134,7 +134,7 @@ CELLFM = Family(
     values_column="values",
     added_tokens=1,
     not_in_job=tuple((command, "not written yet for CellFM (docs/cellfm.md, \"Not done yet\")")
-                     for command in ("pretrain", "perturb")),
+                     for command in ("perturb",)),
 )
 #: every family, by the ``model_type`` values it reads
 FAMILIES: dict[str, Family] = {t: f for f in (BERT, SCBERT, CELLFM) for t in f.model_type}

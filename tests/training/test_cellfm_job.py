@@ -223,3 +223,46 @@ def test_cellfm_recipe_reinitialised_frozen_gene_embedding(cellfm_job, tmp_path)
     assert not torch.equal(trained.state_dict()["encoder.0.attn.q_proj.weight"], start["encoder.0.attn.q_proj.weight"])
     metrics = jf.read_json(fold / "metrics.json")
     assert metrics["total_parameters"] - metrics["trainable_parameters"] == start["gene_emb"].numel()
+
+
+def test_cellfm_masking_collator_masks_a_fifth_of_each_cells_genes():
+    from geneformer_peft.data.cellfm_collator import CellFMMaskingCollator
+
+    features = [{"input_ids": np.arange(2, 2 + n), "values": np.linspace(0.5, 3.0, n).astype(np.float32)}
+                for n in (10, 3, 1, 7)]
+    batch = CellFMMaskingCollator(seed=1)(features)
+    assert batch["value_mask"].sum(dim=1).tolist() == [2, 1, 1, 1]  # round(0.2 n), at least 1
+    assert not bool((batch["value_mask"] & (batch["attention_mask"] == 0)).any())
+    assert torch.equal(batch["labels"], batch["values"]) and batch["values"][1, 3:].abs().sum() == 0
+    again = CellFMMaskingCollator(seed=1)(features)
+    assert torch.equal(again["value_mask"], batch["value_mask"])
+
+
+def test_cellfm_pretrain_from_config_and_from_checkpoint(cellfm_job, job_data, tmp_path, caplog, capsys):
+    import transformerslocal as tl
+
+    data = cellfm_job
+    with caplog.at_level(logging.INFO):
+        assert main(["pretrain", "--input", str(data.cells), "--output_dir", str(tmp_path / "scratch"), "--config",
+                     str(data.model_path / "config.json"), "--epochs", "4", "--batch_size", "8", "--lr", "3e-3",
+                     "--device", "cpu", "--token_dictionary", str(data.model_path / "tokenizer.json")]) == 0
+    assert "masked-value loss (MSE) of predicting every masked value by its gene's mean alone" in caplog.text
+    losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if "MLM loss" in line]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model = tl.CellFMForMaskedValues.from_pretrained(tmp_path / "scratch")
+    assert model.loading_info["missing_keys"] == [] and (tmp_path / "scratch" / "tokenizer.json").is_file()
+    start = tl.CellFMForMaskedValues.from_pretrained(data.model_path)
+    assert main(["pretrain", "--input", str(data.cells), "--output_dir", str(tmp_path / "more"), "--model_path",
+                 str(data.model_path), "--max_steps", "3", "--batch_size", "8", "--device", "cpu"]) == 0
+    more = tl.CellFMForMaskedValues.from_pretrained(tmp_path / "more")
+    assert not torch.equal(more.gene_emb, start.gene_emb)
+    assert not torch.equal(more.value_head.weight, start.value_head.weight)
+    # the pretrained checkpoint is what the job fine-tunes
+    argv = _argv(data, tmp_path / "ft", "--epoch", "1", "--folds", "0", "--prompt_type", "lora")
+    argv[argv.index("--model_path") + 1] = str(tmp_path / "more")
+    assert main(argv) == 0
+    # rank-value cells are refused for a CellFM model, before anything is written
+    caplog.clear()
+    assert main(["pretrain", "--input", str(job_data.cells), "--output_dir", str(tmp_path / "x"), "--config",
+                 str(data.model_path / "config.json"), "--max_steps", "1", "--device", "cpu"]) == 2
+    assert "is rank_value-encoded" in caplog.text and not (tmp_path / "x").exists()
