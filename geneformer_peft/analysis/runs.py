@@ -99,14 +99,6 @@ def check_analysis_input(model_path, dataset, input_path, *, base_model=None, to
     return report
 
 
-def _refuse_family(model_path, command: str) -> None:
-    """A checkpoint of a family ``command`` does not run yet is refused up front, saying why."""
-    from geneformer_peft.models.families import family_of
-
-    if (Path(model_path) / "config.json").is_file():
-        family_of(model_path, command)
-
-
 def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str = "cell", emb_layer: int = -1,
               label_columns: Sequence[str] = ("cell_type",), max_ncells: int | None = None, batch_size: int = 64,
               device: str = "auto", precision: str = "auto", token_dictionary=None, gene_per_label: bool = False,
@@ -126,7 +118,6 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
         raise DataError(f"--emb_mode {emb_mode!r}; expected one of {list(EMB_MODES)}")
     output = Path(output)
     dev = resolve_device(device)
-    _refuse_family(model_path, "embed")
     dataset = load_saved_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap or random_init,
@@ -219,7 +210,6 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
     """
     output_dir = Path(output_dir)
     dev = resolve_device(device)
-    _refuse_family(model_path, "perturb")
     dataset = load_saved_dataset(input_path)
     check_analysis_input(model_path, dataset, input_path, base_model=base_model, token_dictionary=token_dictionary,
                          allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
@@ -276,7 +266,7 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                                title=title)
         if volcano is not None:
             paths["volcano"] = volcano
-    summary_dict = {**asdict(summary), "measure": measure, "layers_run": scan.reader.layers_run,
+    summary_dict = {**asdict(summary), "measure": measure, "layers_run": scan.layers_run,
                     "num_hidden_layers": am.num_layers, "model_kind": am.kind,
                     "class_probabilities": scan.class_names, "settings": settings.fingerprint(),
                     "provenance": provenance, "version": analysis_version(),

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.models.families import family_of
 
     check_output_path(args.output_dir, overwrite=args.overwrite, flag="--output_dir")
-    family = family_of(args.model_path or args.config, "pretrain")
+    family = family_of(args.model_path or args.config)
     dataset = load_saved_dataset(args.input)
     vocab_source = args.token_dictionary
     if vocab_source is None and args.model_path is not None and (args.model_path / "tokenizer.json").is_file():
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
     config = None
     if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
-        config = family_of(args.config, "pretrain").config_class.from_pretrained(args.config)
+        config = family.config_class.from_pretrained(args.config)
         if args.resize_vocab and token_dictionary is not None and hasattr(config, "vocab_size"):
             logger.info("--resize_vocab: vocab_size %d -> %d (%s)", config.vocab_size, len(token_dictionary),
                         vocab_source)

@@ -59,10 +59,6 @@ class Family:
     encoding
         The encoding of the cells it reads, as tokenizers record it in a dataset's summary
         (``"rank_value"``, ``"binned"``, ``"cellfm"``).
-    not_in_job
-        ``(command, why)`` pairs: the commands of the job (finetune, predict, embed, pretrain,
-        perturb) that do not run the family yet, and why; said by :func:`family_of` when such a
-        command is pointed at a checkpoint of the family.
     values_column
         The dataset column of each gene token's expression value the model reads beside the ids
         (CellFM: ``"values"``); ``None`` when it reads token ids only.
@@ -83,7 +79,6 @@ class Family:
     input_length: Callable[[Any], int]
     fixed_length: bool
     encoding: str = "rank_value"
-    not_in_job: tuple[tuple[str, str], ...] = ()
     values_column: str | None = None
     added_tokens: int = 0
 
@@ -133,8 +128,6 @@ CELLFM = Family(
     encoding="cellfm",
     values_column="values",
     added_tokens=1,
-    not_in_job=tuple((command, "not written yet for CellFM (docs/cellfm.md, \"Not done yet\")")
-                     for command in ("perturb",)),
 )
 #: every family, by the ``model_type`` values it reads
 FAMILIES: dict[str, Family] = {t: f for f in (BERT, SCBERT, CELLFM) for t in f.model_type}
@@ -154,26 +147,18 @@ def model_type_of(path: str | Path) -> str:
     return str(data.get("model_type", "bert")) if isinstance(data, dict) else "bert"
 
 
-def family_of(path: str | Path, command: str | None = None) -> Family:
-    """The family of the checkpoint at ``path``, from its ``config.json`` ``model_type``;
-    ``command`` (e.g. ``"pretrain"``) is refused when it does not run that family yet.
+def family_of(path: str | Path) -> Family:
+    """The family of the checkpoint at ``path``, from its ``config.json`` ``model_type``.
 
     Raises
     ------
     ValueError
-        If the ``model_type`` is none of :data:`FAMILIES`, or one ``command`` does not run yet
-        (:attr:`Family.not_in_job`).
+        If the ``model_type`` is none of :data:`FAMILIES`.
     """
     model_type = model_type_of(path)
     if model_type not in FAMILIES:
         raise ValueError(f"{path}: config.json has model_type {model_type!r}; expected one of {sorted(FAMILIES)}")
-    family = FAMILIES[model_type]
-    why = dict(family.not_in_job).get(command) if command is not None else None
-    if why is not None:
-        runnable = sorted(t for t, f in FAMILIES.items() if command not in dict(f.not_in_job))
-        raise ValueError(f"{path}: config.json has model_type {model_type!r}, which {command} does not run yet: "
-                         f"{why}; {command} runs {runnable}")
-    return family
+    return FAMILIES[model_type]
 
 
 def family_of_config(config: Any) -> Family:

@@ -266,3 +266,39 @@ def test_cellfm_pretrain_from_config_and_from_checkpoint(cellfm_job, job_data, t
     assert main(["pretrain", "--input", str(job_data.cells), "--output_dir", str(tmp_path / "x"), "--config",
                  str(data.model_path / "config.json"), "--max_steps", "1", "--device", "cpu"]) == 2
     assert "is rank_value-encoded" in caplog.text and not (tmp_path / "x").exists()
+
+
+def test_cellfm_perturb_delete(cellfm_job, tmp_path):
+    """``perturb --perturb_type delete`` on a CellFM fold: a cell's cosine similarity after deleting
+    a gene is that of its cls state with and without the gene (and its value), the class
+    probabilities move accordingly; other perturbation types are refused."""
+    import transformerslocal as tl
+
+    data = cellfm_job
+    run = tmp_path / "runs"
+    assert main(_argv(data, run, "--epoch", "1", "--folds", "0", "--prompt_type", "lora")) == 0
+    fold = run / "lora" / "tiny" / "0"
+    test = data.fold_file(0, "test")
+    dataset = load_saved_dataset(test)
+    vocab = {v: k for k, v in data.token_dictionary.items()}
+    gene = vocab[dataset[0]["input_ids"][3]]
+    out = tmp_path / "perturb"
+    assert main(["perturb", "--model_path", str(fold), "--input", str(test), "--output_dir", str(out),
+                 "--perturb_type", "delete", "--genes", gene, "--emb_mode", "cls", "--emb_layer", "0",
+                 "--device", "cpu", "--no_plots", "--n_null", "2"]) == 0
+    results = pd.read_parquet(out / "perturbations.parquet")
+    row = results[(results["cell"] == 0) & ~results["is_null"]].iloc[0]
+    model = tl.CellFMForSequenceClassification.from_pretrained(fold).eval()
+    ids, values = dataset[0]["input_ids"], dataset[0]["values"]
+    with torch.no_grad():
+        full = model(torch.tensor([ids]), torch.tensor([values]), output_hidden_states=True)
+        cut = model(torch.tensor([ids[:3] + ids[4:]]), torch.tensor([values[:3] + values[4:]]),
+                    output_hidden_states=True)
+    want = torch.nn.functional.cosine_similarity(full.hidden_states[-1][:, 0], cut.hidden_states[-1][:, 0]).item()
+    assert row["cosine_sim"] == pytest.approx(want, abs=1e-5) and want < 1 - 1e-6
+    delta = (cut.logits.softmax(-1) - full.logits.softmax(-1))[0].numpy()
+    prob_columns = sorted(c for c in results.columns if c.startswith("prob_delta_"))
+    np.testing.assert_allclose(row[prob_columns].to_numpy(dtype=float), delta, atol=1e-5)
+    assert (out / "gene_stats.csv").is_file() and (out / "summary.json").is_file()
+    assert main(["perturb", "--model_path", str(fold), "--input", str(test), "--output_dir", str(tmp_path / "o"),
+                 "--perturb_type", "overexpress", "--genes", gene, "--no_plots"]) == 2
