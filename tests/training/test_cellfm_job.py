@@ -302,3 +302,18 @@ def test_cellfm_perturb_delete(cellfm_job, tmp_path):
     assert (out / "gene_stats.csv").is_file() and (out / "summary.json").is_file()
     assert main(["perturb", "--model_path", str(fold), "--input", str(test), "--output_dir", str(tmp_path / "o"),
                  "--perturb_type", "overexpress", "--genes", gene, "--no_plots"]) == 2
+
+
+def test_check_tokenizes_raw_counts_for_a_cellfm_model(cellfm_job, tmp_path, caplog):
+    from geneformer_peft.data.synthetic import generate_counts
+
+    adata = generate_counts(n_cells=20, n_genes=200, n_cell_types=3, seed=0, class_proportions=[0.4, 0.35, 0.25])
+    adata.write_h5ad(tmp_path / "raw.h5ad")
+    out = tmp_path / "report.json"
+    assert main(["check", "--model_path", str(cellfm_job.model_path), "--input", str(tmp_path / "raw.h5ad"),
+                 "--output", str(out)]) == 0
+    report = jf.read_json(out)["reports"]["input"]
+    assert "cellfm, as the model reads" in json.dumps(report) and report["family"] == "cellfm"
+    assert main(["check", "--model_path", str(cellfm_job.model_path), "--input", str(tmp_path / "raw.h5ad"),
+                 "--gene_median_dictionary", str(tmp_path / "m.json")]) == 2
+    assert "--gene_median_dictionary apply to the rank value encoding" in caplog.text
