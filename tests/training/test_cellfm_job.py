@@ -317,3 +317,41 @@ def test_check_tokenizes_raw_counts_for_a_cellfm_model(cellfm_job, tmp_path, cap
     assert main(["check", "--model_path", str(cellfm_job.model_path), "--input", str(tmp_path / "raw.h5ad"),
                  "--gene_median_dictionary", str(tmp_path / "m.json")]) == 2
     assert "--gene_median_dictionary apply to the rank value encoding" in caplog.text
+
+
+def test_search_on_cellfm(cellfm_job, tmp_path):
+    """``search`` trains CellFM trials on ids and values, and its best config is one the job
+    takes as ``--config`` on the CellFM checkpoint."""
+    from geneformer_peft.models.loading import resolve_config
+
+    data = cellfm_job
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "lora_r": {"choices": [2, 4]}}))
+    out = tmp_path / "search"
+    assert main(["search", "--dataset_name", data.dataset_name, "--data_path", str(data.data_path), "--model_path",
+                 str(data.model_path), "--prompt_type", "lora", "--space", str(space), "--output_dir", str(out),
+                 "--folds", "0", *FLAGS, "--epoch", "1", "--n_trials", "2"]) == 0
+    best = json.loads((out / "best_flags.json").read_text())
+    assert 0.0 <= best["validation_macro_f1"] <= 1.0
+    config = resolve_config(data.model_path, config_path=out / "best_config.json")
+    assert config.model_type == "cellfm" and config.lora_r == best["params"]["lora_r"]
+
+
+def test_layer_decay_reads_cellfm_layers():
+    """--layer_decay on CellFM: embeddings (gene, cls, value encoder) at the bottom, encoder.<i>
+    at depth i + 1 (PEFT factors with their layer), the head at the peak rate."""
+    import transformerslocal as tl
+    from geneformer_peft.training.schedules import layer_index, make_optimizer
+
+    config = tl.CellFMConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=24, value_slots=16, max_genes=16, num_labels=3)
+    model = tl.CellFMForSequenceClassification(config)
+    assert [layer_index(n, 2) for n in ("gene_emb", "cls_token", "value_enc.value_enc.w1.weight",
+                                        "encoder.0.attn.q_proj.weight", "encoder.1.ffn.o_proj.lora_A",
+                                        "classifier.out.weight")] == [0, 0, 0, 1, 2, 3]
+    rates = {id(p): g["lr"] for g in make_optimizer(model, lr=1e-3, weight_decay=0.0, layer_decay=0.5).param_groups
+             for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert rates[id(params["gene_emb"])] == pytest.approx(1e-3 * 0.5 ** 3)
+    assert rates[id(params["encoder.1.attn.v_proj.weight"])] == pytest.approx(1e-3 * 0.5)
+    assert rates[id(params["classifier.out.weight"])] == pytest.approx(1e-3)
