@@ -24,6 +24,7 @@ from geneformer_peft.checks.data import (
     MIN_GENE_OVERLAP,
     check_encoding,
     check_labels,
+    check_recorded_vocabulary,
     check_token_ids,
     check_truncation,
     check_vocabulary,
@@ -134,6 +135,9 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
                          special_ids=special_ids, min_overlap=min_gene_overlap,
                          allow_low_overlap=allow_low_gene_overlap)
         check_truncation(report, datasets, length)
+    elif family.values_column is not None:  # CellFM: the data's recorded vocabulary against the checkpoint's
+        own, own_source = checkpoint_token_dictionary(weights_path)
+        check_recorded_vocabulary(report, datasets, own, own_source)
     if label_column is not None:
         check_labels(report, datasets, label_column, train=train_split if train_split in datasets else None)
     return report

@@ -15,7 +15,7 @@ Per cell (as CellFM's tutorials preprocess):
 No cls token is stored (the model puts its own in front). The dataset has ``input_ids``
 (int64) and the parallel ``values`` (float32), ``length``, then the label and kept ``obs``
 columns; its ``dataset.info.description`` is the JSON :class:`CellFMStats` with
-``"encoding": "cellfm"``.
+``"encoding": "cellfm"`` and the fingerprint of the vocabulary it was tokenized with.
 
 :func:`cellfm_encode` is the vectorised core over a block of cells, :func:`tokenize_cellfm` reads
 a file chunk by chunk (:mod:`geneformer_peft.data.cell_source`) into a ``datasets.Dataset``.
@@ -37,13 +37,23 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENCODING", "MAX_GENES", "CellFMStats", "cellfm_encode", "tokenize_cellfm"]
+__all__ = ["ENCODING", "MAX_GENES", "CellFMStats", "cellfm_encode", "tokenize_cellfm", "vocabulary_fingerprint"]
 
 PathLike = str | Path
 ENCODING = "cellfm"
 TARGET_SUM = 10_000.0
 #: the tutorials' longest cell (and ``CellFMConfig.max_genes``' default)
 MAX_GENES = 2048
+
+
+def vocabulary_fingerprint(token_dictionary: Mapping[str, int]) -> str:
+    """SHA-1 of a vocabulary's ``(token, id)`` pairs in token order: equal exactly when two
+    dictionaries map the same tokens to the same rows (recorded by :func:`tokenize_cellfm`,
+    compared with the checkpoint's ``tokenizer.json`` by the compatibility report)."""
+    import hashlib
+
+    pairs = sorted((str(k), int(v)) for k, v in token_dictionary.items())
+    return hashlib.sha1(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def cellfm_encode(counts: sp.spmatrix | np.ndarray, *, totals: np.ndarray, gene_token_ids: np.ndarray,
@@ -114,6 +124,8 @@ class CellFMStats:
     length_min: int
     length_median: float
     length_max: int
+    vocabulary_size: int = 0
+    vocabulary_sha1: str = ""
     columns: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -232,6 +244,7 @@ def tokenize_cellfm(
         matched_count_fraction=float(matched_counts / total_counts) if total_counts else 0.0,
         n_cells_truncated=n_truncated, n_cells_empty=int((lengths == 0).sum()), length_min=int(lengths.min()),
         length_median=float(np.median(lengths)), length_max=int(lengths.max()),
+        vocabulary_size=len(token_dictionary), vocabulary_sha1=vocabulary_fingerprint(token_dictionary),
         columns=["input_ids", "values", "length"] + out_columns)
     logger.info("%s: kept %d of %d cells; %d of %d genes matched the vocabulary (%d without a row) holding %.1f%% "
                 "of counts; genes per cell min/median/max %d/%.0f/%d; %d cells cut to %d genes", stats.source,

@@ -355,3 +355,29 @@ def test_layer_decay_reads_cellfm_layers():
     assert rates[id(params["gene_emb"])] == pytest.approx(1e-3 * 0.5 ** 3)
     assert rates[id(params["encoder.1.attn.v_proj.weight"])] == pytest.approx(1e-3 * 0.5)
     assert rates[id(params["classifier.out.weight"])] == pytest.approx(1e-3)
+
+
+def test_cells_of_another_vocabulary_are_refused_until_the_checkpoint_is_remapped(cellfm_job, tmp_path, caplog):
+    """CellFM cells record the vocabulary they were tokenized with: on a checkpoint whose
+    tokenizer.json maps the genes to other rows they are refused (exit 2, before training);
+    remap-vocab onto that vocabulary makes them fit."""
+    from geneformer_peft.data.vocab import save_tokenizer_json
+
+    data = cellfm_job
+    release = tmp_path / "release"
+    shutil.copytree(data.model_path, release)
+    genes = [g for g in data.token_dictionary if not g.startswith("<")]
+    save_tokenizer_json({"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(reversed(genes))}}, release)
+    argv = _argv(data, tmp_path / "out", "--epoch", "1", "--folds", "0", "--prompt_type", "lora")
+    argv[argv.index("--model_path") + 1] = str(release)
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert "was tokenized with another vocabulary" in caplog.text and "remap-vocab" in caplog.text
+    vocabulary = tmp_path / "lab.json"
+    vocabulary.write_text(json.dumps(data.token_dictionary))
+    assert main(["remap-vocab", "--model_path", str(release), "--token_dictionary", str(vocabulary),
+                 "--output_dir", str(tmp_path / "remapped")]) == 0
+    argv[argv.index("--model_path") + 1] = str(tmp_path / "remapped")
+    assert main(argv) == 0
+    report = json.dumps(jf.read_json(tmp_path / "out" / "lora" / "tiny" / "compatibility.json"))
+    assert "tokenized with the model's own vocabulary" in report
