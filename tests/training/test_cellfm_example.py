@@ -11,6 +11,8 @@ from datasets import load_from_disk
 import job_factories as jf
 import transformerslocal as tl
 from geneformer_peft.cli import main
+from geneformer_peft.data.cellfm import vocabulary_fingerprint
+from geneformer_peft.data.vocab import load_token_dictionary
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "Pretrain_ckpts" / "cellfm-tiny-example"
@@ -28,10 +30,12 @@ def test_shipped_cellfm_checkpoint_and_folds_load_and_fine_tune(tmp_path):
     # prompt_type "lora" in config.json: only the (fresh) LoRA factors are not in the pretrained weights
     assert all(".lora_" in k for k in model.loading_info["missing_keys"])
     assert model.config.vocab_size % 8 == 0 and model.config.max_genes == 256
+    vocabulary = vocabulary_fingerprint(load_token_dictionary(CKPT / "tokenizer.json"))
     for split in ("train", "val", "test"):  # the same cells as the Geneformer folds (fold 0)
         cells, rank = _split("synthetic_cellfm", 0, split), _split("synthetic", 0, split)
         assert cells["cell_type"] == rank["cell_type"]
-        assert json.loads(cells.info.description)["encoding"] == "cellfm"
+        info = json.loads(cells.info.description)
+        assert info["encoding"] == "cellfm" and info["vocabulary_sha1"] == vocabulary  # the checkpoint's own
         assert max(cells["length"]) <= 256 and [len(v) for v in cells["values"]] == cells["length"]
     out = tmp_path / "out"
     assert main(["finetune", "--dataset_name", "synthetic_cellfm", "--data_path", str(DATA), "--model_path",
