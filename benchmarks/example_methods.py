@@ -4,6 +4,7 @@ checkpoint and from the same architecture randomly initialised (does pretraining
     python benchmarks/example_methods.py [--folds 0,1,2,3,4] [--epochs 20] [--jobs 2] [--out docs/example_methods.md]
     python benchmarks/example_methods.py --quick     # one fold, 2 epochs, LoRA only, to /tmp
     python benchmarks/example_methods.py --family scbert --folds 0,1,2   # the shipped tiny scBERT
+    python benchmarks/example_methods.py --family cellfm --folds 0,1,2   # the shipped tiny CellFM
 
 Every run also fits the job's logistic-regression baseline on the same folds (docs/baseline.md):
 the table gains its row and, per method, the paired difference model minus baseline.
@@ -37,10 +38,16 @@ METHODS = ["", "lora", "prefix_prompt", "Gene_token_prompt", "encoder_prompt", "
 SCBERT_RECIPE = "scbert_recipe"
 #: the methods the Performer carries (no prefix prompts), and scBERT's recipe
 SCBERT_METHODS = ["", "lora", "Gene_token_prompt", "encoder_prompt", "ia3", "dora", SCBERT_RECIPE]
+#: CellFM's fine-tuning recipe: full fine-tuning with the gene embedding frozen (freeze_preset
+#: "cellfm"; on the example the embedding is the pretrained one, not re-initialised)
+CELLFM_RECIPE = "cellfm_recipe"
+#: the methods CellFM carries (no prefix prompts), and the recipe's freezing
+CELLFM_METHODS = ["", "lora", "Gene_token_prompt", "encoder_prompt", "ia3", "dora", CELLFM_RECIPE]
 #: the shipped example of each model family: (checkpoint, dataset name, default methods, label)
 FAMILIES = {
     "geneformer": (ROOT / "Pretrain_ckpts" / "geneformer-tiny-example", "synthetic", METHODS, "Geneformer (BERT)"),
     "scbert": (ROOT / "Pretrain_ckpts" / "scbert-tiny-example", "synthetic_binned", SCBERT_METHODS, "scBERT (Performer)"),
+    "cellfm": (ROOT / "Pretrain_ckpts" / "cellfm-tiny-example", "synthetic_cellfm", CELLFM_METHODS, "CellFM"),
 }
 
 
@@ -48,6 +55,8 @@ def method_settings(method: str) -> tuple[str, dict, str]:
     """(prompt_type, config overrides, row name) of a method of the table."""
     if method == SCBERT_RECIPE:
         return "", {"freeze_preset": "scbert"}, "scBERT recipe (freeze_preset scbert)"
+    if method == CELLFM_RECIPE:
+        return "", {"freeze_preset": "cellfm"}, "CellFM recipe (freeze_preset cellfm)"
     return method, {}, method or "full fine-tuning"
 
 
@@ -103,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--family", choices=sorted(FAMILIES), default="geneformer",
                         help="which shipped example: the tiny Geneformer or the tiny scBERT")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default docs/example_methods.md (geneformer), docs/example_methods_scbert.md (scbert)")
+                        help="default docs/example_methods.md (geneformer), docs/example_methods_<family>.md (others)")
     parser.add_argument("--quick", action="store_true", help="fold 0, 2 epochs, LoRA only; writes under /tmp")
     parser.add_argument("--overrides", type=json.loads, default={},
                         help='config.json keys set for every run, as JSON, e.g. \'{"classifier_pooling": "first"}\'')
@@ -147,7 +156,7 @@ def main(argv=None) -> int:
     lines = [f"# PEFT methods on the shipped example: {family_label}", "",
              f"Command: `{command.strip()}`; checkpoint `{model_path.relative_to(ROOT)}`, dataset "
              f"`{dataset_name}`; folds {folds}, {args.epochs} epochs, lr {args.lr} "
-             f"(full fine-tuning and scBERT's recipe {args.lr_full}), "
+             f"(full fine-tuning and the recipes {args.lr_full}), "
              f"batch {args.batch_size}, early-stopping patience "
              f"{args.patience or 'none (every epoch runs)'}, epoch kept by validation "
              f"{args.select_epoch_by.replace('_', '-')}, seed 0"

@@ -16,8 +16,14 @@
    into the same 5 folds as step 3 under example_py/data/synthetic_binned/, and a tiny scBERT
    (2 layers, dim 32, fixed random gene vectors) pretrained with masked expression modelling,
    written to Pretrain_ckpts/scbert-tiny-example/.
+6. CellFM (docs/cellfm.md): both sets tokenized with CellFM's encoding (log1p of counts per 10,000,
+   the expressed genes of the unlabelled cells' vocabulary, at most 256 per cell, highest values
+   first), the labelled cells split into the same 5 folds as step 3 under
+   example_py/data/synthetic_cellfm/, and a tiny CellFM (2 layers, hidden 32, 4 heads) pretrained
+   with masked-value regression, written to Pretrain_ckpts/cellfm-tiny-example/ (prompt_type lora).
 
     python example_py/make_example.py --only scbert     # step 5 alone (steps 1 and 5 run)
+    python example_py/make_example.py --only cellfm     # step 6 alone (steps 1 and 6 run)
 """
 import argparse
 import logging
@@ -41,7 +47,8 @@ from geneformer_peft.data.synthetic import generate_counts, generate_unlabelled_
 from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries  # noqa: E402
 from geneformer_peft.training.pretrain import pretrain  # noqa: E402
 from geneformer_peft.data.binned import tokenize_binned, write_panel_files  # noqa: E402
-from transformerslocal import BertConfig, PerformerConfig, PerformerForMaskedLM  # noqa: E402
+from geneformer_peft.data.cellfm import tokenize_cellfm  # noqa: E402
+from transformerslocal import BertConfig, CellFMConfig, PerformerConfig, PerformerForMaskedLM  # noqa: E402
 
 logger = logging.getLogger("make_example")
 
@@ -63,6 +70,12 @@ FINETUNE_SETTINGS = dict(prompt_type="Gene_token_prompt", classifier_pooling="me
 SCBERT_PANEL_SIZE = 255
 SCBERT_CONFIG = dict(num_tokens=7, dim=32, depth=2, heads=4, dim_head=8, feature_redraw_interval=None,
                      pos_embedding="gene2vec", pos_embedding_seed=0)
+
+
+#: the tiny CellFM: 2 layers, hidden 32, 4 heads of 8, 16 value slots; cells cut to their 256 highest
+#: values (as the tiny Geneformer's input); the vocabulary rows padded to a multiple of 8 (as the release)
+CELLFM_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
+                     value_slots=16, max_genes=256)
 
 
 def variable_genes(adata, n_genes: int) -> list[str]:
@@ -91,8 +104,6 @@ def load_fold_split(data_dir: Path, name: str, fold: int, split: str):
 
 def make_scbert(unlabelled, labelled, *, data_dir: Path, checkpoint_dir: Path, epochs: int, seed: int) -> None:
     """Step 5: binned folds (the same cells per fold as the rank-value folds) and the tiny scBERT."""
-    import json
-
     panel = variable_genes(unlabelled, SCBERT_PANEL_SIZE)
     # min_genes=1: no cell is dropped (a 255-gene panel has fewer than scBERT's 200 expressed genes
     # in some cells), so the labelled set keeps its 500 cells in order and split_folds, a pure
@@ -107,18 +118,8 @@ def make_scbert(unlabelled, labelled, *, data_dir: Path, checkpoint_dir: Path, e
     split_folds(cells, dataset_name="synthetic_binned", output_dir=data_dir, n_folds=5, label_column="cell_type",
                 seed=seed)
     write_panel_files(data_dir / "synthetic_binned", panel, None)
-    reference = data_dir / "synthetic" / "split_info.json"
-    if reference.is_file():  # the rank-value folds of the same cells: the same sizes and labels, cell by cell
-        ours = json.loads((data_dir / "synthetic_binned" / "split_info.json").read_text())
-        theirs = json.loads(reference.read_text())
-        same = ours["folds"] == theirs["folds"] and ours["class_counts"] == theirs["class_counts"]
-        for fold in range(5):
-            for split in ("train", "val", "test"):
-                binned = load_fold_split(data_dir, "synthetic_binned", fold, split)
-                rank = load_fold_split(data_dir, "synthetic", fold, split)
-                same = same and binned["cell_type"] == rank["cell_type"]
-        if not same:
-            raise RuntimeError(f"the binned folds differ from those of {reference.parent}; expected the same split")
+    if not same_folds(data_dir, "synthetic_binned"):  # the rank-value folds of the same cells
+        raise RuntimeError(f"the binned folds differ from those of {data_dir / 'synthetic'}; expected the same split")
 
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
@@ -132,6 +133,57 @@ def make_scbert(unlabelled, labelled, *, data_dir: Path, checkpoint_dir: Path, e
     PerformerConfig.from_pretrained(checkpoint_dir).copy(prompt_type="lora").save_pretrained(checkpoint_dir)
     for record in result.history:
         logger.info("scBERT pretraining epoch %d: MLM loss %.4f (frequency-only baseline %.4f)", record["epoch"],
+                    record["mlm_loss"], record["frequency_baseline_loss"])
+
+
+def same_folds(data_dir: Path, name: str) -> bool:
+    """Whether the folds of ``name`` hold the rank-value folds' cells (sizes and labels, cell by cell);
+    ``True`` when the rank-value folds are absent (nothing to compare)."""
+    import json
+
+    reference = data_dir / "synthetic" / "split_info.json"
+    if not reference.is_file():
+        return True
+    ours = json.loads((data_dir / name / "split_info.json").read_text())
+    theirs = json.loads(reference.read_text())
+    same = ours["folds"] == theirs["folds"] and ours["class_counts"] == theirs["class_counts"]
+    for fold in range(5):
+        for split in ("train", "val", "test"):
+            same = same and (load_fold_split(data_dir, name, fold, split)["cell_type"]
+                             == load_fold_split(data_dir, "synthetic", fold, split)["cell_type"])
+    return same
+
+
+def make_cellfm(unlabelled, labelled, *, data_dir: Path, checkpoint_dir: Path, epochs: int, seed: int) -> None:
+    """Step 6: CellFM folds (the same cells per fold as the rank-value folds) and the tiny CellFM."""
+    import math
+
+    token_dictionary, _ = build_vocabulary(unlabelled, show_progress=False)
+    size = CELLFM_CONFIG["max_genes"]
+    pretrain_cells = tokenize_cellfm(unlabelled, token_dictionary=token_dictionary, max_genes=size,
+                                     show_progress=False)
+    cells = compact(tokenize_cellfm(labelled, token_dictionary=token_dictionary, label_column="cell_type",
+                                    max_genes=size, show_progress=False))
+    cells = cells.cast_column("values", Sequence(Value("float16")))  # read back as float32; halves the folds
+    if len(cells) != labelled.n_obs:
+        raise RuntimeError(f"CellFM tokenization kept {len(cells)} of {labelled.n_obs} labelled cells; expected all")
+    if (data_dir / "synthetic_cellfm").exists():
+        shutil.rmtree(data_dir / "synthetic_cellfm")
+    split_folds(cells, dataset_name="synthetic_cellfm", output_dir=data_dir, n_folds=5, label_column="cell_type",
+                seed=seed)
+    if not same_folds(data_dir, "synthetic_cellfm"):
+        raise RuntimeError("the CellFM folds differ from those of the rank-value example; expected the same split")
+
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    rows = int(math.ceil((max(token_dictionary.values()) + 1) / 8) * 8)
+    config = CellFMConfig(vocab_size=rows, **CELLFM_CONFIG, architectures=["CellFMForMaskedValues"])
+    result = pretrain(EncodedCells.from_dataset(pretrain_cells, values_column="values"), checkpoint_dir,
+                      config=config, token_dictionary=token_dictionary, epochs=epochs, batch_size=16, lr=3e-3,
+                      seed=seed, device="cpu", progress=False)
+    CellFMConfig.from_pretrained(checkpoint_dir).copy(prompt_type="lora").save_pretrained(checkpoint_dir)
+    for record in result.history:
+        logger.info("CellFM pretraining epoch %d: masked-value MSE %.4f (gene-mean baseline %.4f)", record["epoch"],
                     record["mlm_loss"], record["frequency_baseline_loss"])
 
 
@@ -151,19 +203,25 @@ def main(argv=None) -> int:
     parser.add_argument("--scbert_checkpoint_dir", type=Path,
                         default=ROOT / "Pretrain_ckpts" / "scbert-tiny-example")
     parser.add_argument("--scbert_pretrain_epochs", type=int, default=5)
-    parser.add_argument("--only", choices=["geneformer", "scbert"], default=None,
-                        help="make one model family's part only (default: both, Geneformer first)")
+    parser.add_argument("--cellfm_checkpoint_dir", type=Path,
+                        default=ROOT / "Pretrain_ckpts" / "cellfm-tiny-example")
+    parser.add_argument("--cellfm_pretrain_epochs", type=int, default=5)
+    parser.add_argument("--only", choices=["geneformer", "scbert", "cellfm"], default=None,
+                        help="make one model family's part only (default: all, Geneformer first)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     world_seed = args.seed  # genes and cell-type programs; both sets share them
     unlabelled = generate_unlabelled_counts(n_cells=args.n_unlabelled, seed=world_seed, cell_seed=world_seed + 1)
     labelled = generate_counts(n_cells=args.n_labelled, seed=world_seed, cell_seed=world_seed + 2)
-    if args.only != "scbert":
+    if args.only in (None, "geneformer"):
         make_geneformer(unlabelled, labelled, args)
-    if args.only != "geneformer":
+    if args.only in (None, "scbert"):
         make_scbert(unlabelled, labelled, data_dir=args.data_dir, checkpoint_dir=args.scbert_checkpoint_dir,
                     epochs=args.scbert_pretrain_epochs, seed=args.seed)
+    if args.only in (None, "cellfm"):
+        make_cellfm(unlabelled, labelled, data_dir=args.data_dir, checkpoint_dir=args.cellfm_checkpoint_dir,
+                    epochs=args.cellfm_pretrain_epochs, seed=args.seed)
     return 0
 
 

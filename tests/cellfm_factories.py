@@ -60,3 +60,44 @@ def released_tensors(sizes: dict = TINY_RELEASE, *, seed: int = 0, moments: bool
     if scalars:
         out.update(SCALARS)
     return out
+
+
+# ----------------------------------------------------------------------------- the job on CellFM
+#: the job tests' tiny CellFM: 32 dims, 2 layers, 4 heads (the vocabulary is the data's)
+JOB_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24, value_slots=16)
+#: genes per cell the job tests tokenize (and the model's max_genes)
+JOB_MAX_GENES = 48
+
+
+def make_cellfm_job_data(root: Path, *, n_cells: int = 90, n_genes: int = 200, n_folds: int = 2, seed: int = 0):
+    """The job tests' data, CellFM-encoded: synthetic counts -> ``tokenize_cellfm`` with a
+    vocabulary built from them -> folds; and a tiny random ``CellFMForMaskedValues`` checkpoint
+    over that vocabulary (with its ``tokenizer.json``). Returns a ``job_factories.JobData``."""
+    import torch
+    from job_factories import DATASET, LABEL_COLUMN, JobData
+
+    import transformerslocal as tl
+    from geneformer_peft.data.cellfm import tokenize_cellfm
+    from geneformer_peft.data.folds import split_folds
+    from geneformer_peft.data.synthetic import generate_counts
+    from geneformer_peft.data.vocab import build_vocabulary, save_tokenizer_json
+
+    root = Path(root)
+    adata = generate_counts(n_cells=n_cells, n_genes=n_genes, n_cell_types=3, seed=seed,
+                            class_proportions=[0.4, 0.35, 0.25])
+    token_dictionary, _ = build_vocabulary(adata, show_progress=False)
+    cells = tokenize_cellfm(adata, token_dictionary=token_dictionary, label_column=LABEL_COLUMN,
+                            max_genes=JOB_MAX_GENES, show_progress=False)
+    cells_path = root / "cells.dataset"
+    cells.save_to_disk(str(cells_path))
+    data_path = root / "folds"
+    split_folds(cells, dataset_name=DATASET, output_dir=data_path, n_folds=n_folds, label_column=LABEL_COLUMN,
+                seed=seed, val_fraction=0.2)
+    torch.manual_seed(seed)
+    config = tl.CellFMConfig(vocab_size=len(token_dictionary), max_genes=JOB_MAX_GENES, **JOB_SIZES)
+    model_path = root / "cellfm_ckpt"
+    tl.CellFMForMaskedValues(config).save_pretrained(model_path)
+    save_tokenizer_json(token_dictionary, model_path)
+    labels = tuple(sorted({str(v) for v in cells[LABEL_COLUMN]}))
+    return JobData(data_path=data_path, dataset_name=DATASET, cells=cells_path, model_path=model_path,
+                   token_dictionary=dict(token_dictionary), n_folds=n_folds, labels=labels)

@@ -25,6 +25,8 @@ MODEL_TYPE = "cellfm"
 #: the classifier heads: ``linear`` (Linear(d, C) on the cls state) or ``mlp``
 #: (Linear(d, h) - BatchNorm - LeakyReLU - Linear(h, C), h = ``classifier_hidden_size``)
 CLASSIFIER_HEADS = ("linear", "mlp")
+#: the classifier head's keys, which a fine-tuning method file (``--config``) may set
+HEAD_KEYS = ("classifier_head", "classifier_hidden_size")
 
 CELLFM_DEFAULTS: dict[str, Any] = {
     "vocab_size": 27856,          # gene_emb rows: pad row 0 + genes (+ rows up to a multiple of 8)
@@ -49,8 +51,13 @@ PEFT_SHARED_DEFAULTS: dict[str, Any] = {
     "prompt_type": "",
     "if_use_prompt": True,
     "freeze_layers": 0,
+    "freeze_preset": None,
     "finetune_max_length": None,
 }
+#: ``freeze_preset`` values: ``"cellfm"`` freezes the gene embedding and trains everything else (the
+#: encoder layers, the value encoder, the cls token and the head): the fine-tuning recipe in use on
+#: a gene embedding re-initialised for the lab's genes (``remap-vocab --reinit_all_rows``).
+FREEZE_PRESETS = ("cellfm",)
 #: The encoder's linear projections, by path inside ``encoder.N``: what ``lora_target_modules`` and
 #: ``ia3_target_modules`` name on a CellFM model (``peft.base.linear_paths``).
 LINEAR_PATHS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.u_proj", "attn.o_proj",
@@ -127,8 +134,11 @@ class CellFMConfig(ConfigBase):
 
     # ------------------------------------------------------------------ PEFT
     def frozen_in_full_finetuning(self, name: str) -> bool:
-        """Whether parameter ``name`` stays frozen when no PEFT method is on: ``freeze_layers`` N
-        freezes the embeddings (gene, cls, value encoder) and the first N layers."""
+        """Whether parameter ``name`` stays frozen when no PEFT method is on: ``freeze_preset``
+        ``"cellfm"`` freezes the gene embedding (``gene_emb``) alone; ``freeze_layers`` N freezes
+        the embeddings (gene, cls, value encoder) and the first N layers."""
+        if self.freeze_preset == "cellfm":
+            return name == "gene_emb"
         if self.freeze_layers <= 0:
             return False
         if name.startswith(("gene_emb", "cls_token", "value_enc.")):
@@ -149,6 +159,16 @@ class CellFMConfig(ConfigBase):
         check_config(self, methods if self.if_use_prompt else (), src)
         if not _is_int(self.freeze_layers) or not 0 <= self.freeze_layers <= self.num_hidden_layers:
             raise _bad("freeze_layers", self.freeze_layers, f"an integer in [0, {self.num_hidden_layers}]", src)
+        preset = self.freeze_preset
+        if preset is not None:
+            if preset not in FREEZE_PRESETS:
+                raise _bad("freeze_preset", preset, f"null or one of {list(FREEZE_PRESETS)}", src)
+            if self.freeze_layers:
+                raise _bad("freeze_preset", preset, f"null when freeze_layers is set ({self.freeze_layers}); "
+                           "choose one way of freezing", src)
+            if methods and self.if_use_prompt:
+                raise _bad("freeze_preset", preset, f"null when prompt_type lists PEFT methods "
+                           f"({self.prompt_type!r}); the preset is a full fine-tuning recipe", src)
         length = self.finetune_max_length
         if length is not None and (not _is_int(length) or not 2 <= length <= self.max_position_embeddings):
             raise _bad("finetune_max_length", length, f"null or an integer in [2, {self.max_position_embeddings}] "

@@ -119,6 +119,23 @@ class TokenizedCells:
             out.append(values[start:stop])
         return out
 
+    def token_values(self, positions: Sequence[int] | np.ndarray, column: str = "values") -> list[np.ndarray]:
+        """The expression values (float32, parallel to :meth:`tokens`, truncated alike) of the cells at
+        ``positions``: CellFM's ``values`` column."""
+        if column not in self.dataset.column_names:
+            raise DataError(f"{self.name}: no {column!r} column; the model reads each gene's expression value "
+                            f"beside its id (found columns {self.dataset.column_names}); tokenize the raw counts "
+                            "with `geneformer-peft tokenize --encoding cellfm`")
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size == 0:
+            return []
+        part = self.dataset.data.column(column).take(pa.array(self.rows[positions]))
+        part = part.combine_chunks() if isinstance(part, pa.ChunkedArray) else part
+        values = part.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        lens = pc.list_value_length(part).to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)])
+        return [values[starts[i]:starts[i] + n] for i, n in enumerate(self.lengths[positions])]
+
     def column(self, name: str) -> np.ndarray:
         """Values of a non-token column for the selected cells."""
         if name not in self.dataset.column_names:

@@ -35,7 +35,8 @@ from geneformer_peft.files import atomic_file
 from geneformer_peft.models.device import autocast
 
 __all__ = ["EMB_MODES", "OBSM_KEY", "CellEmbeddings", "GeneEmbeddings", "analysis_version", "check_cls_inputs",
-           "embed_cell_batches", "embed_cells", "embed_genes", "gene_token_mask", "make_batch", "pool_cells", "resolve_precision",
+           "embed_cell_batches", "embed_cells", "embed_genes", "forward_with_values", "gene_token_mask", "make_batch",
+           "pool_cells", "resolve_precision", "values_column_of",
            "write_cell_embeddings",
            "write_gene_embeddings"]
 
@@ -170,6 +171,11 @@ def embed_cell_batches(model, cells: TokenizedCells, *, specials: SpecialTokens,
     """
     if mode not in ("cell", "cls"):
         raise ValueError(f"mode {mode!r}; expected 'cell' or 'cls' (gene embeddings: embed_genes)")
+    values_column = values_column_of(model)
+    if values_column is not None:  # CellFM: ids and values, the model's own cls in front
+        return _embed_cells_with_values(model, cells, values_column, mode=mode, emb_layer=emb_layer,
+                                        batch_size=batch_size, device=device, precision=precision,
+                                        progress=progress)
     if mode == "cls":
         check_cls_inputs(cells, specials)
     dev, prec, reader = _setup(model, device, precision, emb_layer)
@@ -186,6 +192,64 @@ def embed_cell_batches(model, cells: TokenizedCells, *, specials: SpecialTokens,
         out[start:start + len(idx)] = pool_cells(hidden, genes, mode).cpu().numpy()
         start += len(idx)
     return positions, out
+
+
+def values_column_of(model) -> str | None:
+    """The dataset column of expression values ``model``'s family reads (CellFM), else ``None``."""
+    from geneformer_peft.models.families import family_of_config
+
+    return family_of_config(model.config).values_column
+
+
+@torch.no_grad()
+def _embed_cells_with_values(model, cells: TokenizedCells, values_column: str, *, mode: str, emb_layer: int,
+                             batch_size: int, device, precision: str, progress: bool) -> np.ndarray:
+    """:func:`embed_cells` for a model that reads values beside the ids and puts its own cls at
+    position 0 (CellFM): ``cls`` is that position, ``cell`` the mean over the gene positions."""
+    from geneformer_peft.analysis.layers import resolve_emb_layer
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    prec = resolve_precision(precision, dev)
+    model.to(dev).eval()
+    index = resolve_emb_layer(emb_layer, int(model.config.num_hidden_layers))
+    out = np.zeros((len(cells), model.config.hidden_size), dtype=np.float32)
+    total = -(-len(cells) // batch_size)
+    for idx in tqdm(length_grouped_batches(cells.lengths, batch_size), total=total, desc=f"embed ({mode})",
+                    disable=None if progress else True, leave=False):
+        _, pooled, _ = forward_with_values(model, cells.tokens(idx), cells.token_values(idx, values_column),
+                                           layer_index=index, mode=mode, device=dev, precision=prec)
+        out[idx] = pooled.cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def forward_with_values(model, token_lists: list[np.ndarray], value_lists: list[np.ndarray], *, layer_index: int,
+                        mode: str, device: torch.device, precision: str):
+    """One forward of a model that reads values beside the ids (CellFM) on right-padded cells.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor, torch.Tensor or None)
+        The (B, 1 + L, d) hidden states of ``hidden_states[layer_index]`` (position 0 the cls),
+        the (B, d) float32 cell embeddings (``cls``: position 0; ``cell``: the mean over the gene
+        positions) and a classifier's (B, C) logits (``None`` for another model).
+    """
+    batch = pad_input_ids(token_lists, pad_token_id=int(model.config.pad_token_id))
+    values = np.zeros(tuple(batch["input_ids"].shape), dtype=np.float32)
+    for row, cell_values in enumerate(value_lists):
+        values[row, :len(cell_values)] = cell_values
+    mask = batch["attention_mask"].to(device)
+    with autocast(device, precision):
+        out = model(batch["input_ids"].to(device), torch.from_numpy(values).to(device), mask,
+                    output_hidden_states=True)
+    hidden = out.hidden_states[layer_index]
+    if mode == "cls":
+        pooled = hidden[:, 0].float()
+    else:
+        weights = mask.to(torch.float32).unsqueeze(1)  # (B, 1, L): the gene positions 1..L
+        pooled = torch.bmm(weights, hidden[:, 1:].float()).squeeze(1) / weights.sum(dim=2)
+    logits = out.logits if hasattr(model, "classifier") else None
+    return hidden, pooled, logits
 
 
 @torch.no_grad()

@@ -75,8 +75,11 @@ class AnalysisModel:
 
     @property
     def max_input_size(self) -> int:
-        """Tokens the model takes (its ``max_position_embeddings``)."""
-        return int(self.config.max_position_embeddings)
+        """Dataset tokens the model takes per cell (its ``max_position_embeddings``, less the
+        positions the model adds itself: CellFM's cls)."""
+        from geneformer_peft.models.families import family_of_config
+
+        return family_of_config(self.config).data_length(int(self.config.max_position_embeddings))
 
     @property
     def is_classifier(self) -> bool:
@@ -188,10 +191,13 @@ def load_analysis_model(model_path: str | Path, base_model: str | Path | None = 
     if not model_path.is_dir():
         raise DataError(f"--model_path {model_path} is not a folder; expected a checkpoint folder "
                         "(config.json and model weights) or a fold folder")
+    from geneformer_peft.models.families import FAMILIES, family_of
+
+    family = family_of(model_path)
     if random_init:
-        config = BertConfig.from_pretrained(model_path).copy(prompt_type="")
+        config = family.config_class.from_pretrained(model_path).copy(prompt_type="")
         torch.manual_seed(seed)
-        return AnalysisModel(BertForMaskedLM(config).eval(), "random", f"random init ({model_path.name} shape)")
+        return AnalysisModel(family.masked_lm_class(config).eval(), "random", f"random init ({model_path.name} shape)")
     if base_model is not None:
         if not (model_path / PEFT_WEIGHTS_FILE).is_file():
             raise DataError(f"--base_model given, but {model_path} holds no {PEFT_WEIGHTS_FILE}; expected the folder "
@@ -208,6 +214,8 @@ def load_analysis_model(model_path: str | Path, base_model: str | Path | None = 
     if any(k.startswith("classifier.") for k in keys):
         model = load_fold_model(model_path)
         return AnalysisModel(model.eval(), "classifier", str(model_path))
+    if family is not FAMILIES["bert"]:
+        return AnalysisModel(family.masked_lm_class.from_pretrained(model_path).eval(), "pretrained", str(model_path))
     return AnalysisModel(_load_pretrained(model_path, keys).eval(), "pretrained", str(model_path))
 
 

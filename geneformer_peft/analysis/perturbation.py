@@ -66,8 +66,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from geneformer_peft.analysis.cells import TokenizedCells, length_grouped_batches
-from geneformer_peft.analysis.embeddings import check_cls_inputs, embed_cells, make_batch, pool_cells, resolve_precision
-from geneformer_peft.analysis.layers import LayerReader
+from geneformer_peft.analysis.embeddings import (
+    check_cls_inputs,
+    embed_cells,
+    forward_with_values,
+    make_batch,
+    pool_cells,
+    resolve_precision,
+    values_column_of,
+)
+from geneformer_peft.analysis.layers import LayerReader, resolve_emb_layer
 from geneformer_peft.analysis.loading import AnalysisModel, SpecialTokens
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_file, write_json
@@ -342,7 +350,16 @@ class PerturbationScan:
         self.class_names = analysis_model.class_names if self.with_probs else []
         self.pool_mode = "cls" if settings.emb_mode == "cls" else "cell"
         model = analysis_model.model.to(self.device).eval()
-        self.reader = LayerReader(model, settings.emb_layer, logits=self.with_probs)
+        self.values_column = values_column_of(model)  # CellFM: ids and values, its own cls in front
+        if self.values_column is not None:
+            if settings.perturb_type != "delete" or settings.emb_mode not in ("cell", "cls"):
+                raise DataError(f"a {analysis_model.config.model_type} model is perturbed with --perturb_type delete "
+                                f"and --emb_mode cell or cls (got {settings.perturb_type!r}, {settings.emb_mode!r}): "
+                                "what value an added or moved gene would take is not defined")
+            self.reader = None
+            self.layer_index = resolve_emb_layer(settings.emb_layer, self.am.num_layers)
+        else:
+            self.reader = LayerReader(model, settings.emb_layer, logits=self.with_probs)
         states = settings.cell_states
         self.state_cells = state_cells if state_cells is not None else cells
         if states is not None:
@@ -352,12 +369,17 @@ class PerturbationScan:
                 raise DataError(f"--cell_states_to_model: no cell has {states.state_key}={states.start_state!r} "
                                 f"(values: {sorted(set(values))[:20]})")
             cells = cells.subset(start)
-        if settings.emb_mode == "cls":
+        if settings.emb_mode == "cls" and self.values_column is None:
             check_cls_inputs(cells, specials)
         self.cells = cells
         self.state_means: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers each forward runs (a model reading values runs all of them)."""
+        return self.reader.layers_run if self.reader is not None else self.am.num_layers
+
     def gene_name(self, token: int) -> str:
         if int(token) == COMBINATION and self.settings.genes is not None:
             return self._key(np.asarray(self.settings.genes))
@@ -405,7 +427,13 @@ class PerturbationScan:
             if old.is_file() and old.name.startswith(("results_", "absent_", "gene_shifts_")):
                 old.unlink()
 
-    def _forward(self, token_lists: list[np.ndarray]):
+    def _forward(self, token_lists: list[np.ndarray], value_lists: list[np.ndarray] | None = None):
+        if self.values_column is not None:
+            hidden, emb, logits = forward_with_values(self.am.model, token_lists, value_lists,
+                                                      layer_index=self.layer_index, mode=self.pool_mode,
+                                                      device=self.device, precision=self.precision)
+            probs = logits.float().softmax(dim=-1) if logits is not None and self.with_probs else None
+            return hidden, emb, probs
         input_ids, attention_mask, genes = make_batch(token_lists, self.specials, self.device)
         with autocast(self.device, self.precision):
             hidden, logits = self.reader(input_ids, attention_mask)
@@ -485,6 +513,7 @@ class PerturbationScan:
     def _run_chunk(self, positions: np.ndarray, absent: dict[int, int]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         s = self.settings
         token_lists = self.cells.tokens(positions)
+        value_lists = None if self.values_column is None else self.cells.token_values(positions, self.values_column)
         cells = [self._cell(int(p), t) for p, t in zip(positions, token_lists)]
         with_genes = s.emb_mode == "cell_and_gene"
         d = self.am.config.hidden_size
@@ -493,7 +522,8 @@ class PerturbationScan:
         orig_genes: list[torch.Tensor | None] = [None] * len(cells)
         lengths = np.array([len(t) for t in token_lists])
         for idx in length_grouped_batches(lengths, s.batch_size):
-            hidden, emb, probs = self._forward([token_lists[i] for i in idx])
+            hidden, emb, probs = self._forward([token_lists[i] for i in idx],
+                                               None if value_lists is None else [value_lists[i] for i in idx])
             orig_emb[idx] = emb
             if probs is not None:
                 orig_probs[idx] = probs
@@ -513,7 +543,7 @@ class PerturbationScan:
         max_genes_of = {i: self.am.max_input_size - len(c.prefix) - len(c.suffix) for i, c in enumerate(cells)}
         for b0 in range(0, n, s.batch_size):
             batch = order[b0:b0 + s.batch_size]
-            seqs, sources = [], []
+            seqs, sources, seq_values = [], [], []
             for j in batch:
                 job = jobs[j]
                 cell = cells[job.cell]
@@ -521,7 +551,9 @@ class PerturbationScan:
                                             max_genes=max_genes_of[job.cell], positions=job.positions)
                 seqs.append(np.concatenate([cell.prefix, new, cell.suffix]))
                 sources.append((new, source))
-            hidden, emb, probs = self._forward(seqs)
+                if value_lists is not None:  # delete only: every kept gene keeps its own value
+                    seq_values.append(value_lists[job.cell][source])
+            hidden, emb, probs = self._forward(seqs, seq_values if value_lists is not None else None)
             owners = torch.as_tensor([jobs[j].cell for j in batch], device=self.device)
             cos[batch] = F.cosine_similarity(emb, orig_emb[owners], dim=-1).cpu().numpy()
             for k, mean in self.state_means.items():

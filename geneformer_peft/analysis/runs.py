@@ -38,6 +38,7 @@ from geneformer_peft.files import atomic_directory, atomic_file, write_json
 from geneformer_peft.models.device import resolve_device
 from geneformer_peft.training.run_safety import input_fingerprint
 from geneformer_peft.training import distributed
+from geneformer_peft.models.families import family_of_config
 
 __all__ = ["METRICS_FILE", "gene_tokens", "run_embed", "run_perturb", "select_rows"]
 
@@ -148,6 +149,9 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
                          allow_other_base=allow_other_base)
     am = load_analysis_model(model_path, base_model, random_init=random_init, seed=seed)
     resolve_emb_layer(emb_layer, am.num_layers)
+    if emb_mode == "gene" and family_of_config(am.config).values_column is not None:
+        raise DataError(f"--emb_mode gene is not written for a {family_of_config(am.config).model_type[0]} model; "
+                        "use --emb_mode cls (the cell's cls state) or cell (the mean over its genes)")
     tokens, token_path = resolve_token_dictionary(token_dictionary, model_path, base_model)
     specials = SpecialTokens.from_dictionary(tokens)
     cells = TokenizedCells(dataset, select_rows(dataset, max_ncells=max_ncells, source=str(input_path)),
@@ -326,7 +330,7 @@ def run_perturb(model_path, input_path, output_dir, *, genes: Sequence[str], per
                                title=title)
         if volcano is not None:
             paths["volcano"] = volcano
-    summary_dict = {**asdict(summary), "measure": measure, "layers_run": scan.reader.layers_run,
+    summary_dict = {**asdict(summary), "measure": measure, "layers_run": scan.layers_run,
                     "num_hidden_layers": am.num_layers, "model_kind": am.kind,
                     "class_probabilities": scan.class_names, "settings": settings.fingerprint(),
                     "provenance": provenance, "version": analysis_version(),

@@ -24,6 +24,7 @@ from geneformer_peft.checks.data import (
     check_tokenized_with,
     check_encoding,
     check_labels,
+    check_recorded_vocabulary,
     check_token_ids,
     check_truncation,
     check_vocabulary,
@@ -106,7 +107,8 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
     check_encoding(report, datasets, family.encoding)
     vocab_size = _vocab_size(config)
     length = max_length or family.input_length(config)
-    check_token_ids(report, datasets, vocab_size=vocab_size, max_length=None if family.fixed_length else length)
+    check_token_ids(report, datasets, vocab_size=vocab_size,
+                    max_length=None if family.fixed_length else family.data_length(length))
 
     pretrained_ids = id_to_gene = None
     special_ids: set[int] = set()
@@ -138,6 +140,9 @@ def check_compatibility(model_path: str | Path, datasets: Mapping[str, Any], *, 
                          special_ids=special_ids, min_overlap=min_gene_overlap,
                          allow_low_overlap=allow_low_gene_overlap)
         check_truncation(report, datasets, length)
+    elif family.values_column is not None:  # CellFM: the data's recorded vocabulary against the checkpoint's
+        own, own_source = checkpoint_token_dictionary(weights_path)
+        check_recorded_vocabulary(report, datasets, own, own_source)
     if label_column is not None:
         check_labels(report, datasets, label_column, train=train_split if train_split in datasets else None)
     return report

@@ -17,9 +17,9 @@ import numpy as np
 
 from geneformer_peft.checks.report import OK, REFUSED, WARNING, CompatibilityReport
 
-__all__ = ["MIN_GENE_OVERLAP", "TRUNCATION_WARNING_SHARE", "check_encoding", "check_labels", "check_token_ids",
-           "check_tokenized_with",
-           "check_truncation", "check_vocabulary", "data_encoding", "dataset_stats", "token_id_problems"]
+__all__ = ["MIN_GENE_OVERLAP", "TRUNCATION_WARNING_SHARE", "check_encoding", "check_labels", "check_recorded_vocabulary",
+           "check_token_ids", "check_tokenized_with", "check_truncation", "check_vocabulary", "data_encoding",
+           "dataset_stats", "token_id_problems"]
 
 #: refuse when fewer than this share of the data's genes (or of its counts) have pretrained rows
 MIN_GENE_OVERLAP = 0.5
@@ -229,6 +229,33 @@ def token_id_problems(dataset, where: str, *, vocab_size: int, max_length: int |
                             "with the checkpoint's own token dictionary (or remap the checkpoint to yours: "
                             "geneformer-peft remap-vocab)")
     return problems
+
+
+def check_recorded_vocabulary(report: CompatibilityReport, datasets: Mapping[str, Any],
+                              dictionary: Mapping[str, int] | None, source: str | None) -> None:
+    """Cells that record the vocabulary they were tokenized with (``vocabulary_sha1``, CellFM's
+    encoding) against the model's own (``dictionary`` from ``source``, its tokenizer.json):
+    another vocabulary gives the same ids to other genes, so it is refused."""
+    from geneformer_peft.data.cellfm import vocabulary_fingerprint
+
+    recorded = {name: dataset_stats(ds).get("vocabulary_sha1") for name, ds in datasets.items()}
+    recorded = {name: sha for name, sha in recorded.items() if sha}
+    if dictionary is None or not recorded:
+        why = "the model has no tokenizer.json" if dictionary is None else "the data does not record its vocabulary"
+        report.add("vocabulary", OK, f"vocabulary not compared: {why}", recorded=recorded)
+        return
+    own = vocabulary_fingerprint(dictionary)
+    other = {name: sha for name, sha in recorded.items() if sha != own}
+    if other:
+        name = next(iter(other))
+        size = dataset_stats(datasets[name]).get("vocabulary_size")
+        report.add("vocabulary", REFUSED, f"{name} was tokenized with another vocabulary ({size} tokens) than the "
+                   f"model's {source} ({len(dictionary)} tokens): its ids name other genes' rows; tokenize with "
+                   f"{source}, or put the checkpoint on your vocabulary first (geneformer-peft remap-vocab)",
+                   model_sha1=own, recorded=recorded)
+    else:
+        report.add("vocabulary", OK, f"tokenized with the model's own vocabulary ({source})", model_sha1=own,
+                   recorded=recorded)
 
 
 def check_token_ids(report: CompatibilityReport, datasets: Mapping[str, Any], *, vocab_size: int,

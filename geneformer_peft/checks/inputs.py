@@ -59,6 +59,17 @@ def _tokenize_raw(model_path: Path, path: Path, *, token_dictionary, gene_median
                             f"{path}")
         return tokenize_binned(path, gene_panel=panel, gene_id_column=gene_id_column, label_column=label_column,
                                show_progress=False)
+    if family.encoding == "cellfm":
+        from geneformer_peft.data.cellfm import tokenize_cellfm
+
+        given = [flag for flag, value in (("--gene_median_dictionary", gene_median_dictionary),
+                                          ("--gene_name_id_dictionary", gene_name_id_dictionary)) if value is not None]
+        if given:
+            raise DataError(f"{', '.join(given)} apply to the rank value encoding; {model_path} is a CellFM model, "
+                            "whose cells are tokenized with its tokenizer.json (or --token_dictionary) alone")
+        vocabulary = token_dictionary or model_path
+        return tokenize_cellfm(path, token_dictionary=vocabulary, gene_id_column=gene_id_column,
+                               label_column=label_column, max_genes=UNTRUNCATED, show_progress=False)
     from geneformer_peft.data.rank_value import tokenize_anndata
 
     tokens = token_dictionary or next((model_path / n for n in ("tokenizer.json", "token_dictionary.pkl")

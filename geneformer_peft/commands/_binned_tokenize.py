@@ -15,15 +15,15 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-ENCODINGS = ("rank_value", "binned")
+ENCODINGS = ("rank_value", "binned", "cellfm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--encoding`` and the binned encoding's options."""
-    group = parser.add_argument_group("encoding (default: Geneformer's rank value; binned: scBERT's)")
+    group = parser.add_argument_group("encoding (default: Geneformer's rank value; binned: scBERT's; cellfm: CellFM's)")
     group.add_argument("--encoding", choices=ENCODINGS, default="rank_value",
-                       help="rank_value (Geneformer) or binned (scBERT: one position per panel gene, token = "
-                            "binned log2 expression).")
+                       help="rank_value (Geneformer), binned (scBERT: one position per panel gene, token = "
+                            "binned log2 expression) or cellfm (CellFM: expressed genes with their log1p values).")
     group.add_argument("--gene_panel", type=file_path("a gene panel file (.txt or .npy)"), metavar="PANEL.txt|.npy",
                        help="binned: the model's genes in position order (one name a line, or a .npy of names); "
                             "matched against --gene_id_column.")
@@ -35,12 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="binned: drop cells with fewer expressed panel genes (scBERT: 200).")
 
 
-def refuse_binned_options(args: argparse.Namespace) -> None:
-    """A rank-value run given binned-only options: say so rather than ignore them."""
+def refuse_binned_options(args: argparse.Namespace, *, encoding: str = "rank_value") -> None:
+    """A rank-value (or CellFM) run given binned-only options: say so rather than ignore them."""
     given = [flag for flag, value in (("--gene_panel", args.gene_panel), ("--gene2vec", args.gene2vec))
              if value is not None]
     if given:
-        raise DataError(f"{', '.join(given)} apply to --encoding binned; this run uses the rank value encoding "
+        used = "the rank value encoding" if encoding == "rank_value" else f"--encoding {encoding}"
+        raise DataError(f"{', '.join(given)} apply to --encoding binned; this run uses {used} "
                         "(add --encoding binned)")
 
 
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.commands.tokenize import TOKENIZE_INPUTS, parse_obs_filters
     from geneformer_peft.data.binned import read_gene2vec, read_gene_panel, tokenize_binned, write_panel_files
 
+    from geneformer_peft.commands._cellfm_tokenize import refuse_cellfm_options
+
+    refuse_cellfm_options(args)
     if args.gene_panel is None:
         raise DataError("--encoding binned needs --gene_panel PANEL.txt|.npy (the model's genes in position order)")
     given = [flag for flag, value in (("--token_dictionary", args.token_dictionary),

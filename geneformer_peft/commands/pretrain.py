@@ -5,7 +5,9 @@ stay. Batches are grouped by length; AdamW with linear warmup and decay. The out
 (config.json, model.safetensors, tokenizer.json) loads in `transformers` as BertForMaskedLM.
 A scBERT config or checkpoint (`model_type: "scbert"`) on binned cells (`tokenize --encoding
 binned`) is pretrained with scBERT's masked expression modelling (15% of the non-zero positions,
-90% of those masked, 10% kept).
+90% of those masked, 10% kept); a CellFM one (`model_type: "cellfm"`) on CellFM cells (`tokenize
+--encoding cellfm`) with masked-value regression (20% of each cell's values hidden; the printed
+loss is their mean squared error).
 
 Example:
   geneformer-peft pretrain --input cells.dataset --output_dir my_ckpt --config Pretrain_ckpts/geneformer-6L-30M/config.json \\
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.checks import check_compatibility
     from geneformer_peft.models.families import family_of
 
+    family = family_of(args.model_path or args.config)
     with guarded(args, "pretrain", output="output_dir",
                  inputs=("input", "config", "model_path", "token_dictionary")) as tmp:
         dataset = load_saved_dataset(args.input)
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         token_dictionary = load_token_dictionary(vocab_source) if vocab_source else None
         config = None
         if args.config:  # the family from the file's model_type (scBERT: masked expression modelling)
-            config = family_of(args.config).config_class.from_pretrained(args.config)
+            config = family.config_class.from_pretrained(args.config)
             if args.resize_vocab and token_dictionary is not None and hasattr(config, "vocab_size"):
                 logger.info("--resize_vocab: vocab_size %d -> %d (%s)", config.vocab_size, len(token_dictionary),
                             vocab_source)
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                             token_dictionary=vocab_source, check_shapes=args.model_path is not None,
                             allow_low_gene_overlap=args.allow_low_gene_overlap, training=True,
                             resize_vocab=bool(args.resize_vocab) if args.config else None).raise_if_refused()
-        cells = EncodedCells.from_dataset(dataset, name=str(args.input))
+        cells = EncodedCells.from_dataset(dataset, name=str(args.input), values_column=family.values_column)
         result = pretrain(cells, tmp, config=config, model_path=args.model_path,
                           token_dictionary=token_dictionary, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, max_steps=args.max_steps, seed=args.seed, device=args.device)

@@ -5,6 +5,9 @@ rows of genes both vocabularies share are copied from the checkpoint, the others
 initialised fresh, the size is padded to a multiple of --pad_to_multiple_of; every other
 weight is copied unchanged. The checkpoint's own vocabulary comes from its tokenizer.json
 or --old_token_dictionary (Geneformer V1 checkpoints ship none: pass token_dictionary.pkl).
+A CellFM checkpoint's gene_emb is remapped the same way (fresh rows xavier-normal, the pad row 0);
+--reinit_all_rows keeps no pretrained row (CellFM's fine-tuning recipe, then finetune with
+freeze_preset "cellfm"; see docs/cellfm.md).
 
 Example:
   geneformer-peft remap-vocab --model_path /path/to/gf-6L-30M-i2048 \\
@@ -36,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p("--allow_low_gene_overlap", action="store_true",
       help="Write the copy even when fewer than half of the new vocabulary's genes have pretrained rows "
            "(default: refuse).")
+    p("--reinit_all_rows", action="store_true",
+      help="Start every embedding row fresh for the new vocabulary, keeping none of the checkpoint's (CellFM's "
+           "fine-tuning recipe; the default keeps the rows of shared genes).")
     p("--overwrite", action="store_true", help="Replace an existing --output_dir.")
 
 
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
                                              old_token_dictionary=args.old_token_dictionary,
                                              pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed,
                                              min_gene_overlap=MIN_GENE_OVERLAP,
-                                             allow_low_gene_overlap=args.allow_low_gene_overlap)
+                                             allow_low_gene_overlap=args.allow_low_gene_overlap,
+                                             reinit_all_rows=args.reinit_all_rows)
     print(f"{shared} genes shared with the checkpoint's vocabulary -> {args.output_dir}")
     return 0

@@ -23,6 +23,10 @@ whose obs[col] equals one of the values, e.g. --obs_filter demuxlet_cls=SNG.
 scBERT: --encoding binned --gene_panel PANEL.txt|.npy [--gene2vec FILE.npy] writes one
 position per panel gene (binned log2 expression, uint8) instead; see docs/scbert.md.
 
+CellFM: --encoding cellfm --token_dictionary MODEL/tokenizer.json [--max_genes 2048] writes each
+cell's expressed genes (input_ids) with their log1p(count * 10,000 / cell total) (values), highest
+value first, at most --max_genes; see docs/cellfm.md.
+
 Example:
   geneformer-peft tokenize --input cells.h5ad --output cells.dataset \\
       --token_dictionary token_dictionary.pkl --gene_median_dictionary gene_median_dictionary.pkl \\
@@ -38,7 +42,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from geneformer_peft.commands import _binned_tokenize
+from geneformer_peft.commands import _binned_tokenize, _cellfm_tokenize
 from geneformer_peft.commands._common import OUTPUT_FOLDER, file_path, guarded, positive_int
 from geneformer_peft.errors import DataError
 
@@ -47,6 +51,8 @@ logger = logging.getLogger(__name__)
 #: the options naming input files, fingerprinted in the output's provenance.json
 TOKENIZE_INPUTS = ("input", "token_dictionary", "gene_median_dictionary", "gene_name_id_dictionary", "gene_panel",
                    "gene2vec")
+#: --model_input_size's default (V1's 2048)
+DEFAULT_MODEL_INPUT_SIZE = 2048
 
 HELP = "tokenize a .h5ad/.loom file of raw counts into a Geneformer dataset"
 
@@ -66,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the file pass through; symbols of one Ensembl id are summed.")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")
-    parser.add_argument("--model_input_size", type=positive_int, default=2048, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
+    parser.add_argument("--model_input_size", type=positive_int, default=DEFAULT_MODEL_INPUT_SIZE, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
     parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
     parser.add_argument("--chunk_size", type=positive_int, default=512, help="Cells read at a time (memory stays flat).")
     parser.add_argument("--nproc", type=positive_int, default=1, help="Worker processes encoding the chunks (output identical to 1; each holds one chunk).")
@@ -75,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
     _binned_tokenize.add_arguments(parser)
+    _cellfm_tokenize.add_arguments(parser)
 
 
 def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
@@ -101,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
         if args.nproc != 1:
             raise DataError(f"--nproc {args.nproc} applies to the rank value encoding; --encoding binned runs in one process")
         return _binned_tokenize.run(args)
+    if args.encoding == "cellfm":
+        if args.gene_name_id_dictionary is not None or args.nproc != 1:
+            raise DataError("--gene_name_id_dictionary and --nproc apply to the rank value encoding; --encoding cellfm "
+                            "matches the file's gene ids against --token_dictionary as given, in one process")
+        return _cellfm_tokenize.run(args)
     _binned_tokenize.refuse_binned_options(args)
+    _cellfm_tokenize.refuse_cellfm_options(args)
     from geneformer_peft.data.rank_value import tokenize_anndata
     from geneformer_peft.data.vocab import tokenizer_dictionaries
 

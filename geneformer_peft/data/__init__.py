@@ -1,4 +1,5 @@
-"""Data stage: cell sources, the rank-value encoding (Geneformer's tokenizer), vocabularies,
+"""Data stage: cell sources, the rank-value encoding (Geneformer's tokenizer), the
+binned (scBERT) and CellFM encodings, vocabularies,
 folds in the reference layout, dataset I/O, collators, samplers and synthetic cells.
 
 Imports neither :mod:`geneformer_peft.training` nor :mod:`geneformer_peft.evaluation`.
@@ -22,6 +23,10 @@ _WHERE = {
     "write_panel_files": "binned",
     "BinnedMaskingCollator": "binned_collator",
     "stack_binned": "binned_collator",
+    "CellFMStats": "cellfm",
+    "cellfm_encode": "cellfm",
+    "tokenize_cellfm": "cellfm",
+    "CellFMMaskingCollator": "cellfm_collator",
     "CellChunk": "cell_source",
     "CellSource": "cell_source",
     "check_raw_counts": "cell_source",
@@ -31,6 +36,7 @@ _WHERE = {
     "CELL_ID_COLUMN": "cells",
     "EncodedCells": "cells",
     "collate_cells": "cells",
+    "model_inputs": "cells",
     "MaskedLMCollator": "collator",
     "WorkerGenerator": "collator",
     "pad_input_ids": "collator",

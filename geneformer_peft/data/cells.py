@@ -21,7 +21,7 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CELL_ID_COLUMN", "EncodedCells", "StreamedCells", "collate_cells"]
+__all__ = ["CELL_ID_COLUMN", "EncodedCells", "StreamedCells", "collate_cells", "model_inputs"]
 
 #: batches a StreamedCells reads before mapping its files afresh (releasing the pages read)
 REMAP_EVERY_BATCHES = 32
@@ -32,13 +32,16 @@ CELL_ID_COLUMN = "cell_id"
 
 class EncodedCells(Dataset):
     """Cells of one split: ``input_ids`` slices, ``lengths`` (after ``max_length``),
-    optional label ids, each cell's row number in the source dataset (``index``) and, when
-    the dataset has a ``cell_id`` column, each cell's identifier (``cell_ids``, else ``None``)."""
+    optional label ids, each cell's row number in the source dataset (``index``), when
+    the dataset has a ``cell_id`` column, each cell's identifier (``cell_ids``, else ``None``),
+    and for a model that reads expression values (CellFM) the values parallel to the tokens
+    (``values``, else ``None``)."""
 
     def __init__(self, flat: np.ndarray, offsets: np.ndarray, *, labels: np.ndarray | None = None,
                  max_length: int | None = None, index: np.ndarray | None = None, name: str = "cells",
-                 cell_ids: list | None = None) -> None:
+                 cell_ids: list | None = None, values: np.ndarray | None = None) -> None:
         self.flat, self.offsets = flat, offsets
+        self.values = values  # float32, parallel to ``flat`` (CellFM's expression values), or None
         self.cell_ids = cell_ids
         full = np.diff(offsets)
         self.lengths = np.minimum(full, max_length) if max_length else full
@@ -53,8 +56,14 @@ class EncodedCells(Dataset):
 
     @classmethod
     def from_dataset(cls, dataset, *, label_column: str | None = None, label2id: Mapping[Any, int] | None = None,
-                     max_length: int | None = None, name: str = "cells") -> EncodedCells:
-        """Read a tokenized ``datasets.Dataset`` (``input_ids`` and, optionally, a label column)."""
+                     max_length: int | None = None, name: str = "cells",
+                     values_column: str | None = None) -> EncodedCells:
+        """Read a tokenized ``datasets.Dataset`` (``input_ids`` and, optionally, a label column).
+
+        ``values_column`` (CellFM: ``"values"``): also read that column, one float per token
+        (:attr:`values`); a dataset without it, or with another number of values than tokens in
+        a cell, is a :class:`DataError`. ``None``: no values are read.
+        """
         if "input_ids" not in dataset.column_names:
             raise DataError(f"{name}: no 'input_ids' column; expected a tokenized dataset, "
                             f"found columns {dataset.column_names}")
@@ -62,6 +71,9 @@ class EncodedCells(Dataset):
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         offsets = column.offsets.to_numpy().astype(np.int64)
         flat = column.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        token_values = None
+        if values_column is not None:
+            token_values = _read_values(dataset, values_column, offsets, name)
         offsets = offsets - offsets[0]
         labels = None
         if label_column is not None:
@@ -78,7 +90,8 @@ class EncodedCells(Dataset):
             else:
                 labels = np.asarray(values, dtype=np.int64)
         cell_ids = list(dataset[CELL_ID_COLUMN]) if CELL_ID_COLUMN in dataset.column_names else None
-        return cls(flat, offsets, labels=labels, max_length=max_length, name=name, cell_ids=cell_ids)
+        return cls(flat, offsets, labels=labels, max_length=max_length, name=name, cell_ids=cell_ids,
+                   values=token_values)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -87,8 +100,15 @@ class EncodedCells(Dataset):
         start = self.offsets[i]
         return self.flat[start:start + self.lengths[i]]
 
+    def token_values(self, i: int) -> np.ndarray:
+        """Cell ``i``'s expression values (as many as :meth:`tokens`); needs :attr:`values`."""
+        start = self.offsets[i]
+        return self.values[start:start + self.lengths[i]]
+
     def __getitem__(self, i: int) -> dict:
         item = {"input_ids": self.tokens(i), "cell": i, "split": self.key}
+        if self.values is not None:
+            item["values"] = self.token_values(i)
         if self.labels is not None:
             item["label"] = int(self.labels[i])
         return item
@@ -175,12 +195,51 @@ class StreamedCells:
         return out
 
 
+def _read_values(dataset, column_name: str, token_offsets: np.ndarray, name: str) -> np.ndarray:
+    """The flat float32 values of ``column_name``, checked to be parallel to ``input_ids``."""
+    if column_name not in dataset.column_names:
+        raise DataError(f"{name}: no {column_name!r} column; the model reads each gene's expression value beside its "
+                        f"id (found columns {dataset.column_names}); tokenize the raw counts with "
+                        "`geneformer-peft tokenize --encoding cellfm`")
+    column = dataset.data.column(column_name)
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    if not np.array_equal(np.diff(offsets), np.diff(token_offsets)):
+        row = int(np.flatnonzero(np.diff(offsets) != np.diff(token_offsets))[0])
+        raise DataError(f"{name}: row {row} has {int(offsets[row + 1] - offsets[row])} {column_name!r} for "
+                        f"{int(token_offsets[row + 1] - token_offsets[row])} input_ids; expected one value per "
+                        "gene token")
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    values = values[offsets[0]:offsets[-1]] if len(offsets) else values[:0]
+    if not np.isfinite(values).all():
+        raise DataError(f"{name}: column {column_name!r} holds a value that is not finite "
+                        f"({values[~np.isfinite(values)][0]!r}); expected log1p expression values")
+    return values
+
+
+def model_inputs(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The positional inputs of a classifier for ``batch`` on ``device``: ``(input_ids,
+    attention_mask)``, or ``(input_ids, values, attention_mask)`` when the batch carries
+    expression values (CellFM)."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+    if "values" in batch:
+        return input_ids, batch["values"].to(device, non_blocking=True), attention_mask
+    return input_ids, attention_mask
+
+
 def collate_cells(items: Sequence[dict], *, pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> dict:
     """Pad to the longest cell of the batch (optionally to a multiple): ``input_ids``,
-    ``attention_mask`` (1 genes, 0 padding), ``labels`` when known, ``cells`` (positions)
-    and ``split`` (whose cells they are)."""
+    ``attention_mask`` (1 genes, 0 padding), ``values`` (float32, 0 at padding) when the
+    cells carry them, ``labels`` when known, ``cells`` (positions) and ``split`` (whose
+    cells they are)."""
     batch = pad_input_ids([it["input_ids"] for it in items], pad_token_id=pad_token_id,
                           pad_to_multiple_of=pad_to_multiple_of)
+    if "values" in items[0]:
+        values = np.zeros(tuple(batch["input_ids"].shape), dtype=np.float32)
+        for row, item in enumerate(items):
+            values[row, :len(item["values"])] = item["values"]
+        batch["values"] = torch.from_numpy(values)
     batch["cells"] = torch.tensor([it["cell"] for it in items])
     batch["split"] = items[0]["split"]
     if "label" in items[0]:

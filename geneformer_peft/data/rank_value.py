@@ -136,19 +136,34 @@ class GeneMap:
 def build_gene_map(
     gene_ids: np.ndarray,
     token_dictionary: Mapping[str, int],
-    gene_median_dictionary: Mapping[str, float],
+    gene_median_dictionary: Mapping[str, float] | None,
     *,
     source_name: str,
 ) -> GeneMap:
-    """Match a file's gene ids to the token and median dictionaries."""
-    has_token = np.array([g in token_dictionary for g in gene_ids], dtype=bool)
-    has_median = np.array([g in gene_median_dictionary for g in gene_ids], dtype=bool)
+    """Match a file's gene ids to the token and median dictionaries.
+
+    ``gene_median_dictionary=None`` (an encoding without medians, e.g. CellFM's): genes are
+    matched on the token dictionary alone, its special tokens (``<pad>``...) excluded, and every
+    median reads 1.
+    """
+    if gene_median_dictionary is None:
+        from geneformer_peft.data.vocab import is_special_token
+
+        has_token = np.array([g in token_dictionary and not is_special_token(str(g)) for g in gene_ids], dtype=bool)
+        has_median = np.ones(len(gene_ids), dtype=bool)
+    else:
+        has_token = np.array([g in token_dictionary for g in gene_ids], dtype=bool)
+        has_median = np.array([g in gene_median_dictionary for g in gene_ids], dtype=bool)
     matched = has_token & has_median
     if not matched.any():
+        if gene_median_dictionary is None:
+            example = next((str(k) for k in token_dictionary if not str(k).startswith("<")), "?")
+            where, expected = "token dictionary", f"ids of its kind such as {example!r}"
+        else:
+            where, expected = "token and median dictionaries", "Ensembl ids such as 'ENSG00000000003'"
         raise DataError(
             f"{source_name}: none of the {len(gene_ids)} gene ids (e.g. {[str(g) for g in gene_ids[:3]]}) is in the "
-            "token and median dictionaries; expected Ensembl ids such as 'ENSG00000000003' "
-            "(pick the right column with gene_id_column)"
+            f"{where}; expected {expected} (pick the right column with gene_id_column)"
         )
     columns = np.flatnonzero(matched)
     unique_genes, inverse = np.unique(gene_ids[columns], return_inverse=True)
@@ -162,7 +177,10 @@ def build_gene_map(
     else:
         order = np.argsort(inverse)
         columns = columns[order]
-    medians = np.array([gene_median_dictionary[g] for g in unique_genes], dtype=np.float64)
+    if gene_median_dictionary is None:
+        medians = np.ones(len(unique_genes), dtype=np.float64)
+    else:
+        medians = np.array([gene_median_dictionary[g] for g in unique_genes], dtype=np.float64)
     bad = ~(np.isfinite(medians) & (medians > 0))
     if bad.any():
         gene = str(unique_genes[np.flatnonzero(bad)[0]])

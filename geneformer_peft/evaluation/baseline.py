@@ -16,6 +16,8 @@ Features (``docs/baseline.md``):
     On binned inputs (scBERT: position = panel gene, token = binned expression) the same
     option means the cell's binned expression itself: the value at column ``j`` is the
     token at position ``j`` (a bag of bin values would say nothing about the genes).
+    On cells that carry expression values (CellFM: gene ids with their log1p values) it
+    means those values: column ``id`` holds the gene's log1p value (:func:`value_features`).
 ``expression`` (when the dataset carries raw expression)
     ``log1p(counts / total * 10,000)``, the CellTypist recipe. A dataset carries raw
     expression in two list columns, ``expression_ids`` (feature ids, e.g. the genes'
@@ -57,13 +59,14 @@ __all__ = [
     "special_token_ids",
     "binned_features",
     "token_features",
+    "value_features",
 ]
 
 BASELINE_METHODS = ("logreg", "none")
 BASELINE_FEATURES = ("tokens", "expression")
-#: how ``tokens`` features read a cell: ``rank`` (Geneformer's rank-value encoding) or
-#: ``binned`` (scBERT's fixed panel of binned expression)
-BASELINE_ENCODINGS = ("rank", "binned")
+#: how ``tokens`` features read a cell: ``rank`` (Geneformer's rank-value encoding),
+#: ``binned`` (scBERT's fixed panel of binned expression) or ``values`` (CellFM's gene ids with values)
+BASELINE_ENCODINGS = ("rank", "binned", "values")
 #: regularisation strengths tried on the validation split (inverse of the L2 penalty)
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 EXPRESSION_IDS = "expression_ids"
@@ -378,6 +381,36 @@ def binned_features(cells: EncodedCells, n_positions: int) -> sp.csr_matrix:
                          shape=(len(cells), n_positions))
 
 
+def value_features(cells: EncodedCells, n_features: int) -> sp.csr_matrix:
+    """Each cell's expression values at its gene ids (the tokens the model sees).
+
+    Parameters
+    ----------
+    cells : EncodedCells
+        Cells with :attr:`~EncodedCells.values` (CellFM's encoding).
+    n_features : int
+        Number of columns (the vocabulary size); ids at or above it are left out.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (n_cells, n_features), float64
+        Row i, column g: cell i's value of gene id g (0 when not among its tokens).
+    """
+    if cells.values is None:
+        raise DataError(f"{cells.name}: the values baseline needs cells with expression values (CellFM's encoding)")
+    rows, cols, vals = [], [], []
+    for i in range(len(cells)):
+        tokens = cells.tokens(i).astype(np.int64)
+        keep = tokens < n_features
+        rows.append(np.full(int(keep.sum()), i, dtype=np.int64))
+        cols.append(tokens[keep])
+        vals.append(cells.token_values(i)[keep].astype(np.float64))
+    if not rows:
+        return sp.csr_matrix((0, n_features))
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(len(cells), n_features))
+
+
 def fold_baseline(cells: Mapping[str, EncodedCells], *, label_names: Sequence[str], features: str = "tokens",
                   encoding: str = "rank", n_features: int | None = None, special_ids: Iterable[int] = (0, 1),
                   datasets: Mapping[str, Any] | None = None, class_weight: Sequence[float] | None = None,
@@ -393,9 +426,10 @@ def fold_baseline(cells: Mapping[str, EncodedCells], *, label_names: Sequence[st
         Name of each label id.
     features : {"tokens", "expression"}
         Feature kind (see the module docstring).
-    encoding : {"rank", "binned"}, default "rank"
-        How ``tokens`` features read the cells: a rank-weighted bag of gene tokens, or the
-        binned expression per panel position (:func:`binned_features`).
+    encoding : {"rank", "binned", "values"}, default "rank"
+        How ``tokens`` features read the cells: a rank-weighted bag of gene tokens, the
+        binned expression per panel position (:func:`binned_features`), or each gene's
+        expression value at its id (:func:`value_features`).
     n_features : int, optional
         Width of the rank-value token features (the vocabulary size; default: the largest
         token id of the three splits + 1). For ``binned`` the width is the cells' length,
@@ -435,6 +469,12 @@ def fold_baseline(cells: Mapping[str, EncodedCells], *, label_names: Sequence[st
 
         def build(split: str) -> sp.csr_matrix:
             return binned_features(cells[split], n_positions)
+    elif features == "tokens" and encoding == "values":
+        if n_features is None:
+            n_features = 1 + max(int(c.flat.max()) if len(c.flat) else 0 for c in cells.values())
+
+        def build(split: str) -> sp.csr_matrix:
+            return value_features(cells[split], n_features)
     elif features == "tokens":
         if n_features is None:
             n_features = 1 + max(int(c.flat.max()) if len(c.flat) else 0 for c in cells.values())

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geneformer_peft.data.cells import EncodedCells, StreamedCells, collate_cells
+from geneformer_peft.data.cells import EncodedCells, StreamedCells, collate_cells, model_inputs
 from geneformer_peft.models.device import autocast
 
 __all__ = ["predict_logits", "softmax"]
@@ -26,7 +26,7 @@ def predict_logits(model, cells: EncodedCells | StreamedCells, *, batch_size: in
             if encoder_cache is not None:
                 logits = encoder_cache.forward(model, batch, device)
             else:
-                logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
+                logits = model(*model_inputs(batch, device)).logits
         out[idx] = logits.float().cpu().numpy()
     model.train(was_training)
     return out

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from geneformer_peft.data.cells import StreamedCells
+from geneformer_peft.data.cells import EncodedCells, StreamedCells
 from geneformer_peft.errors import DataError
 from geneformer_peft.evaluation.inference import predict_logits, softmax
 from geneformer_peft.evaluation.metrics import classification_metrics
@@ -70,12 +70,19 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
             raise DataError(f"column {label_column!r} holds labels the model was not trained on: {unknown}; "
                             f"model labels: {names}")
         mapping = {v: config.label2id[str(v)] for v in dataset.unique(label_column)}
-    labels = None
-    if has_labels:
-        labels = np.array([mapping[v] for v in dataset[label_column]], dtype=np.int64)
-    # tokens are read batch by batch from the memory-mapped dataset: memory flat in the number of cells
-    cells = StreamedCells(dataset, labels=labels, max_length=max_length or family.input_length(config), name="input")
-    check_input_lengths(config, cells.full_lengths, source="input")
+    length = family.data_length(max_length or family.input_length(config))
+    if family.values_column is not None:  # CellFM: ids and values, read whole (streaming reads ids only)
+        cells = EncodedCells.from_dataset(dataset, label_column=label_column if has_labels else None,
+                                          label2id=mapping, max_length=length, name="input",
+                                          values_column=family.values_column)
+        check_input_lengths(config, np.diff(cells.offsets), source="input")
+    else:
+        labels = None
+        if has_labels:
+            labels = np.array([mapping[v] for v in dataset[label_column]], dtype=np.int64)
+        # tokens are read batch by batch from the memory-mapped dataset: memory flat in the number of cells
+        cells = StreamedCells(dataset, labels=labels, max_length=length, name="input")
+        check_input_lengths(config, cells.full_lengths, source="input")
     logits = predict_logits(model, cells, batch_size=batch_size, device=dev, progress=True)
     probs = softmax(logits)
     preds = probs.argmax(axis=1)

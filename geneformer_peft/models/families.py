@@ -25,6 +25,7 @@ from transformerslocal import (
     PerformerForSequenceClassification,
 )
 from transformerslocal.configuration_bert import PEFT_DEFAULTS
+from transformerslocal.configuration_cellfm import HEAD_KEYS as CELLFM_HEAD_KEYS
 from transformerslocal.configuration_cellfm import PEFT_SHARED_DEFAULTS as CELLFM_PEFT_SHARED
 from transformerslocal.configuration_performer import PEFT_SHARED_DEFAULTS
 from transformerslocal.peft.registry import config_defaults
@@ -49,7 +50,8 @@ class Family:
     shape_keys
         Architecture keys a ``--config`` file must agree on with the checkpoint.
     peft_keys
-        The config keys a ``--config`` file contributes (PEFT method keys and freezing).
+        The config keys a ``--config`` file contributes (PEFT method keys and freezing; CellFM's
+        classifier head choice too).
     input_length
         ``input_length(config)``: the longest input the classifier takes.
     fixed_length
@@ -57,9 +59,13 @@ class Family:
     encoding
         The encoding of the cells it reads, as tokenizers record it in a dataset's summary
         (``"rank_value"``, ``"binned"``, ``"cellfm"``).
-    not_in_job
-        ``None`` when the job (finetune, predict, embed, pretrain, perturb) runs the family; else
-        why it does not yet, said by :func:`family_of` when a job is pointed at such a checkpoint.
+    values_column
+        The dataset column of each gene token's expression value the model reads beside the ids
+        (CellFM: ``"values"``); ``None`` when it reads token ids only.
+    added_tokens
+        Positions the model puts in front of a cell's tokens itself (CellFM's cls: 1), so that a
+        cell of ``input_length(config)`` positions reads ``input_length(config) - added_tokens``
+        tokens of the dataset (:meth:`data_length`).
     """
 
     model_type: tuple[str, ...]
@@ -73,7 +79,13 @@ class Family:
     input_length: Callable[[Any], int]
     fixed_length: bool
     encoding: str = "rank_value"
-    not_in_job: str | None = None
+    values_column: str | None = None
+    added_tokens: int = 0
+
+    def data_length(self, length: int) -> int:
+        """The dataset tokens per cell of an input of ``length`` positions (``--max_length``,
+        ``max_position_embeddings``): ``length - added_tokens``."""
+        return int(length) - self.added_tokens
 
 
 BERT = Family(
@@ -110,13 +122,12 @@ CELLFM = Family(
     head_out_weight="classifier.out.weight",
     shape_keys=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "value_slots"),
-    peft_keys=tuple(CELLFM_PEFT_SHARED) + tuple(config_defaults()),
+    peft_keys=tuple(CELLFM_PEFT_SHARED) + tuple(config_defaults()) + CELLFM_HEAD_KEYS,
     input_length=lambda config: config.finetune_max_length or config.max_position_embeddings,
     fixed_length=False,
     encoding="cellfm",
-    not_in_job=("its cells need each gene's expression value beside its id, which the tokenized datasets of the "
-                "job do not hold yet (docs/cellfm.md, \"Not done yet\"); use transformerslocal.CellFMModel "
-                "directly"),
+    values_column="values",
+    added_tokens=1,
 )
 #: every family, by the ``model_type`` values it reads
 FAMILIES: dict[str, Family] = {t: f for f in (BERT, SCBERT, CELLFM) for t in f.model_type}
@@ -142,18 +153,12 @@ def family_of(path: str | Path) -> Family:
     Raises
     ------
     ValueError
-        If the ``model_type`` is none of :data:`FAMILIES`, or one the job does not run yet
-        (:attr:`Family.not_in_job`).
+        If the ``model_type`` is none of :data:`FAMILIES`.
     """
     model_type = model_type_of(path)
     if model_type not in FAMILIES:
         raise ValueError(f"{path}: config.json has model_type {model_type!r}; expected one of {sorted(FAMILIES)}")
-    family = FAMILIES[model_type]
-    if family.not_in_job is not None:
-        runnable = sorted(t for t, f in FAMILIES.items() if f.not_in_job is None)
-        raise ValueError(f"{path}: config.json has model_type {model_type!r}, which the job does not run yet: "
-                         f"{family.not_in_job}; the job runs {runnable}")
-    return family
+    return FAMILIES[model_type]
 
 
 def family_of_config(config: Any) -> Family:

@@ -158,7 +158,13 @@ def _load_vocabulary(path: Path) -> dict[str, int] | None:
 def check_checkpoint_data(cells: EncodedCells, config, model_path: str | Path,
                           token_dictionary: str | Path | None = None) -> str:
     """:func:`check_data_version` with the vocabularies read from disk: the checkpoint's
-    ``tokenizer.json`` (if any) and the data's ``token_dictionary`` (if given)."""
+    ``tokenizer.json`` (if any) and the data's ``token_dictionary`` (if given). A model that
+    reads expression values beside the ids (CellFM) has no V1/V2: its encoding is returned."""
+    from geneformer_peft.models.families import family_of_config
+
+    family = family_of_config(config)
+    if family.values_column is not None:
+        return family.encoding
     model_vocab = _load_vocabulary(Path(model_path) / "tokenizer.json")
     data_vocab = _load_vocabulary(Path(token_dictionary)) if token_dictionary is not None else None
     return check_data_version(cells, config, model_path=model_path, vocabulary=model_vocab,

@@ -1,7 +1,8 @@
 """A pretrained checkpoint put on another gene vocabulary.
 
 Shared genes keep their embedding rows (matched by gene id), new genes start fresh, every
-other weight is kept. Reading and writing weights go through
+other weight is kept. A BERT's rows are ``*embeddings.word_embeddings.weight``, a CellFM's
+``gene_emb`` (fresh rows xavier-normal, the pad row 0, as CellFM initialises it). Reading and writing weights go through
 :mod:`transformerslocal.modeling_utils`, the one place that knows checkpoint files.
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ REMAP_RECORD = "vocabulary_remap.json"
 PathLike = str | Path
 
 _EMBEDDING_SUFFIX = "embeddings.word_embeddings.weight"
+#: CellFM's gene embedding (``model_type: "cellfm"``)
+_CELLFM_EMBEDDING = "gene_emb"
 _DECODER_WEIGHT = "cls.predictions.decoder.weight"
 _VOCAB_BIASES = ("cls.predictions.bias", "cls.predictions.decoder.bias")
 
@@ -67,6 +70,7 @@ def remap_checkpoint_vocabulary(
     seed: int = 0,
     min_gene_overlap: float = 0.0,
     allow_low_gene_overlap: bool = False,
+    reinit_all_rows: bool = False,
 ) -> int:
     """Write a copy of a checkpoint whose word embeddings follow a new vocabulary.
 
@@ -100,6 +104,9 @@ def remap_checkpoint_vocabulary(
         have a pretrained row to copy, or none has, unless allowed (``remap-vocab`` passes 0.5,
         the compatibility report's threshold; the function's default refuses only "none shared"). The genes whose rows start
         fresh are recorded in ``vocabulary_remap.json`` (the compatibility report reads it).
+    reinit_all_rows
+        Keep no pretrained row: the whole embedding starts fresh for the new vocabulary (CellFM's
+        fine-tuning recipe; every gene is recorded as new, and no overlap is required).
 
     Returns
     -------
@@ -137,10 +144,15 @@ def remap_checkpoint_vocabulary(
     state = read_state_dict(weights_file)
     safe = weights_file.name.startswith(SAFE_WEIGHTS_NAME)
     weights_name = SAFE_WEIGHTS_NAME if safe else WEIGHTS_NAME
-    embedding_keys = [k for k in state if k.endswith(_EMBEDDING_SUFFIX)]
+    cellfm = config.get("model_type") == "cellfm"
+    if cellfm:
+        embedding_keys = [k for k in state if k == _CELLFM_EMBEDDING]
+    else:
+        embedding_keys = [k for k in state if k.endswith(_EMBEDDING_SUFFIX)]
     if len(embedding_keys) != 1:
+        wanted = _CELLFM_EMBEDDING if cellfm else f"*{_EMBEDDING_SUFFIX}"
         raise DataError(
-            f"{checkpoint_dir / weights_name}: expected exactly one '*{_EMBEDDING_SUFFIX}' tensor, "
+            f"{checkpoint_dir / weights_name}: expected exactly one '{wanted}' tensor, "
             f"found {embedding_keys}"
         )
     embedding_key = embedding_keys[0]
@@ -157,15 +169,16 @@ def remap_checkpoint_vocabulary(
         new_size = int(math.ceil(new_size / pad_to_multiple_of) * pad_to_multiple_of)
     new_ids, old_ids = [], []
     for token, new_id in new_vocab.items():
-        if token in old_vocab:
+        if token in old_vocab and not reinit_all_rows:
             new_ids.append(new_id)
             old_ids.append(old_vocab[token])
     new_ids_t = torch.tensor(new_ids, dtype=torch.long)
     old_ids_t = torch.tensor(old_ids, dtype=torch.long)
-    n_shared_genes = sum(1 for t in new_vocab if t in old_vocab and not is_special_token(t))
+    n_shared_genes = sum(1 for t in new_vocab if t in old_vocab and not is_special_token(t) and not reinit_all_rows)
     n_shared_special = len(new_ids) - n_shared_genes
     already_new = new_gene_rows(checkpoint_dir)  # a remapped checkpoint's own fresh rows stay fresh
-    new_genes = sorted(t for t in new_vocab if not is_special_token(t) and (t not in old_vocab or t in already_new))
+    new_genes = sorted(t for t in new_vocab if not is_special_token(t)
+                       and (reinit_all_rows or t not in old_vocab or t in already_new))
     n_new_vocab_genes = sum(1 for t in new_vocab if not is_special_token(t))
     n_dropped = sum(1 for t in old_vocab if not is_special_token(t) and t not in new_vocab)
     n_pretrained = n_new_vocab_genes - len(new_genes)
@@ -173,7 +186,7 @@ def remap_checkpoint_vocabulary(
               f"{len(new_genes)} are new (random rows, e.g. {new_genes[:3]}), {n_dropped} of the checkpoint's genes "
               "are dropped")
     low = n_pretrained == 0 or n_pretrained < min_gene_overlap * n_new_vocab_genes
-    if low and not allow_low_gene_overlap:
+    if low and not allow_low_gene_overlap and not reinit_all_rows:
         raise DataError(f"remap of {checkpoint_dir} onto {new_token_dictionary if not isinstance(new_token_dictionary, Mapping) else 'the new vocabulary'}: "
                         f"{counts}; {'none' if n_pretrained == 0 else f'fewer than {min_gene_overlap:.0%}'} shared: the model would know almost none of "
                         "these genes (do both vocabularies use the same gene ids, e.g. Ensembl?). Pass "
@@ -183,9 +196,15 @@ def remap_checkpoint_vocabulary(
     generator = torch.Generator().manual_seed(seed)
     std = float(config.get("initializer_range", 0.02))
 
+    if cellfm:  # CellFM's own initialisation of gene_emb: xavier-normal over (rows, dims)
+        std = math.sqrt(2.0 / (new_size + old_embeddings.shape[1]))
+    pad_id = new_vocab.get("<pad>", config.get("pad_token_id", 0)) if cellfm else None
+
     def remap_matrix(old: torch.Tensor) -> torch.Tensor:
         fresh = torch.randn((new_size, old.shape[1]), generator=generator, dtype=torch.float32) * std
         fresh = fresh.to(old.dtype)
+        if pad_id is not None and pad_id < new_size:
+            fresh[pad_id] = 0
         fresh[new_ids_t] = old[old_ids_t]
         return fresh
 
@@ -220,8 +239,8 @@ def remap_checkpoint_vocabulary(
     n_new_genes = sum(1 for t in new_vocab if not is_special_token(t))
     logger.info(
         "remapped %s -> %s: vocab %d -> %d rows; %d of %d genes shared with the checkpoint "
-        "(%d special tokens copied), %d rows initialised N(0, %g)",
+        "(%d special tokens copied), %d rows initialised N(0, %g)%s",
         checkpoint_dir, output_dir, old_rows, new_size, n_shared_genes, n_new_genes,
-        n_shared_special, new_size - len(new_ids), std,
+        n_shared_special, new_size - len(new_ids), std, " (every row: --reinit_all_rows)" if reinit_all_rows else "",
     )
     return n_shared_genes

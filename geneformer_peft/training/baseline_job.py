@@ -132,8 +132,9 @@ def compute_fold_baseline(opts, fold: int, cells: Mapping[str, EncodedCells], da
     weights = None if class_weight is None else np.asarray(class_weight.detach().cpu().numpy(), dtype=np.float64)
     from geneformer_peft.models.families import family_of_config
 
-    # a fixed-length family (scBERT) reads binned expression, one token per panel gene
-    encoding = "binned" if family_of_config(config).fixed_length else "rank"
+    # a fixed-length family (scBERT) reads binned expression, one token per panel gene; CellFM gene ids with values
+    family = family_of_config(config)
+    encoding = "binned" if family.fixed_length else "values" if family.values_column is not None else "rank"
     result = fold_baseline(cells, label_names=names, features=features, encoding=encoding,
                            n_features=getattr(config, "vocab_size", None),
                            special_ids=specials, datasets=datasets, class_weight=weights,

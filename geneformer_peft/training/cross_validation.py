@@ -346,11 +346,15 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     if max_length > config.max_position_embeddings:
         raise ValueError(f"--max_length {max_length} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    from geneformer_peft.models.families import family_of_config
+
+    family = family_of_config(config)
     splits = {}
     for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
         mapping = {v: label2id[str(v)] for v in ds.unique(opts.label_column)}
         splits[name] = EncodedCells.from_dataset(ds, label_column=opts.label_column, label2id=mapping,
-                                                 max_length=max_length, name=f"fold {fold} {name}")
+                                                 max_length=family.data_length(max_length), name=f"fold {fold} {name}",
+                                                 values_column=family.values_column)
     for split in splits.values():
         check_vocabulary(split, config.vocab_size, opts)
         check_checkpoint_data(split, config, opts.model_path, opts.token_dictionary)  # V1/V2 mismatch

@@ -4,7 +4,11 @@ warmup and decay. Writes a checkpoint that ``transformers`` loads as ``BertForMa
 
 A scBERT (``model_type: "scbert"``) config or checkpoint is pretrained with scBERT's masked
 expression modelling instead (:class:`~geneformer_peft.data.binned_collator.BinnedMaskingCollator`:
-15% of the non-zero positions, 90% of those masked, the rest kept) on binned cells."""
+15% of the non-zero positions, 90% of those masked, the rest kept) on binned cells, and a CellFM one
+(``model_type: "cellfm"``) with masked-value regression on CellFM cells
+(:class:`~geneformer_peft.data.cellfm_collator.CellFMMaskingCollator`: ``mask_ratio`` (0.2) of
+each cell's values hidden, the loss the squared error of the predicted values there; the history's
+``mlm_loss`` is then that mean squared error)."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from geneformer_peft.data.binned_collator import BinnedMaskingCollator
+from geneformer_peft.data.cellfm_collator import CellFMMaskingCollator
 from geneformer_peft.data.cells import EncodedCells
 from geneformer_peft.data.collator import MaskedLMCollator
 from geneformer_peft.data.samplers import LengthGroupedSampler
@@ -32,7 +37,7 @@ from transformerslocal import BertConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PretrainResult", "frequency_baseline_loss", "pretrain"]
+__all__ = ["PretrainResult", "frequency_baseline_loss", "gene_mean_baseline_loss", "pretrain"]
 
 
 @dataclass
@@ -49,6 +54,18 @@ def frequency_baseline_loss(cells: EncodedCells, vocab_size: int, *, min_token: 
     counts = np.bincount(cells.flat[cells.flat >= min_token], minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def gene_mean_baseline_loss(cells: EncodedCells) -> float:
+    """Mean squared error of guessing each masked value by its gene's mean value over the cells
+    (CellFM's masked-value objective): what a model that ignores the cell reaches."""
+    genes = cells.flat.astype(np.int64)
+    values = cells.values.astype(np.float64)
+    if not len(values):
+        return float("nan")
+    n = np.bincount(genes)
+    means = np.bincount(genes, weights=values) / np.maximum(n, 1)
+    return float(np.mean((values - means[genes]) ** 2))
 
 
 def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig | None = None,
@@ -81,7 +98,18 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
     model.train().to(dev)
     config = model.config
     binned = family.fixed_length  # scBERT: binned cells, masked expression modelling
-    if binned:
+    with_values = family.values_column is not None  # CellFM: masked-value regression
+    if with_values:
+        if cells.values is None:
+            raise ValueError(f"{family.model_type[0]} pretraining needs the cells' {family.values_column!r} (read "
+                             f"them with EncodedCells.from_dataset(values_column={family.values_column!r}))")
+        longest = family.data_length(config.max_position_embeddings)
+        too_long = int((cells.lengths > longest).sum())
+        if too_long:
+            raise ValueError(f"{too_long} cells have more genes than max_genes={longest}")
+        collator = CellFMMaskingCollator(mask_ratio=config.mask_ratio, pad_token_id=config.pad_token_id, seed=seed)
+        ignore_label = None
+    elif binned:
         check_input_lengths(config, np.diff(cells.offsets), source="pretraining cells")
         collator = BinnedMaskingCollator(bin_num=config.bin_num, mask_prob=mlm_probability, seed=seed)
         ignore_label = config.mask_token_id
@@ -98,9 +126,14 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
     total = epochs * len(loader) if max_steps is None else min(max_steps, epochs * len(loader))
     optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
     scheduler = make_scheduler(optimizer, total, warmup_ratio=warmup_ratio)
-    floor = frequency_baseline_loss(cells, config.vocab_size, min_token=1 if binned else 0)
-    logger.info("MLM loss of predicting every masked gene by its frequency alone: %.4f (uniform: %.4f); "
-                "below it, the model uses the cell's other genes", floor, math.log(config.vocab_size))
+    if with_values:
+        floor = gene_mean_baseline_loss(cells)
+        logger.info("masked-value loss (MSE) of predicting every masked value by its gene's mean alone: %.4f; "
+                    "below it, the model uses the cell's other genes", floor)
+    else:
+        floor = frequency_baseline_loss(cells, config.vocab_size, min_token=1 if binned else 0)
+        logger.info("MLM loss of predicting every masked gene by its frequency alone: %.4f (uniform: %.4f); "
+                    "below it, the model uses the cell's other genes", floor, math.log(config.vocab_size))
     history, step, t0 = [], 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch)
@@ -111,10 +144,16 @@ def pretrain(cells: EncodedCells, output_dir: str | Path, *, config: BertConfig 
                 break
             ids = batch["input_ids"].to(dev)
             labels = batch["labels"].to(dev)
-            if not bool((labels != ignore_label).any()):
+            if with_values:
+                if not bool(batch["value_mask"].any()):
+                    continue  # cells without genes only
+            elif not bool((labels != ignore_label).any()):
                 continue  # nothing chosen in this batch (tiny batches only)
             with autocast(dev, precision):
-                if binned:
+                if with_values:
+                    loss = model(ids, batch["values"].to(dev), batch["attention_mask"].to(dev),
+                                 value_mask=batch["value_mask"].to(dev), labels=labels).loss
+                elif binned:
                     loss = model.masked_lm_loss(ids, labels)
                 else:
                     loss = model.masked_lm_loss(ids, batch["attention_mask"].to(dev), labels)

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["layer_index", "make_optimizer", "make_scheduler", "parameter_groups", "schedule_factor"]
 
 _LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+#: CellFM's layers (``encoder.<i>.``) and embeddings (gene, cls token, value encoder)
+_CELLFM_LAYER = re.compile(r"^encoder\.(\d+)\.")
+_CELLFM_EMBEDDINGS = ("gene_emb", "cls_token", "value_enc.")
 
 
 def _num_layers(model: nn.Module, names: list[str]) -> int:
@@ -51,10 +54,10 @@ def layer_index(name: str, num_layers: int) -> int:
     num_layers
         Encoder layers of the model.
     """
-    match = _LAYER.search(name)
+    match = _LAYER.search(name) or _CELLFM_LAYER.search(name)
     if match:
         return int(match.group(1)) + 1
-    if "embeddings." in name or name.startswith(("bert.adapter.", "adapter.")):
+    if "embeddings." in name or name.startswith(("bert.adapter.", "adapter.") + _CELLFM_EMBEDDINGS):
         return 0
     return num_layers + 1
 

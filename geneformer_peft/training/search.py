@@ -594,7 +594,7 @@ class _FoldData:
         paths, datasets = self.datasets(fold)
         return prov.data_fingerprint(paths, datasets, self.opts.label_column)
 
-    def get(self, fold: int, model_max_length: int):
+    def get(self, fold: int, model_max_length: int, family=None):
         if fold not in self._cache:
             opts = self.opts
             _, datasets = self.datasets(fold)
@@ -603,9 +603,13 @@ class _FoldData:
                 labels |= set(ds.unique(opts.label_column))
             label2id = {str(v): i for i, v in enumerate(sorted(labels))}
             length = self.max_length or model_max_length
+            values_column = None
+            if family is not None:  # a model reading values (CellFM) takes them, and its cls is no data token
+                length, values_column = family.data_length(length), family.values_column
             cells = {name: EncodedCells.from_dataset(ds, label_column=opts.label_column,
                                                      label2id={v: label2id[str(v)] for v in ds.unique(opts.label_column)},
-                                                     max_length=length, name=f"fold {fold} {name}")
+                                                     max_length=length, name=f"fold {fold} {name}",
+                                                     values_column=values_column)
                      for name, ds in datasets.items()}
             self._cache[fold] = (label2id, cells)
         return self._cache[fold]
@@ -633,7 +637,9 @@ def evaluate_setting(opts: RunOptions, folds: list[int], data: _FoldData, device
         set_seed(args.seed + fold)
         probe = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
                                use_prompt=opts.use_prompt, overrides=opts.config_overrides)
-        label2id, cells = data.get(fold, probe.max_position_embeddings)
+        from geneformer_peft.models.families import family_of_config
+
+        label2id, cells = data.get(fold, probe.max_position_embeddings, family_of_config(probe))
         config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
                                 use_prompt=opts.use_prompt, label2id=label2id, overrides=opts.config_overrides)
         for split in cells.values():

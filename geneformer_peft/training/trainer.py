@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from geneformer_peft.data.cells import EncodedCells, collate_cells
+from geneformer_peft.data.cells import EncodedCells, collate_cells, model_inputs
 from geneformer_peft.data.samplers import (
     BalancedLengthGroupedSampler,
     LengthGroupedSampler,
@@ -269,8 +269,7 @@ class FoldTrainer:
     def forward_logits(self, batch) -> torch.Tensor:
         if self.encoder_cache is not None:
             return self.encoder_cache.forward(self.model, batch, self.device, runner=self.runner)
-        return self.runner(batch["input_ids"].to(self.device, non_blocking=True),
-                          batch["attention_mask"].to(self.device, non_blocking=True)).logits
+        return self.runner(*model_inputs(batch, self.device)).logits
 
     def evaluate(self, cells: EncodedCells, desc: str = "validate") -> tuple[float, float, np.ndarray]:
         """(loss, macro-F1, logits) on ``cells``."""

@@ -1,11 +1,9 @@
-"""CellFM as a model family: found by its config and model_type, and refused clearly by the job,
-which does not run it yet (its cells need expression values)."""
+"""CellFM as a model family: found by its config and model_type, run by the job."""
 from __future__ import annotations
 
 import pytest
 
 import transformerslocal as tl
-from geneformer_peft.cli import main
 from geneformer_peft.models.families import FAMILIES, family_of, family_of_config
 
 SIZES = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
@@ -23,23 +21,11 @@ def test_the_family_of_a_cellfm_config():
     assert {"prompt_type", "lora_target_modules", "ia3_target_modules"} <= set(family.peft_keys)
 
 
-def test_the_job_refuses_a_cellfm_checkpoint_saying_why(tmp_path):
+def test_the_job_takes_a_cellfm_checkpoint(tmp_path):
+    """Every command of the job runs CellFM (tests/training/test_cellfm_job.py): its checkpoint is
+    no longer refused, and its cls is the one position of its input no dataset token fills."""
     tl.CellFMModel(tl.CellFMConfig(**SIZES)).save_pretrained(tmp_path / "cellfm")
-    with pytest.raises(ValueError, match="model_type 'cellfm', which the job does not run yet: its cells need"):
-        family_of(tmp_path / "cellfm")
-    assert FAMILIES["bert"].not_in_job is None and FAMILIES["scbert"].not_in_job is None
-
-
-@pytest.mark.parametrize("command", ["pretrain_config", "finetune"])
-def test_the_commands_exit_2_on_cellfm(job_data, tmp_path, caplog, command):
-    folder = tmp_path / "cellfm"
-    tl.CellFMModel(tl.CellFMConfig(**SIZES)).save_pretrained(folder)
-    if command == "pretrain_config":
-        argv = ["pretrain", "--input", str(job_data.cells), "--output_dir", str(tmp_path / "out"),
-                "--config", str(folder / "config.json"), "--max_steps", "1"]
-    else:
-        argv = ["finetune", *job_data.finetune_argv(tmp_path / "runs")]
-        argv[argv.index("--model_path") + 1] = str(folder)
-    assert main(argv) == 2
-    assert "which the job does not run yet" in caplog.text
-    assert not (tmp_path / "out").exists()
+    family = family_of(tmp_path / "cellfm")
+    assert family is FAMILIES["cellfm"] and family.values_column == "values"
+    assert family.data_length(family.input_length(tl.CellFMConfig(**SIZES))) == SIZES["max_genes"]
+    assert FAMILIES["bert"].data_length(64) == 64 and FAMILIES["bert"].values_column is None
