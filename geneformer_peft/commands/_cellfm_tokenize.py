@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from geneformer_peft.commands._common import positive_int
 from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the CellFM encoding's option (``--encoding`` itself is added with the binned options)."""
-    parser.add_argument("--max_genes", type=int, default=None,
+    parser.add_argument("--max_genes", type=positive_int, default=None,
                         help="cellfm: most expressed genes per cell, the highest log1p values kept (ties by the lower "
                              "token id); default 2048, the release's input size.")
 
