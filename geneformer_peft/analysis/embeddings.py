@@ -173,9 +173,11 @@ def embed_cell_batches(model, cells: TokenizedCells, *, specials: SpecialTokens,
         raise ValueError(f"mode {mode!r}; expected 'cell' or 'cls' (gene embeddings: embed_genes)")
     values_column = values_column_of(model)
     if values_column is not None:  # CellFM: ids and values, the model's own cls in front
-        return _embed_cells_with_values(model, cells, values_column, mode=mode, emb_layer=emb_layer,
-                                        batch_size=batch_size, device=device, precision=precision,
-                                        progress=progress)
+        if shard[1] > 1:
+            raise DataError("CellFM embeddings run in one process; start embed without torchrun")
+        emb = _embed_cells_with_values(model, cells, values_column, mode=mode, emb_layer=emb_layer,
+                                       batch_size=batch_size, device=device, precision=precision, progress=progress)
+        return np.arange(len(cells)), emb
     if mode == "cls":
         check_cls_inputs(cells, specials)
     dev, prec, reader = _setup(model, device, precision, emb_layer)
