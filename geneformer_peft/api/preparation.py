@@ -103,14 +103,34 @@ def tokenize(
         As the command: an existing ``output`` without ``overwrite``, missing dictionaries, no
         gene in the vocabulary, counts that are not raw, ...
     """
-    from geneformer_peft.commands._common import check_output_path
-    from geneformer_peft.data.dataset_io import save_dataset_atomically
     from geneformer_peft.data.rank_value import tokenize_anndata
     from geneformer_peft.data.vocab import tokenizer_dictionaries
 
     prepare()
-    if output is not None:
-        check_output_path(Path(output), overwrite=overwrite, flag="output")
+    if output is not None:  # the command's guard: lock, output whole or absent, provenance
+        from types import SimpleNamespace
+
+        from geneformer_peft.commands._common import guarded
+        from geneformer_peft.data.dataset_io import save_dataset_atomically
+
+        paths = {name: value if isinstance(value, (str, Path)) else None for name, value in (
+            ("input", adata_or_path), ("token_dictionary", token_dictionary),
+            ("gene_median_dictionary", gene_median_dictionary), ("gene_name_id_dictionary", gene_name_id_dictionary))}
+        options = SimpleNamespace(**paths, output=Path(output), build_vocab=build_vocab, gene_id_column=gene_id_column,
+                                  label_column=label_column, keep_columns=list(keep_columns),
+                                  model_input_size=model_input_size, model_version=model_version,
+                                  filter_column=filter_column, obs_filter=obs_filter, overwrite=overwrite)
+        with guarded(options, "tokenize", inputs=tuple(paths), flag="output") as tmp:
+            dataset = tokenize(adata_or_path, token_dictionary=token_dictionary,
+                               gene_median_dictionary=gene_median_dictionary, gene_id_column=gene_id_column,
+                               label_column=label_column, keep_columns=keep_columns,
+                               model_input_size=model_input_size, model_version=model_version,
+                               chunk_size=chunk_size, filter_column=filter_column, obs_filter=obs_filter,
+                               build_vocab=build_vocab, overwrite=overwrite, progress=progress,
+                               gene_name_id_dictionary=gene_name_id_dictionary)
+            save_dataset_atomically(dataset, tmp)
+        logger.info("saved %d cells to %s", len(dataset), output)
+        return dataset
     tokens, medians = tokenizer_dictionaries(
         adata_or_path, token_dictionary=token_dictionary, gene_median_dictionary=gene_median_dictionary,
         build_vocab=build_vocab, overwrite=overwrite, gene_id_column=gene_id_column,
@@ -121,9 +141,6 @@ def tokenize(
         label_column=label_column, keep_columns=list(keep_columns), model_input_size=model_input_size,
         model_version=model_version, chunk_size=chunk_size, filter_column=filter_column, obs_filter=obs_filter,
         show_progress=progress, return_stats=True, gene_name_id_dictionary=gene_name_id_dictionary)
-    if output is not None:
-        save_dataset_atomically(dataset, output)
-        logger.info("saved %d cells to %s", stats.n_cells_kept, output)
     return dataset
 
 
@@ -164,12 +181,20 @@ def split(
     pathlib.Path
         ``<output_dir>/<dataset_name>``, the folder :func:`geneformer_peft.finetune` takes.
     """
+    from types import SimpleNamespace
+
+    from geneformer_peft.commands._common import guarded
     from geneformer_peft.data.folds import split_folds
 
     prepare()
-    split_folds(as_dataset(dataset, what="dataset"), dataset_name=dataset_name, output_dir=output_dir,
-                n_folds=n_folds, label_column=label_column, seed=seed, val_fraction=val_fraction,
-                overwrite=overwrite)
     folder = Path(output_dir) / dataset_name
+    # the command's guard: lock, whole folder or nothing, provenance, settings refused when changed
+    options = SimpleNamespace(input=Path(dataset) if isinstance(dataset, (str, Path)) else None, output=folder,
+                              dataset_name=dataset_name, n_folds=n_folds, label_column=label_column, seed=seed,
+                              val_fraction=val_fraction, overwrite=overwrite)
+    with guarded(options, "split", flag="output_dir/dataset_name") as tmp:
+        split_folds(as_dataset(dataset, what="dataset"), dataset_name=dataset_name, output_dir=output_dir,
+                    n_folds=n_folds, label_column=label_column, seed=seed, val_fraction=val_fraction,
+                    overwrite=overwrite, into=tmp)
     logger.info("wrote %d folds under %s", n_folds, folder)
     return folder
