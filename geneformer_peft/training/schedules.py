@@ -7,8 +7,10 @@ trains at the peak rate ``lr``, encoder layer ``i`` (0-based from the bottom) at
 A PEFT parameter takes the rate of the layer it sits in (``bert.encoder.layer.<i>.`` in its
 name: LoRA/DoRA/IA3 factors, adapters, prefix prompts); the gene-token adapter on the
 embedding output (``bert.adapter.``) takes the embeddings' rate, since it acts on the
-embedding output, below layer 0. Biases, LayerNorm weights and other 1-d parameters get no
-weight decay.
+embedding output, below layer 0. scBERT's layers are ``performer.net.layers.<i>.`` and its
+embeddings ``token_emb`` (and ``adapter.``); its final ``norm`` and ``to_out`` head train at
+``lr``. CellFM's layers are ``encoder.<i>.`` and its embeddings ``gene_emb``, ``cls_token``
+and the value encoder. Biases, LayerNorm weights and other 1-d parameters get no weight decay.
 
 The schedule (``make_scheduler``) scales every group's rate by one factor, so the ratio
 between layers holds at every step; with ``lr_end=E`` the linear and cosine schedules end
@@ -28,10 +30,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["layer_index", "make_optimizer", "make_scheduler", "parameter_groups", "schedule_factor"]
 
-_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+#: the BERT's layers (``bert.encoder.layer.<i>.``) and scBERT's (``performer.net.layers.<i>.``)
+_LAYER = re.compile(r"(?:^|\.)(?:encoder\.layer|net\.layers)\.(\d+)\.")
 #: CellFM's layers (``encoder.<i>.``) and embeddings (gene, cls token, value encoder)
 _CELLFM_LAYER = re.compile(r"^encoder\.(\d+)\.")
 _CELLFM_EMBEDDINGS = ("gene_emb", "cls_token", "value_enc.")
+#: scBERT's gene embedding (its gene2vec positions are a buffer, not trained)
+_PERFORMER_EMBEDDINGS = ("token_emb.",)
 
 
 def _num_layers(model: nn.Module, names: list[str]) -> int:
@@ -57,7 +62,7 @@ def layer_index(name: str, num_layers: int) -> int:
     match = _LAYER.search(name) or _CELLFM_LAYER.search(name)
     if match:
         return int(match.group(1)) + 1
-    if "embeddings." in name or name.startswith(("bert.adapter.", "adapter.") + _CELLFM_EMBEDDINGS):
+    if "embeddings." in name or name.startswith(("bert.adapter.", "adapter.") + _CELLFM_EMBEDDINGS + _PERFORMER_EMBEDDINGS):
         return 0
     return num_layers + 1
 

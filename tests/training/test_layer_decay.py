@@ -128,3 +128,32 @@ def test_run_log_lists_each_groups_rate_and_the_last_epoch_ends_at_lr_end(job_da
     history = jf.read_json(run_dir / "0" / "history.json")
     # history's "lr" is the first group's rate: LoRA's lowest group is layer 0, at D^2 of the head's
     assert history[-1]["lr"] == pytest.approx(1e-6 * 0.25, rel=1e-9)
+
+
+@pytest.mark.parametrize("prompt_type", ["", "lora", "Gene_token_prompt"])
+def test_scbert_layers_and_embeddings_get_their_own_rates(prompt_type):
+    """scBERT's parameters are named ``performer.net.layers.<i>.`` and ``token_emb``: each gets its
+    depth's rate (before, every one of them fell through to the head's peak rate)."""
+    from transformerslocal import PerformerConfig, PerformerForSequenceClassification
+    config = PerformerConfig(num_tokens=7, dim=32, depth=3, heads=4, dim_head=8, max_seq_len=16,
+                             num_labels=3, prompt_type=prompt_type, lora_r=4, num_token=4)
+    model = PerformerForSequenceClassification(config)
+    mark_trainable(model)
+    rates = _rates(make_optimizer(model, lr=LR, weight_decay=WD, layer_decay=D))
+    seen_depths = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("performer.net.layers."):
+            i = int(name.split(".")[3])
+            expected = LR * D ** (3 - i)
+            seen_depths.add(i)
+        elif name.startswith(("token_emb.", "adapter.")):
+            expected = LR * D ** 4
+            seen_depths.add("embeddings")
+        else:
+            assert name.startswith(("to_out.", "norm.")), name
+            expected = LR
+        assert rates[id(param)][0] == pytest.approx(expected, rel=1e-12), name
+    assert seen_depths == ({"embeddings"} if prompt_type == "Gene_token_prompt" else
+                           {0, 1, 2} | ({"embeddings"} if prompt_type == "" else set()))

@@ -45,6 +45,7 @@ def test_round_trip_keeps_unknown_keys(tmp_path):
     ("feature_redraw_interval", -1, "an integer >= 0"),
     ("classifier_hidden_sizes", [512], "a list of two integers"),
     ("hidden_size", 64, "it reads 'dim'"),
+    ("gene_num", 16, "derived from the other keys"),
 ])
 def test_bad_values_name_key_value_and_expectation(key, value, expected):
     with pytest.raises(ValueError, match="config key '" + key + "'") as err:
