@@ -85,9 +85,7 @@ class BertConfig(ConfigBase):
         num_labels = kwargs.pop("num_labels", None)
         for key, default in {**BERT_DEFAULTS, **PEFT_DEFAULTS, **TASK_DEFAULTS}.items():
             setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
-        self._extra_keys = list(kwargs)
-        for key, value in kwargs.items():
-            setattr(self, key, value)
+        self._keep_extra_keys(kwargs)
         self._set_labels(id2label, label2id, num_labels)
         self.validate()
 

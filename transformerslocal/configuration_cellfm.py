@@ -106,9 +106,7 @@ class CellFMConfig(ConfigBase):
         for key, default in {**CELLFM_DEFAULTS, **PEFT_SHARED_DEFAULTS, **config_defaults(),
                              **CELLFM_PEFT_DEFAULTS}.items():
             setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
-        self._extra_keys = list(kwargs)
-        for key, value in kwargs.items():
-            setattr(self, key, value)
+        self._keep_extra_keys(kwargs)
         self._set_labels(id2label, label2id, num_labels)
         self.validate()
 

@@ -123,13 +123,7 @@ class PerformerConfig(ConfigBase):
                            f"{_ALIASES[alias]!r}; set that instead)", self._source)
         for key, default in {**PERFORMER_DEFAULTS, **PEFT_SHARED_DEFAULTS, **config_defaults()}.items():
             setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
-        for key in kwargs:
-            if isinstance(getattr(type(self), key, None), property):
-                raise _bad(key, kwargs[key], f"no such key in a {MODEL_TYPE} config ({key} is derived from the "
-                           "other keys; leave it out)", self._source)
-        self._extra_keys = list(kwargs)
-        for key, value in kwargs.items():
-            setattr(self, key, value)
+        self._keep_extra_keys(kwargs)
         self._set_labels(id2label, label2id, num_labels)
         self.validate()
 

@@ -65,6 +65,18 @@ class ConfigBase:
     id2label: dict[int, str]
     label2id: dict[str, int]
 
+    # ------------------------------------------------------------------ other keys
+    def _keep_extra_keys(self, extra: dict[str, Any]) -> None:
+        """Keep keys the config does not know (written back verbatim); a key that names a value
+        derived from the others (a read-only property such as ``head_dim``) is refused, naming it."""
+        for key, value in extra.items():
+            if isinstance(getattr(type(self), key, None), property):
+                raise config_error(key, value, f"no such key in a {getattr(self, 'model_type', 'model')} config "
+                                   f"({key} is derived from the other keys; leave it out)", self._source)
+        self._extra_keys = list(extra)
+        for key, value in extra.items():
+            setattr(self, key, value)
+
     # ------------------------------------------------------------------ labels
     def _set_labels(self, id2label, label2id, num_labels) -> None:
         if id2label is not None:

@@ -286,3 +286,13 @@ def test_finetune_max_length_is_declared_and_written_only_when_set(tmp_path):
     for bad in (0, -3, 2.5, "256", True):
         with pytest.raises(ValueError, match="finetune_max_length"):
             plain.copy(finetune_max_length=bad)
+
+
+@pytest.mark.parametrize("cls, key", [("BertConfig", "adapter_width"), ("BertConfig", "peft_methods"),
+                                      ("CellFMConfig", "head_dim"), ("CellFMConfig", "deepnorm_alpha"),
+                                      ("PerformerConfig", "gene_num"), ("PerformerConfig", "inner_dim")])
+def test_a_derived_key_in_a_config_is_refused_naming_it(cls, key):
+    """A hand-edited config.json holding a value the config derives (a read-only property) gets a
+    ValueError naming the key and the value, not an AttributeError traceback."""
+    with pytest.raises(ValueError, match=f"config key '{key}' has value 7; .*derived from the other keys"):
+        getattr(tl, cls)(**{key: 7})
