@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODULES = ["model_step", "inference", "mfu", "end_to_end", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
            "embeddings", "perturbation", "v2", "search", "quantize", "tokenize_nproc", "predict_memory",
-           "distributed_analyses"]
+           "distributed_analyses", "cellfm"]
 
 
 def run_module(name: str, args, workdir: Path, jsons: Path) -> dict:
@@ -345,10 +345,10 @@ SECTIONS = {"model_step": section_model_step, "end_to_end": section_e2e, "mfu": 
             "tokenizer_memory": section_tokenizer,
             **{name: module_section(name) for name in ("performer", "threads", "embeddings", "inference",
                                                        "perturbation", "v2", "search", "quantize", "tokenize_nproc",
-                                                       "predict_memory", "distributed_analyses")}}
+                                                       "predict_memory", "distributed_analyses", "cellfm")}}
 ORDER = ["model_step", "inference", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
          "embeddings", "perturbation", "v2", "search", "quantize", "tokenize_nproc", "predict_memory",
-         "distributed_analyses"]
+         "distributed_analyses", "cellfm"]
 
 
 def render(results: dict, command: str, meta: dict) -> str:

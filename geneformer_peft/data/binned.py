@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -235,18 +233,6 @@ def binned_encode(counts: sp.spmatrix | np.ndarray, *, bin_num: int = BIN_NUM,
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-def _work_dir(cache_dir: PathLike | None) -> str:
-    """``cache_dir``, or a temporary directory removed at exit (the rank-value tokenizer's list)."""
-    from geneformer_peft.data.rank_value import _TEMP_DIRS
-
-    if cache_dir is None:
-        directory = tempfile.mkdtemp(prefix="geneformer_peft_binned_")
-        _TEMP_DIRS.append(directory)
-        return directory
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    return str(cache_dir)
-
-
 @dataclass
 class BinnedStats:
     """Summary of one binned tokenization (also stored as JSON in ``dataset.info.description``)."""
@@ -331,37 +317,27 @@ def tokenize_binned(
         Missing file / column, 0 cells, no panel gene in the file, a matrix that is not raw
         counts, or no cell left after the filters.
     """
-    import datasets
     import pyarrow as pa
 
     from geneformer_peft.data.cell_source import iter_cell_chunks, open_cell_source, select_cells
-    from geneformer_peft.data.rank_value import _obs_arrow_column
+    from geneformer_peft.data.chunk_writer import ChunkWriter, list_column, output_columns
 
     if min_genes < 0:
         raise DataError(f"min_genes {min_genes!r} is not valid; expected an integer >= 0")
     if not 1 <= bin_num <= 254:
         raise DataError(f"bin_num {bin_num!r} is not valid; expected an integer in [1, 254]")
     panel = read_gene_panel(gene_panel) if isinstance(gene_panel, (str, Path)) else np.asarray(gene_panel).astype(str)
-    out_columns = ([label_column] if label_column else []) + [c for c in keep_columns if c != label_column]
     with open_cell_source(path_or_adata, gene_id_column=gene_id_column) as cells:
-        for column in out_columns:
-            if column not in cells.obs.columns:
-                field_name = "label column" if column == label_column else "keep column"
-                raise DataError(f"{cells.name}: {field_name} obs[{column!r}] does not exist; "
-                                f"expected one of {sorted(map(str, cells.obs.columns))}")
-        if column_clash := {"input_ids", "length"} & set(out_columns):
-            raise DataError(f"{cells.name}: obs columns {sorted(column_clash)} clash with dataset columns")
+        out_columns = output_columns(cells, label_column, keep_columns, ("input_ids", "length"))
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
         alignment = align_to_panel(cells.gene_ids, panel, source_name=cells.name)
-        obs_arrays = {c: _obs_arrow_column(cells.obs[c]) for c in out_columns}
-        schema = pa.schema([("input_ids", pa.list_(pa.uint8())), ("length", pa.int64())]
-                           + [(c, obs_arrays[c].type) for c in out_columns])
-        arrow_path = str(Path(_work_dir(cache_dir)) / f"binned-{uuid.uuid4().hex}.arrow")
+        output = ChunkWriter(cells, out_columns, [("input_ids", pa.list_(pa.uint8())), ("length", pa.int64())],
+                             cache_dir=cache_dir, temp_prefix="geneformer_peft_binned_", stem="binned")
         width = len(panel) + 1
         n_kept = n_low = 0
         expressed_parts: list[np.ndarray] = []
         logger.info("%s: each cell normalised by its total over the %d panel genes (scBERT)", cells.name, len(panel))
-        with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        with output as writer:
             for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="binning",
                                           show_progress=show_progress, use_obs_n_counts=False):
                 aligned = alignment.project(chunk.counts)
@@ -373,11 +349,8 @@ def tokenize_binned(
                 tokens = binned_encode(aligned[enough], bin_num=bin_num, target_sum=target_sum)
                 expressed_parts.append(expressed[enough])
                 n_kept += len(tokens)
-                offsets = np.arange(0, (len(tokens) + 1) * width, width, dtype=np.int32)
-                arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens.ravel(), type=pa.uint8())),
-                          pa.array(np.full(len(tokens), width, dtype=np.int64))]
-                arrays += [obs_arrays[c].take(pa.array(chunk.rows[enough])) for c in out_columns]
-                writer.write_batch(pa.record_batch(arrays, schema=schema))
+                lengths = np.full(len(tokens), width, dtype=np.int64)
+                writer.write([list_column(lengths, tokens.ravel(), pa.uint8()), pa.array(lengths)], chunk.rows[enough])
         n_filtered = int((~keep).sum())
         if n_low:
             logger.warning("%s: dropped %d of %d cells with fewer than %d expressed panel genes (scBERT's filter)",
@@ -397,6 +370,5 @@ def tokenize_binned(
     logger.info("%s: kept %d of %d cells (%d removed by filters, %d below %d expressed panel genes); %d positions "
                 "per cell (%d panel genes + 1), tokens 0..%d", stats.source, n_kept, stats.n_cells_total, n_filtered,
                 n_low, min_genes, width, len(panel), bin_num)
-    dataset = datasets.Dataset.from_file(arrow_path)
-    dataset.info.description = stats.to_json()
+    dataset = output.dataset(stats.to_json())
     return (dataset, stats) if return_stats else dataset

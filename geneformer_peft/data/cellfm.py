@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,35 +184,27 @@ def tokenize_cellfm(
     import pyarrow as pa
 
     from geneformer_peft.data.cell_source import iter_cell_chunks, open_cell_source, select_cells
-    from geneformer_peft.data.rank_value import _obs_arrow_column, build_gene_map
-    from geneformer_peft.data.binned import _work_dir
+    from geneformer_peft.data.chunk_writer import ChunkWriter, list_column, output_columns
+    from geneformer_peft.data.rank_value import build_gene_map
     from geneformer_peft.data.vocab import load_token_dictionary
 
     if not isinstance(max_genes, (int, np.integer)) or isinstance(max_genes, bool) or max_genes < 1:
         raise DataError(f"max_genes {max_genes!r} is not valid; expected an integer >= 1 (CellFM: 2048)")
     if not isinstance(token_dictionary, Mapping):
         token_dictionary = load_token_dictionary(token_dictionary)
-    out_columns = ([label_column] if label_column else []) + [c for c in keep_columns if c != label_column]
     with open_cell_source(path_or_adata, gene_id_column=gene_id_column) as cells:
-        for column in out_columns:
-            if column not in cells.obs.columns:
-                field_name = "label column" if column == label_column else "keep column"
-                raise DataError(f"{cells.name}: {field_name} obs[{column!r}] does not exist; "
-                                f"expected one of {sorted(map(str, cells.obs.columns))}")
-        if column_clash := {"input_ids", "values", "length"} & set(out_columns):
-            raise DataError(f"{cells.name}: obs columns {sorted(column_clash)} clash with dataset columns")
+        out_columns = output_columns(cells, label_column, keep_columns, ("input_ids", "values", "length"))
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
         gene_map = build_gene_map(cells.gene_ids, token_dictionary, None, source_name=cells.name)
-        obs_arrays = {c: _obs_arrow_column(cells.obs[c]) for c in out_columns}
-        schema = pa.schema([("input_ids", pa.list_(pa.int64())), ("values", pa.list_(pa.float32())),
-                            ("length", pa.int64())] + [(c, obs_arrays[c].type) for c in out_columns])
-        arrow_path = str(Path(_work_dir(cache_dir)) / f"cellfm-{uuid.uuid4().hex}.arrow")
+        output = ChunkWriter(cells, out_columns, [("input_ids", pa.list_(pa.int64())),
+                                                  ("values", pa.list_(pa.float32())), ("length", pa.int64())],
+                             cache_dir=cache_dir, temp_prefix="geneformer_peft_binned_", stem="cellfm")
         lengths_parts: list[np.ndarray] = []
         total_counts = matched_counts = 0.0
         n_truncated = 0
         logger.info("%s: each cell normalised by its total over all %d genes of the file, log1p; at most %d "
                     "expressed genes per cell (highest values first)", cells.name, cells.n_genes, max_genes)
-        with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        with output as writer:
             for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
                                           show_progress=show_progress, use_obs_n_counts=False):
                 matched = sp.csr_matrix(gene_map.project(chunk.counts))
@@ -226,14 +217,10 @@ def tokenize_cellfm(
                 n_truncated += int((expressed > max_genes).sum())
                 lengths = np.array([len(e) for e in ids], dtype=np.int64)
                 lengths_parts.append(lengths)
-                offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
                 flat_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
                 flat_values = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
-                arrays = [pa.ListArray.from_arrays(offsets, pa.array(flat_ids, type=pa.int64())),
-                          pa.ListArray.from_arrays(offsets, pa.array(flat_values, type=pa.float32())),
-                          pa.array(lengths)]
-                arrays += [obs_arrays[c].take(pa.array(chunk.rows)) for c in out_columns]
-                writer.write_batch(pa.record_batch(arrays, schema=schema))
+                writer.write([list_column(lengths, flat_ids, pa.int64()),
+                              list_column(lengths, flat_values, pa.float32()), pa.array(lengths)], chunk.rows)
     lengths = np.concatenate(lengths_parts)
     stats = CellFMStats(
         source=cells.name, encoding=ENCODING, max_genes=int(max_genes), target_sum=float(target_sum),
@@ -254,8 +241,5 @@ def tokenize_cellfm(
     if stats.n_cells_empty:
         logger.warning("%s: %d cells have no count in any vocabulary gene; they are kept with no gene token",
                        stats.source, stats.n_cells_empty)
-    import datasets
-
-    dataset = datasets.Dataset.from_file(arrow_path)
-    dataset.info.description = stats.to_json()
+    dataset = output.dataset(stats.to_json())
     return (dataset, stats) if return_stats else dataset

@@ -11,12 +11,8 @@ depend on column order), mapped to token ids and truncated to ``model_input_size
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -232,32 +228,6 @@ class TokenizationStats:
         return json.dumps(asdict(self), indent=2)
 
 
-_TEMP_DIRS: list[str] = []
-
-
-def _cleanup_temp_dirs() -> None:
-    for directory in _TEMP_DIRS:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-atexit.register(_cleanup_temp_dirs)
-
-
-def _obs_arrow_column(series: Any):
-    """Convert an obs column to an Arrow array whose type is fixed for the whole file."""
-    import pandas as pd
-    import pyarrow as pa
-
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        series = series.astype(object)
-    try:
-        return pa.array(series.to_numpy(), from_pandas=True)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise DataError(
-            f"obs[{series.name!r}] mixes value types ({exc}); expected one type per column (e.g. all strings)"
-        ) from exc
-
-
 def tokenize_anndata(
     path_or_adata: Any,
     *,
@@ -338,7 +308,6 @@ def tokenize_anndata(
         raw counts, invalid ``n_counts``, V2 special tokens missing from the dictionary, gene
         symbols against an Ensembl vocabulary without ``gene_name_id_dictionary``, a bad map.
     """
-    import datasets
     import pyarrow as pa
 
     from geneformer_peft.data.cell_source import (
@@ -346,6 +315,7 @@ def tokenize_anndata(
         open_cell_source,
         select_cells,
     )
+    from geneformer_peft.data.chunk_writer import ChunkWriter, list_column, output_columns
     from geneformer_peft.data.gene_ids import (
         check_gene_id_kinds,
         classify_vocabulary,
@@ -397,17 +367,8 @@ def tokenize_anndata(
             )
         prefix, suffix = (int(token_dictionary[CLS_TOKEN]),), (int(token_dictionary[EOS_TOKEN]),)
 
-    out_columns = ([label_column] if label_column else []) + [c for c in keep_columns if c != label_column]
     with open_cell_source(path_or_adata, gene_id_column=gene_id_column) as cells:
-        for column in out_columns:
-            if column not in cells.obs.columns:
-                field_name = "label column" if column == label_column else "keep column"
-                raise DataError(
-                    f"{cells.name}: {field_name} obs[{column!r}] does not exist; "
-                    f"expected one of {sorted(map(str, cells.obs.columns))}"
-                )
-        if column_clash := {"input_ids", "length"} & set(out_columns):
-            raise DataError(f"{cells.name}: obs columns {sorted(column_clash)} clash with dataset columns")
+        out_columns = output_columns(cells, label_column, keep_columns, ("input_ids", "length"))
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
         mapping = column_counts = None
         vocab_gene_ids = cells.gene_ids
@@ -419,27 +380,16 @@ def tokenize_anndata(
             vocab_gene_ids = mapping.ensembl_ids
             column_counts = np.zeros(cells.n_genes, dtype=np.float64)
         gene_map = build_gene_map(vocab_gene_ids, token_dictionary, gene_median_dictionary, source_name=cells.name)
-        obs_arrays = {c: _obs_arrow_column(cells.obs[c]) for c in out_columns}
-        for column, array in obs_arrays.items():
+        output = ChunkWriter(cells, out_columns, [("input_ids", pa.list_(pa.int64())), ("length", pa.int64())],
+                             cache_dir=cache_dir, temp_prefix="geneformer_peft_tokenize_", stem="tokenized")
+        for column, array in output.obs_arrays.items():
             if array.null_count:
                 logger.warning("%s: obs[%r] has %d missing values (kept as null)", cells.name, column, array.null_count)
-
-        schema = pa.schema(
-            [("input_ids", pa.list_(pa.int64())), ("length", pa.int64())]
-            + [(c, obs_arrays[c].type) for c in out_columns]
-        )
-        if cache_dir is None:
-            work_dir = tempfile.mkdtemp(prefix="geneformer_peft_tokenize_")
-            _TEMP_DIRS.append(work_dir)
-        else:
-            work_dir = str(cache_dir)
-            Path(work_dir).mkdir(parents=True, exist_ok=True)
-        arrow_path = str(Path(work_dir) / f"tokenized-{uuid.uuid4().hex}.arrow")
 
         lengths_parts: list[np.ndarray] = []
         total_counts = matched_counts = 0.0
         n_truncated = 0
-        with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        with output as writer:
             chunks = iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
                                       show_progress=show_progress)
             if nproc == 1:
@@ -459,11 +409,7 @@ def tokenize_anndata(
                 matched_counts += part.matched_total
                 n_truncated += part.n_truncated
                 lengths_parts.append(part.lengths)
-                offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int32)
-                arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(part.flat, type=pa.int64())),
-                          pa.array(part.lengths)]
-                arrays += [obs_arrays[c].take(pa.array(part.rows)) for c in out_columns]
-                writer.write_batch(pa.record_batch(arrays, schema=schema))
+                writer.write([list_column(part.lengths, part.flat, pa.int64()), pa.array(part.lengths)], part.rows)
 
     lengths = np.concatenate(lengths_parts)
     gene_only_lengths = lengths - len(prefix) - len(suffix)
@@ -489,8 +435,7 @@ def tokenize_anndata(
         token_dictionary_sha256=dictionary_digest(token_dictionary),
     )
     _log_stats(stats)
-    dataset = datasets.Dataset.from_file(arrow_path)
-    dataset.info.description = stats.to_json()
+    dataset = output.dataset(stats.to_json())
     return (dataset, stats) if return_stats else dataset
 
 
