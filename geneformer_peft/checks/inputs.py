@@ -62,14 +62,13 @@ def _tokenize_raw(model_path: Path, path: Path, *, token_dictionary, gene_median
     if family.encoding == "cellfm":
         from geneformer_peft.data.cellfm import tokenize_cellfm
 
-        given = [flag for flag, value in (("--gene_median_dictionary", gene_median_dictionary),
-                                          ("--gene_name_id_dictionary", gene_name_id_dictionary)) if value is not None]
-        if given:
-            raise DataError(f"{', '.join(given)} apply to the rank value encoding; {model_path} is a CellFM model, "
-                            "whose cells are tokenized with its tokenizer.json (or --token_dictionary) alone")
+        if gene_median_dictionary is not None:
+            raise DataError(f"--gene_median_dictionary applies to the rank value encoding; {model_path} is a CellFM "
+                            "model, whose cells are tokenized with its tokenizer.json (or --token_dictionary)")
         vocabulary = token_dictionary or model_path
         return tokenize_cellfm(path, token_dictionary=vocabulary, gene_id_column=gene_id_column,
-                               label_column=label_column, max_genes=UNTRUNCATED, show_progress=False)
+                               label_column=label_column, max_genes=UNTRUNCATED, show_progress=False,
+                               gene_name_id_dictionary=gene_name_id_dictionary)
     from geneformer_peft.data.rank_value import tokenize_anndata
 
     tokens = token_dictionary or next((model_path / n for n in ("tokenizer.json", "token_dictionary.pkl")
@@ -105,7 +104,7 @@ def _check_gene_ids(model_path: Path, path: Path, *, token_dictionary, gene_id_c
                "symbol_fraction": kinds.symbol_fraction, "kind": kinds.kind, "mapped_with_dictionary": mapped}
     source = token_dictionary or next((model_path / n for n in ("tokenizer.json", "token_dictionary.pkl")
                                        if (model_path / n).is_file()), None)
-    if family.encoding == "rank_value" and source is not None and not mapped:
+    if family.encoding in ("rank_value", "cellfm") and source is not None and not mapped:
         try:
             check_gene_id_kinds(ids, load_token_dictionary(source), source_name=str(path), gene_id_field=field)
         except DataError as error:

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             obs_filter=obs_filter,
             show_progress=not args.no_progress,
             return_stats=True,
+            gene_name_id_dictionary=args.gene_name_id_dictionary,
         )
         dataset.save_to_disk(str(tmp))
     logger.info("saved %d CellFM cells (at most %d genes each) to %s", stats.n_cells_kept, stats.max_genes,

@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene_name_id_dictionary", type=file_path("a symbol -> Ensembl id map (.pkl, .csv or .tsv)"), metavar="PATH",
                         help="Map gene symbols to Ensembl ids before matching the vocabulary: Geneformer's "
                              "gene_name_id_dict.pkl or a two-column CSV/TSV (symbol, Ensembl id). Ensembl ids in "
-                             "the file pass through; symbols of one Ensembl id are summed.")
+                             "the file pass through; symbols of one Ensembl id are summed. With --encoding cellfm and a "
+                             "vocabulary of symbols (the release's), read backwards: the file's Ensembl ids become "
+                             "symbols.")
     parser.add_argument("--label_column", default=None, help="obs column copied as the label (e.g. cell_type); optional.")
     parser.add_argument("--keep_columns", default="", help="Comma-separated further obs columns to copy (e.g. batch,donor).")
     parser.add_argument("--model_input_size", type=positive_int, default=DEFAULT_MODEL_INPUT_SIZE, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
@@ -109,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"--nproc {args.nproc} applies to the rank value encoding; --encoding binned runs in one process")
         return _binned_tokenize.run(args)
     if args.encoding == "cellfm":
-        if args.gene_name_id_dictionary is not None or args.nproc != 1:
-            raise DataError("--gene_name_id_dictionary and --nproc apply to the rank value encoding; --encoding cellfm "
-                            "matches the file's gene ids against --token_dictionary as given, in one process")
+        if args.nproc != 1:
+            raise DataError(f"--nproc {args.nproc} applies to the rank value encoding; --encoding cellfm runs in one "
+                            "process")
         return _cellfm_tokenize.run(args)
     _binned_tokenize.refuse_binned_options(args)
     _cellfm_tokenize.refuse_cellfm_options(args)

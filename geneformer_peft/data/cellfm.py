@@ -126,6 +126,7 @@ class CellFMStats:
     vocabulary_size: int = 0
     vocabulary_sha1: str = ""
     columns: list[str] = field(default_factory=list)
+    gene_name_mapping: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Return the stats as a JSON string."""
@@ -147,6 +148,7 @@ def tokenize_cellfm(
     show_progress: bool = True,
     cache_dir: PathLike | None = None,
     return_stats: bool = False,
+    gene_name_id_dictionary: Mapping[str, str] | PathLike | None = None,
 ):
     """CellFM-encode a ``.h5ad`` / ``.loom`` file or an AnnData into a ``datasets.Dataset``.
 
@@ -168,6 +170,14 @@ def tokenize_cellfm(
         Normalisation total (1e4).
     chunk_size, filter_column, obs_filter, show_progress, cache_dir, return_stats
         As for :func:`~geneformer_peft.data.rank_value.tokenize_anndata`.
+    gene_name_id_dictionary
+        Gene symbol -> Ensembl id (a dict, Geneformer's ``gene_name_id_dict.pkl`` or a
+        two-column CSV/TSV), applied in the vocabulary's direction: against a vocabulary of
+        symbols (the release's) a file's Ensembl ids are translated to symbols, against one of
+        Ensembl ids a file's symbols to Ensembl ids (see
+        :func:`~geneformer_peft.data.gene_ids.load_gene_name_map`). The figures go to
+        ``CellFMStats.gene_name_mapping``. Without it, a file whose ids are of the other kind
+        than the vocabulary's is refused up front.
 
     Returns
     -------
@@ -178,13 +188,19 @@ def tokenize_cellfm(
     Raises
     ------
     DataError
-        Missing file / column, 0 cells, no gene of the file in the vocabulary, a matrix that is
-        not raw counts.
+        Missing file / column, 0 cells, no gene of the file in the vocabulary, gene ids of the
+        other kind than the vocabulary's without a map, a matrix that is not raw counts.
     """
     import pyarrow as pa
 
     from geneformer_peft.data.cell_source import iter_cell_chunks, open_cell_source, select_cells
     from geneformer_peft.data.chunk_writer import ChunkWriter, list_column, output_columns
+    from geneformer_peft.data.gene_ids import (
+        check_gene_id_kinds,
+        load_gene_name_map,
+        log_gene_name_mapping,
+        map_to_vocabulary,
+    )
     from geneformer_peft.data.rank_value import build_gene_map
     from geneformer_peft.data.vocab import load_token_dictionary
 
@@ -195,7 +211,17 @@ def tokenize_cellfm(
     with open_cell_source(path_or_adata, gene_id_column=gene_id_column) as cells:
         out_columns = output_columns(cells, label_column, keep_columns, ("input_ids", "values", "length"))
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
-        gene_map = build_gene_map(cells.gene_ids, token_dictionary, None, source_name=cells.name)
+        mapping = column_counts = None
+        if gene_name_id_dictionary is None:
+            check_gene_id_kinds(cells.gene_ids, token_dictionary, source_name=cells.name,
+                                gene_id_field=cells.gene_id_field)
+            vocab_gene_ids = cells.gene_ids
+        else:
+            name_map, map_source, target = load_gene_name_map(gene_name_id_dictionary, token_dictionary)
+            mapping = map_to_vocabulary(cells.gene_ids, name_map, target, token_dictionary)
+            vocab_gene_ids = mapping.vocabulary_ids
+            column_counts = np.zeros(cells.n_genes, dtype=np.float64)
+        gene_map = build_gene_map(vocab_gene_ids, token_dictionary, None, source_name=cells.name)
         output = ChunkWriter(cells, out_columns, [("input_ids", pa.list_(pa.int64())),
                                                   ("values", pa.list_(pa.float32())), ("length", pa.int64())],
                              cache_dir=cache_dir, temp_prefix="geneformer_peft_binned_", stem="cellfm")
@@ -207,6 +233,8 @@ def tokenize_cellfm(
         with output as writer:
             for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
                                           show_progress=show_progress, use_obs_n_counts=False):
+                if column_counts is not None:
+                    column_counts += np.asarray(chunk.counts.sum(axis=0)).ravel()
                 matched = sp.csr_matrix(gene_map.project(chunk.counts))
                 matched.eliminate_zeros()
                 expressed = np.diff(matched.indptr)
@@ -232,12 +260,16 @@ def tokenize_cellfm(
         n_cells_truncated=n_truncated, n_cells_empty=int((lengths == 0).sum()), length_min=int(lengths.min()),
         length_median=float(np.median(lengths)), length_max=int(lengths.max()),
         vocabulary_size=len(token_dictionary), vocabulary_sha1=vocabulary_fingerprint(token_dictionary),
-        columns=["input_ids", "values", "length"] + out_columns)
+        columns=["input_ids", "values", "length"] + out_columns,
+        gene_name_mapping=(None if mapping is None
+                           else mapping.summary(cells.gene_ids, column_counts, source=map_source)))
     logger.info("%s: kept %d of %d cells; %d of %d genes matched the vocabulary (%d without a row) holding %.1f%% "
                 "of counts; genes per cell min/median/max %d/%.0f/%d; %d cells cut to %d genes", stats.source,
                 stats.n_cells_kept, stats.n_cells_total, stats.n_genes_matched, stats.n_genes_total,
                 stats.n_genes_missing_token, 100 * stats.matched_count_fraction, stats.length_min,
                 stats.length_median, stats.length_max, n_truncated, max_genes)
+    if stats.gene_name_mapping is not None:
+        log_gene_name_mapping(stats.source, stats.gene_name_mapping)
     if stats.n_cells_empty:
         logger.warning("%s: %d cells have no count in any vocabulary gene; they are kept with no gene token",
                        stats.source, stats.n_cells_empty)

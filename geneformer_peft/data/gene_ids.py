@@ -5,7 +5,9 @@ name their genes by symbol (``TP53``). This module tells the two apart from the 
 (:func:`classify_gene_ids`), refuses symbols against an Ensembl vocabulary up front
 (:func:`check_gene_id_kinds`), reads a symbol -> Ensembl map such as Geneformer's
 ``gene_name_id_dict.pkl`` or a two-column CSV/TSV (:func:`read_gene_name_map`) and applies it
-to a file's gene ids (:func:`map_gene_names`).
+to a file's gene ids (:func:`map_gene_names`). Against a vocabulary keyed by symbols (CellFM's
+release) the same map is read backwards, Ensembl id -> symbol (:func:`map_gene_ids_to_symbols`),
+and :func:`load_gene_name_map` picks the direction from the vocabulary.
 
 An Ensembl gene id is ``ENS`` + an optional species code + ``G`` + digits (human ``ENSG``,
 mouse ``ENSMUSG``, zebrafish ``ENSDARG``...), optionally followed by a version suffix
@@ -35,7 +37,11 @@ __all__ = [
     "classify_gene_ids",
     "classify_vocabulary",
     "is_ensembl_id",
+    "load_gene_name_map",
+    "log_gene_name_mapping",
+    "map_gene_ids_to_symbols",
     "map_gene_names",
+    "map_to_vocabulary",
     "read_gene_name_map",
     "strip_version",
     "validate_gene_name_map",
@@ -52,6 +58,8 @@ _VERSION = re.compile(r"\.\d+$")
 N_EXAMPLES = 5
 #: Unmapped genes listed by :class:`GeneNameMapping` (highest total counts first).
 N_TOP_UNMAPPED = 20
+#: The mapping report is a warning (not info) above this share of counts in untranslated genes.
+UNMAPPED_WARNING_FRACTION = 0.1
 #: Data refused against an Ensembl vocabulary above this share of symbol-like ids.
 MAX_SYMBOL_FRACTION = 0.5
 
@@ -169,7 +177,8 @@ def check_gene_id_kinds(
     source_name: str,
     gene_id_field: str,
 ) -> GeneIdKinds:
-    """Refuse gene symbols against an Ensembl vocabulary, before any counts are read.
+    """Refuse gene symbols against an Ensembl vocabulary (and Ensembl ids against a vocabulary of
+    symbols), before any counts are read.
 
     Parameters
     ----------
@@ -205,6 +214,15 @@ def check_gene_id_kinds(
             f"are not Ensembl ids, they look like gene symbols (e.g. {list(kinds.examples['symbol'])}), while the "
             f"token dictionary holds Ensembl ids (e.g. {vocab_example!r}); {GENE_NAME_MAP_HINT}, or pick a column "
             "of Ensembl ids with --gene_id_column"
+        )
+    if vocabulary.n_symbol > vocabulary.n_ensembl and kinds.n_total and kinds.symbol_fraction < 1 - MAX_SYMBOL_FRACTION:
+        ensembl_examples = [g for kind in ("human", "mouse", "other_ensembl") for g in kinds.examples.get(kind, ())]
+        raise DataError(
+            f"{source_name}: {100 * (1 - kinds.symbol_fraction):.1f}% of the {kinds.n_total} gene ids in "
+            f"{gene_id_field} are Ensembl ids (e.g. {ensembl_examples[:N_EXAMPLES]}), while the token dictionary "
+            f"holds gene symbols (e.g. {list(vocabulary.examples.get('symbol', ()))[:3]}); pick a column of gene "
+            "symbols with --gene_id_column, or (--encoding cellfm) pass --gene_name_id_dictionary PATH, a map of "
+            "symbol -> Ensembl id that is then read backwards"
         )
     return kinds
 
@@ -357,6 +375,16 @@ class GeneNameMapping:
 
     ensembl_ids: np.ndarray
     status: np.ndarray
+    #: the vocabulary's kind the ids were translated to: ``"ensembl"`` or ``"symbol"``
+    #: (:func:`map_gene_ids_to_symbols`: ``ensembl_ids`` then holds symbols, ``status`` says
+    #: ``"symbol"`` for a column already named by one, ``"ambiguous"`` for an Ensembl id that
+    #: several of the vocabulary's symbols share)
+    target: str = "ensembl"
+
+    @property
+    def vocabulary_ids(self) -> np.ndarray:
+        """One id per column, in the vocabulary's kind (what the tokenizer matches)."""
+        return self.ensembl_ids
 
     @property
     def n_mapped(self) -> int:
@@ -395,11 +423,24 @@ class GeneNameMapping:
             highest counts, counts > 0 only, ties by name).
         """
         column_counts = np.asarray(column_counts, dtype=np.float64)
-        unmapped = np.flatnonzero((self.status == "unmapped") & (column_counts > 0))
+        unmapped = np.flatnonzero(np.isin(self.status, ("unmapped", "ambiguous")) & (column_counts > 0))
         order = sorted(unmapped, key=lambda i: (-column_counts[i], str(gene_ids[i])))[:N_TOP_UNMAPPED]
         total = float(column_counts.sum())
-        translated = self.status != "unmapped"
+        translated = ~np.isin(self.status, ("unmapped", "ambiguous"))
         _, per_id = np.unique(self.ensembl_ids[translated], return_counts=True)
+        if self.target == "symbol":
+            return {
+                "gene_name_id_dictionary": source,
+                "direction": "Ensembl id -> symbol",
+                "n_genes_mapped": self.n_mapped,
+                "n_genes_symbol": int((self.status == "symbol").sum()),
+                "n_genes_unmapped": self.n_unmapped,
+                "n_genes_ambiguous": int((self.status == "ambiguous").sum()),
+                "n_symbols_from_several_genes": int((per_id > 1).sum()),
+                "mapped_count_fraction": float(column_counts[translated].sum() / total) if total else 0.0,
+                "top_unmapped_genes": [{"gene": str(gene_ids[i]), "counts": int(round(column_counts[i]))}
+                                       for i in order],
+            }
         return {
             "gene_name_id_dictionary": source,
             "n_genes_mapped": self.n_mapped,
@@ -442,3 +483,105 @@ def map_gene_names(gene_ids: Iterable[str], gene_name_map: Mapping[str, str]) ->
             status.append("unmapped")
     return GeneNameMapping(ensembl_ids=np.array(translated, dtype=object).astype(str),
                            status=np.array(status, dtype=object).astype(str))
+
+
+def map_gene_ids_to_symbols(gene_ids: Iterable[str], gene_name_map: Mapping[str, str],
+                            vocabulary: Iterable[str]) -> GeneNameMapping:
+    """Translate Ensembl ids to the symbols of a symbol-keyed vocabulary; symbols pass through.
+
+    The symbol -> Ensembl map is read backwards. An Ensembl id that several symbols map to
+    takes the one the vocabulary holds; when the vocabulary holds several of them the column
+    is left untranslated (status ``"ambiguous"``, counted in the report) rather than guessed.
+
+    Parameters
+    ----------
+    gene_ids
+        A file's gene ids (Ensembl ids, with or without version, symbols, or both).
+    gene_name_map
+        Symbol -> Ensembl id (see :func:`read_gene_name_map`).
+    vocabulary
+        The vocabulary's tokens (its symbols).
+
+    Returns
+    -------
+    GeneNameMapping
+        ``target="symbol"``; ``ensembl_ids`` holds the symbols (the column's own id when
+        untranslated) and ``status`` ``"mapped"``, ``"symbol"``, ``"ambiguous"`` or ``"unmapped"``.
+    """
+    known = set(map(str, vocabulary))
+    symbols_of: dict[str, list[str]] = {}
+    for symbol, ensembl_id in gene_name_map.items():
+        symbols_of.setdefault(strip_version(str(ensembl_id)), []).append(str(symbol))
+    translated, status = [], []
+    for gene_id in (str(g) for g in gene_ids):
+        if not is_ensembl_id(gene_id):
+            translated.append(gene_id)
+            status.append("symbol")
+            continue
+        candidates = symbols_of.get(strip_version(gene_id), [])
+        in_vocabulary = [s for s in candidates if s in known]
+        if len(in_vocabulary) == 1 or (not in_vocabulary and len(candidates) == 1):
+            translated.append((in_vocabulary or candidates)[0])
+            status.append("mapped")
+        else:
+            translated.append(gene_id)
+            status.append("ambiguous" if len(in_vocabulary) > 1 else "unmapped")
+    n_ambiguous = status.count("ambiguous")
+    if n_ambiguous:
+        logger.warning("%d Ensembl ids map to several symbols of the vocabulary and are left unmapped", n_ambiguous)
+    return GeneNameMapping(ensembl_ids=np.array(translated, dtype=object).astype(str),
+                           status=np.array(status, dtype=object).astype(str), target="symbol")
+
+
+def load_gene_name_map(gene_name_id_dictionary: Mapping[str, str] | PathLike,
+                       token_dictionary: Iterable[str]) -> tuple[dict[str, str], str, str]:
+    """Read a symbol -> Ensembl map and the direction it is applied in for a vocabulary.
+
+    Parameters
+    ----------
+    gene_name_id_dictionary
+        The map (a dict) or its file (see :func:`read_gene_name_map`).
+    token_dictionary
+        The vocabulary's tokens.
+
+    Returns
+    -------
+    (dict, str, str)
+        The validated map, where it came from (its path, or ``"<dict>"``) and the vocabulary's
+        kind: ``"ensembl"`` (symbols are translated to Ensembl ids) when most of its genes are
+        Ensembl ids, else ``"symbol"`` (Ensembl ids are translated to symbols).
+    """
+    if isinstance(gene_name_id_dictionary, Mapping):
+        source = "<dict>"
+        name_map = validate_gene_name_map(gene_name_id_dictionary, "gene_name_id_dictionary")
+    else:
+        source = str(gene_name_id_dictionary)
+        name_map = read_gene_name_map(gene_name_id_dictionary)
+    vocabulary = classify_vocabulary(token_dictionary)
+    return name_map, source, "ensembl" if vocabulary.n_ensembl > vocabulary.n_symbol else "symbol"
+
+
+def map_to_vocabulary(gene_ids: Iterable[str], gene_name_map: Mapping[str, str], target: str,
+                      token_dictionary: Iterable[str]) -> GeneNameMapping:
+    """:func:`map_gene_names` (``target="ensembl"``) or :func:`map_gene_ids_to_symbols` (``"symbol"``)."""
+    if target == "ensembl":
+        return map_gene_names(gene_ids, gene_name_map)
+    return map_gene_ids_to_symbols(gene_ids, gene_name_map, token_dictionary)
+
+
+def log_gene_name_mapping(source: str, figures: Mapping) -> None:
+    """Log a tokenization's mapping figures (:meth:`GeneNameMapping.summary`): a warning when the
+    untranslated genes hold more than :data:`UNMAPPED_WARNING_FRACTION` of the counts."""
+    top = ", ".join(f"{g['gene']} ({g['counts']})" for g in figures["top_unmapped_genes"][:5]) or "none"
+    unmapped_share = 1.0 - figures["mapped_count_fraction"]
+    level = logging.WARNING if unmapped_share > UNMAPPED_WARNING_FRACTION else logging.INFO
+    if "n_genes_symbol" in figures:
+        logger.log(level, "%s: gene name map %s (read backwards): %d Ensembl ids mapped to symbols, %d given as "
+                   "symbols, %d unmapped and %d ambiguous holding %.1f%% of counts (highest: %s)", source,
+                   figures["gene_name_id_dictionary"], figures["n_genes_mapped"], figures["n_genes_symbol"],
+                   figures["n_genes_unmapped"], figures["n_genes_ambiguous"], 100 * unmapped_share, top)
+        return
+    logger.log(level, "%s: gene name map %s: %d genes mapped to Ensembl ids, %d given as Ensembl ids, %d unmapped "
+               "holding %.1f%% of counts (highest: %s)", source, figures["gene_name_id_dictionary"],
+               figures["n_genes_mapped"], figures["n_genes_ensembl"], figures["n_genes_unmapped"],
+               100 * unmapped_share, top)

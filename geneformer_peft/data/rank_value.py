@@ -31,7 +31,6 @@ __all__ = ["rank_value_encode", "tokenize_anndata", "TokenizationStats", "GeneMa
 PathLike = str | Path
 TARGET_SUM = 10_000.0
 #: A gene name map leaving more than this share of the counts unmapped is reported at WARNING.
-UNMAPPED_WARNING_FRACTION = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +318,8 @@ def tokenize_anndata(
     from geneformer_peft.data.gene_ids import (
         check_gene_id_kinds,
         classify_vocabulary,
+        load_gene_name_map,
         map_gene_names,
-        read_gene_name_map,
-        validate_gene_name_map,
     )
     from geneformer_peft.data.vocab import (
         CLS_TOKEN,
@@ -343,14 +341,9 @@ def tokenize_anndata(
         gene_median_dictionary = load_gene_median_dictionary(gene_median_dictionary)
     name_map = name_map_source = None
     if gene_name_id_dictionary is not None:
-        if isinstance(gene_name_id_dictionary, Mapping):
-            name_map_source = "<dict>"
-            name_map = validate_gene_name_map(gene_name_id_dictionary, "gene_name_id_dictionary")
-        else:
-            name_map_source = str(gene_name_id_dictionary)
-            name_map = read_gene_name_map(gene_name_id_dictionary)
+        name_map, name_map_source, _ = load_gene_name_map(gene_name_id_dictionary, token_dictionary)
         vocabulary = classify_vocabulary(token_dictionary)
-        if vocabulary.n_ensembl == 0:
+        if vocabulary.n_ensembl == 0:  # the rank value encoding maps symbols to Ensembl ids only
             raise DataError(
                 f"gene_name_id_dictionary {name_map_source}: maps gene symbols to Ensembl ids, but the token "
                 f"dictionary holds none (e.g. {list(vocabulary.examples.get('symbol', ()))[:3]}); expected an "
@@ -553,16 +546,9 @@ def _log_stats(stats: TokenizationStats) -> None:
         stats.length_min, stats.length_median, stats.length_max, stats.n_cells_truncated, stats.model_input_size,
     )
     if stats.gene_name_mapping is not None:
-        mapped = stats.gene_name_mapping
-        top = ", ".join(f"{g['gene']} ({g['counts']})" for g in mapped["top_unmapped_genes"][:5]) or "none"
-        unmapped_share = 1.0 - mapped["mapped_count_fraction"]
-        logger.log(
-            logging.WARNING if unmapped_share > UNMAPPED_WARNING_FRACTION else logging.INFO,
-            "%s: gene name map %s: %d genes mapped to Ensembl ids, %d given as Ensembl ids, %d unmapped "
-            "holding %.1f%% of counts (highest: %s)",
-            stats.source, mapped["gene_name_id_dictionary"], mapped["n_genes_mapped"], mapped["n_genes_ensembl"],
-            mapped["n_genes_unmapped"], 100 * unmapped_share, top,
-        )
+        from geneformer_peft.data.gene_ids import log_gene_name_mapping
+
+        log_gene_name_mapping(stats.source, stats.gene_name_mapping)
     if stats.n_cells_empty:
         logger.warning(
             "%s: %d cells have no count in any vocabulary gene; they are kept with no gene token",

@@ -385,3 +385,32 @@ def test_cellfm_checkpoint_shapes_are_checked(tmp_path, caplog):
     assert report["checkpoint"].status == "refused"
     assert report["checkpoint"].details["mismatches"] == [
         "vocab_size=48 but gene_emb has 40 (shape [40, 16])", "num_hidden_layers=3 but the weights hold 2 layers"]
+
+
+def test_ensembl_ids_against_a_cellfm_vocabulary_of_symbols_are_refused_then_mapped(tmp_path, caplog):
+    """CellFM's release names its genes by symbol; a file of Ensembl ids is refused by `check` with the
+    map hint, and passes with --gene_name_id_dictionary (read backwards)."""
+    import transformerslocal as tl
+    from geneformer_peft.data.synthetic import generate_counts
+    from geneformer_peft.data.vocab import save_tokenizer_json
+
+    adata = generate_counts(n_cells=30, n_genes=120, n_cell_types=2, seed=5)
+    adata.var = adata.var.drop(columns=["ensembl_id"])
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    adata.write_h5ad(tmp_path / "ensembl.h5ad")
+    tokens = {"<pad>": 0, **{f"GENE{i}": i + 1 for i in range(adata.n_vars)}}
+    config = tl.CellFMConfig(vocab_size=len(tokens), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=24, max_genes=64)
+    tl.CellFMForMaskedValues(config).save_pretrained(tmp_path / "ckpt")
+    save_tokenizer_json(tokens, tmp_path / "ckpt")
+    (tmp_path / "map.csv").write_text("symbol,ensembl_id\n" + "".join(
+        f"GENE{i},ENSG{i:011d}\n" for i in range(adata.n_vars)))
+    out = tmp_path / "r.json"
+    argv = ["check", "--model_path", str(tmp_path / "ckpt"), "--input", str(tmp_path / "ensembl.h5ad"),
+            "--output", str(out)]
+    assert main(argv) == 2
+    assert "are Ensembl ids" in _error(caplog) and "--gene_name_id_dictionary" in _error(caplog)
+    assert json.loads(out.read_text())["reports"]["input"]["findings"][0]["status"] == "refused"
+    assert main(argv + ["--gene_name_id_dictionary", str(tmp_path / "map.csv"), "--overwrite"]) == 0
+    found = {f["check"]: f for f in json.loads(out.read_text())["reports"]["input"]["findings"]}
+    assert found["gene_ids"]["status"] == "ok" and found["encoding"]["status"] == "ok"

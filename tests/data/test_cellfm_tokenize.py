@@ -117,3 +117,65 @@ def test_tokenize_cellfm_command(tmp_path, caplog):
     assert main(["tokenize", "--input", str(path), "--output", str(tmp_path / "z"), "--encoding", "cellfm"]) == 2
     assert "--encoding cellfm needs --token_dictionary" in caplog.text
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def _symbol_vocabulary_case():
+    """12 cells of 8 Ensembl-id genes; a vocabulary of symbols (as CellFM's release); a symbol ->
+    Ensembl map in which gene 5 has two symbols of the vocabulary (ambiguous), gene 6 two symbols
+    of which one is in the vocabulary, and gene 7 none at all."""
+    adata = make_adata(12, 8, seed=4, density=0.6)
+    ensembl = [f"ENSG{i:011d}" for i in range(8)]
+    adata.var_names = [f"{g}.{i % 3 + 1}" for i, g in enumerate(ensembl)]  # versioned ids
+    symbols = [f"SYM{i}" for i in range(8)]
+    name_map = {symbols[i]: ensembl[i] for i in range(5)}
+    name_map.update({"SYM5": ensembl[5], "SYM5B": ensembl[5], "SYM6": ensembl[6], "OLD6": ensembl[6]})
+    vocabulary = {"<pad>": 0, **{s: i + 1 for i, s in enumerate(symbols[:7] + ["SYM5B"])}}
+    return adata, symbols, name_map, vocabulary
+
+
+def test_ensembl_ids_against_a_vocabulary_of_symbols_read_the_map_backwards(tmp_path, caplog):
+    adata, symbols, name_map, vocabulary = _symbol_vocabulary_case()
+    with pytest.raises(DataError, match=r"100\.0% of the 8 gene ids in var_names are Ensembl ids .* holds gene "
+                                        r"symbols .*--gene_name_id_dictionary"):
+        tokenize_cellfm(adata, token_dictionary=vocabulary, show_progress=False)
+    dataset, stats = tokenize_cellfm(adata, token_dictionary=vocabulary, gene_name_id_dictionary=name_map,
+                                     max_genes=50, show_progress=False, return_stats=True)
+    # what the map gives by hand: genes 0-4 and 6 become their symbols; 5 is ambiguous, 7 unmapped
+    renamed = symbols[:5] + [str(adata.var_names[5]), "SYM6", str(adata.var_names[7])]
+    ids, values = oracle(adata.X.toarray(), renamed, vocabulary, 50)
+    assert [list(r) for r in dataset["input_ids"]] == ids
+    for got, want in zip(dataset["values"], values):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    figures = stats.gene_name_mapping
+    assert figures["direction"] == "Ensembl id -> symbol"
+    assert (figures["n_genes_mapped"], figures["n_genes_symbol"], figures["n_genes_ambiguous"],
+            figures["n_genes_unmapped"]) == (6, 0, 1, 1)
+    col = adata.X.toarray().sum(axis=0)
+    assert figures["mapped_count_fraction"] == pytest.approx(col[[0, 1, 2, 3, 4, 6]].sum() / col.sum())
+    assert json.loads(dataset.info.description)["gene_name_mapping"] == figures
+    # the command: a CSV map, the figures in the saved dataset
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocabulary))
+    (tmp_path / "map.csv").write_text("symbol,ensembl_id\n" + "".join(f"{s},{e}\n" for s, e in name_map.items()))
+    out = tmp_path / "cells.dataset"
+    assert main(["tokenize", "--input", str(path), "--output", str(out), "--encoding", "cellfm", "--token_dictionary",
+                 str(tmp_path / "vocab.json"), "--gene_name_id_dictionary", str(tmp_path / "map.csv"),
+                 "--no_progress"]) == 0
+    saved = load_saved_dataset(out)
+    assert [list(r) for r in saved["input_ids"]] == oracle(adata.X.toarray(), renamed, vocabulary, 2048)[0]
+    assert "read backwards" in caplog.text and "1 ambiguous" in caplog.text
+
+
+def test_symbols_against_a_vocabulary_of_ensembl_ids_map_forwards():
+    adata, symbols, name_map, _ = _symbol_vocabulary_case()
+    ensembl = [str(g).split(".")[0] for g in adata.var_names]
+    adata.var_names = symbols
+    vocabulary = {"<pad>": 0, **{g: i + 1 for i, g in enumerate(ensembl)}}
+    with pytest.raises(DataError, match="look like gene symbols"):
+        tokenize_cellfm(adata, token_dictionary=vocabulary, show_progress=False)
+    dataset, stats = tokenize_cellfm(adata, token_dictionary=vocabulary, gene_name_id_dictionary=name_map,
+                                     max_genes=50, show_progress=False, return_stats=True)
+    renamed = [name_map.get(s, s) for s in symbols]  # SYM7 is in no map: it stays a symbol, unmatched
+    assert [list(r) for r in dataset["input_ids"]] == oracle(adata.X.toarray(), renamed, vocabulary, 50)[0]
+    assert (stats.gene_name_mapping["n_genes_mapped"], stats.gene_name_mapping["n_genes_unmapped"]) == (7, 1)
