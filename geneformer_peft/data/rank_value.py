@@ -17,10 +17,9 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -320,9 +319,10 @@ def tokenize_anndata(
         summed, as repeated gene ids always are. The figures go to
         ``TokenizationStats.gene_name_mapping``.
     nproc
-        Worker processes encoding the chunks that this process reads (each holds one chunk
-        at a time; the chunks are written in file order, so the output is identical to
-        ``nproc=1``). Workers are forked where the platform allows it, else spawned (a
+        Worker processes: each reads its own ranges of chunks from the file, encodes them and
+        writes them to a shard, which this process appends to the output in file order (each
+        worker holds one chunk at a time; the chunks are those of ``nproc=1``, so the output is
+        identical to it). Workers are forked where the platform allows it, else spawned (a
         script calling this then needs the ``if __name__ == "__main__":`` guard).
 
     Returns
@@ -436,34 +436,28 @@ def tokenize_anndata(
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         arrow_path = str(Path(work_dir) / f"tokenized-{uuid.uuid4().hex}.arrow")
 
-        lengths_parts: list[np.ndarray] = []
-        total_counts = matched_counts = 0.0
-        n_truncated = 0
-        with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            chunks = iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
-                                      show_progress=show_progress)
-            if nproc == 1:
-                encoded_chunks = (
-                    _encode_chunk(chunk, gene_map, source_name=cells.name, model_input_size=model_input_size,
-                                  prefix=prefix, suffix=suffix, count_columns=column_counts is not None)
-                    for chunk in chunks
-                )
-            else:
-                encoded_chunks = _encode_in_workers(chunks, gene_map, source_name=cells.name, nproc=nproc,
-                                                    model_input_size=model_input_size, prefix=prefix, suffix=suffix,
-                                                    count_columns=column_counts is not None)
-            for part in encoded_chunks:
-                if column_counts is not None:
-                    column_counts += part.column_counts
-                total_counts += part.raw_total
-                matched_counts += part.matched_total
-                n_truncated += part.n_truncated
-                lengths_parts.append(part.lengths)
-                offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int32)
-                arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(part.flat, type=pa.int64())),
-                          pa.array(part.lengths)]
-                arrays += [obs_arrays[c].take(pa.array(part.rows)) for c in out_columns]
-                writer.write_batch(pa.record_batch(arrays, schema=schema))
+        totals = _Totals()
+        if nproc == 1:
+            with pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
+                                              show_progress=show_progress):
+                    part = _encode_chunk(chunk, gene_map, source_name=cells.name, model_input_size=model_input_size,
+                                         prefix=prefix, suffix=suffix, count_columns=column_counts is not None)
+                    totals.add(part)
+                    writer.write_batch(_record_batch(part, schema, obs_arrays))
+        else:
+            job = _TokenizeJob(cells=cells.detached(), keep=keep, chunk_size=chunk_size, gene_map=gene_map,
+                               schema=schema, obs_arrays=obs_arrays, work_dir=work_dir,
+                               encode_options=dict(model_input_size=model_input_size, prefix=prefix, suffix=suffix,
+                                                   count_columns=column_counts is not None))
+            _log_n_counts_source(cells)
+            cells.close()  # each worker opens the file itself; none inherits this process's handle
+            _tokenize_in_workers(job, nproc=nproc, arrow_path=arrow_path, totals=totals,
+                                 show_progress=show_progress)
+        if column_counts is not None:
+            column_counts += totals.column_counts
+        lengths_parts, total_counts, matched_counts, n_truncated = (
+            totals.lengths, totals.raw_total, totals.matched_total, totals.n_truncated)
 
     lengths = np.concatenate(lengths_parts)
     gene_only_lengths = lengths - len(prefix) - len(suffix)
@@ -496,7 +490,7 @@ def tokenize_anndata(
 
 @dataclass
 class _EncodedChunk:
-    """One chunk's tokens and counters, as a worker process hands them to the writer."""
+    """One chunk's tokens and counters."""
 
     rows: np.ndarray
     lengths: np.ndarray
@@ -540,63 +534,150 @@ def _encode_chunk(chunk: Any, gene_map: GeneMap, *, source_name: str, model_inpu
     )
 
 
-# What a tokenization worker process needs for every chunk, set once by _start_worker.
-_WORKER: dict[str, Any] = {}
+def _record_batch(part: _EncodedChunk, schema: Any, obs_arrays: dict[str, Any]) -> Any:
+    """One chunk's rows of the output table (``input_ids``, ``length``, the obs columns)."""
+    import pyarrow as pa
+
+    offsets = np.concatenate([[0], np.cumsum(part.lengths)]).astype(np.int32)
+    arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(part.flat, type=pa.int64())),
+              pa.array(part.lengths)]
+    arrays += [obs_arrays[c].take(pa.array(part.rows)) for c in schema.names[2:]]
+    return pa.record_batch(arrays, schema=schema)
 
 
-def _start_worker(gene_map: GeneMap, source_name: str, encode_options: dict[str, Any]) -> None:
-    _WORKER.update(gene_map=gene_map, source_name=source_name, options=encode_options)
+@dataclass
+class _Totals:
+    """The counters of :class:`TokenizationStats` summed over chunks (counts are integers, so
+    the sums do not depend on the order of addition)."""
+
+    lengths: list[np.ndarray] = field(default_factory=list)
+    raw_total: float = 0.0
+    matched_total: float = 0.0
+    n_truncated: int = 0
+    column_counts: Any = 0.0
+
+    def add(self, part: _EncodedChunk | _Totals) -> None:
+        is_chunk = isinstance(part, _EncodedChunk)
+        self.lengths.extend([part.lengths] if is_chunk else part.lengths)
+        self.raw_total += part.raw_total
+        self.matched_total += part.matched_total
+        self.n_truncated += part.n_truncated
+        if part.column_counts is not None:
+            self.column_counts = self.column_counts + part.column_counts
 
 
-def _encode_in_worker(chunk: SimpleNamespace) -> _EncodedChunk:
-    return _encode_chunk(chunk, _WORKER["gene_map"], source_name=_WORKER["source_name"], **_WORKER["options"])
+@dataclass
+class _TokenizeJob:
+    """What every tokenization worker needs: set once per worker (inherited when forked)."""
+
+    cells: Any  # a detached CellSource
+    keep: np.ndarray
+    chunk_size: int
+    gene_map: GeneMap
+    schema: Any
+    obs_arrays: dict[str, Any]
+    work_dir: str
+    encode_options: dict[str, Any]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def shard_path(self, index: int) -> Path:
+        return Path(self.work_dir) / f"shard-{self.run_id}-{index:06d}.arrow"
+
+
+_WORKER: dict[str, _TokenizeJob] = {}
+
+
+def _start_worker(job: _TokenizeJob) -> None:
+    _WORKER["job"] = job
+
+
+def _tokenize_segment(index: int, starts: list[int]) -> _Totals:
+    """Worker: read, check and encode the chunks at ``starts`` and write them to shard ``index``."""
+    import pyarrow as pa
+
+    from geneformer_peft.data.cell_source import iter_cell_chunks
+
+    job = _WORKER["job"]
+    totals = _Totals()
+    with pa.OSFile(str(job.shard_path(index)), "wb") as sink, pa.ipc.new_stream(sink, job.schema) as writer:
+        for chunk in iter_cell_chunks(job.cells, job.keep, chunk_size=job.chunk_size, starts=starts,
+                                      show_progress=False):
+            part = _encode_chunk(chunk, job.gene_map, source_name=job.cells.name, **job.encode_options)
+            totals.add(part)
+            writer.write_batch(_record_batch(part, job.schema, job.obs_arrays))
+    return totals
 
 
 def _worker_context():
-    """``fork`` where the platform has it (workers start in milliseconds, share this process's
-    memory copy-on-write, and only run numpy/scipy code on the arrays they are sent, so the
-    threads this process may hold - pyarrow's allocator, torch - are never used in them),
-    else ``spawn`` (workers re-import ``__main__``: scripts need the ``if __name__ ==
-    "__main__":`` guard)."""
+    """``fork`` where the platform has it (workers start in milliseconds and inherit the job
+    without copying it), else ``spawn`` (the job is pickled to each worker once; workers
+    re-import ``__main__``: scripts need the ``if __name__ == "__main__":`` guard)."""
     import multiprocessing
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method)
 
 
-def _encode_in_workers(chunks: Iterator[Any], gene_map: GeneMap, *, source_name: str, nproc: int,
-                       model_input_size: int, prefix: tuple[int, ...], suffix: tuple[int, ...],
-                       count_columns: bool = False):
-    """Encode ``chunks`` in ``nproc`` worker processes and yield the results in their order.
+#: Chunks per worker task at most: bounds the shards waiting on disk to be joined
+SEGMENT_CHUNKS = 16
 
-    This process reads and checks the chunks (one reader, so the file is read exactly as
-    with ``nproc=1``); the workers only encode arrays and never touch the file. At most
-    ``2 * nproc`` chunks are in flight, so memory stays bounded by the chunk size whatever
-    the number of cells. A worker's error is raised here for the first failing chunk in
-    order, as in one process.
+
+def _segments(starts: list[int], nproc: int) -> list[list[int]]:
+    """Consecutive runs of chunk starts, at least 4 per worker where there are enough chunks
+    (so a slow worker delays the end little), at most :data:`SEGMENT_CHUNKS` chunks each."""
+    size = max(1, min(SEGMENT_CHUNKS, -(-len(starts) // (4 * nproc))))
+    return [starts[i:i + size] for i in range(0, len(starts), size)]
+
+
+def _tokenize_in_workers(job: _TokenizeJob, *, nproc: int, arrow_path: str, totals: _Totals,
+                         show_progress: bool) -> None:
+    """Tokenize ``job`` in ``nproc`` worker processes into ``arrow_path``, adding to ``totals``.
+
+    Each worker reads its own row ranges of the file (consecutive chunks, the same chunks as
+    one process reads), encodes them and writes an Arrow shard; this process only assigns the
+    ranges and appends the shards to the output in file order, deleting each once appended.
+    No counts travel between processes. Each worker holds one chunk at a time; the shards on
+    disk not yet appended are those finished ahead of the oldest running one. A worker's
+    error is raised here for the first failing chunk in file order, as in one process.
     """
-    import multiprocessing
-    from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from geneformer_peft.data.cell_source import chunk_starts
+
+    segments = _segments(chunk_starts(job.keep, job.chunk_size), nproc)
     context = _worker_context()
-    logger.info("%s: encoding in %d worker processes (%s)", source_name, nproc, context.get_start_method())
-    options = dict(model_input_size=model_input_size, prefix=prefix, suffix=suffix, count_columns=count_columns)
-    executor = ProcessPoolExecutor(max_workers=nproc, mp_context=context,
-                                   initializer=_start_worker, initargs=(gene_map, source_name, options))
-    pending: deque = deque()
+    logger.info("%s: tokenizing %d ranges of chunks in %d worker processes (%s)", job.cells.name, len(segments),
+                nproc, context.get_start_method())
+    executor = ProcessPoolExecutor(max_workers=nproc, mp_context=context, initializer=_start_worker,
+                                   initargs=(job,))
     try:
-        for chunk in chunks:
-            # only plain arrays travel: the worker need not import pandas
-            task = SimpleNamespace(rows=chunk.rows, cell_names=np.asarray(chunk.cell_names, dtype=object),
-                                   counts=chunk.counts, raw_totals=chunk.raw_totals, n_counts=chunk.n_counts)
-            pending.append(executor.submit(_encode_in_worker, task))
-            if len(pending) >= 2 * nproc:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        futures = [executor.submit(_tokenize_segment, i, segment) for i, segment in enumerate(segments)]
+        progress = tqdm(total=sum(map(len, segments)), desc=f"tokenizing {Path(job.cells.name).name}",
+                        disable=not show_progress)
+        with progress, pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, job.schema) as writer:
+            for index, (future, segment) in enumerate(zip(futures, segments)):
+                totals.add(future.result())
+                shard = job.shard_path(index)
+                with pa.memory_map(str(shard)) as source:
+                    for batch in pa.ipc.open_stream(source):
+                        writer.write_batch(batch)
+                shard.unlink()
+                progress.update(len(segment))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+        for index in range(len(segments)):
+            job.shard_path(index).unlink(missing_ok=True)
+
+
+def _log_n_counts_source(cells: Any) -> None:
+    """Say once where ``n_counts`` comes from (the workers' readers say it at DEBUG)."""
+    if "n_counts" in cells.obs.columns:
+        logger.info("%s: n_counts from obs['n_counts']", cells.name)
+    else:
+        logger.info("%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
 
 
 def _log_stats(stats: TokenizationStats) -> None:
