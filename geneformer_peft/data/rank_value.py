@@ -589,6 +589,26 @@ _WORKER: dict[str, _TokenizeJob] = {}
 
 def _start_worker(job: _TokenizeJob) -> None:
     _WORKER["job"] = job
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """In a worker process (glibc only): keep freed blocks up to 32 MiB for reuse.
+
+    By default glibc hands large freed blocks back to the system at once, and a worker frees
+    and asks again for the same few chunk-sized arrays at every chunk: the page faults cost
+    about 8% of its CPU time. Kept, they are reused; the worker's memory stays bounded by one
+    chunk's working set. Only this library's own worker processes are changed.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum on 64-bit)
+    except (OSError, AttributeError):  # not glibc: its allocator as it is
+        pass
 
 
 def _tokenize_segment(index: int, starts: list[int]) -> _Totals:
@@ -636,10 +656,13 @@ def _tokenize_in_workers(job: _TokenizeJob, *, nproc: int, arrow_path: str, tota
     Each worker reads its own row ranges of the file (consecutive chunks, the same chunks as
     one process reads), encodes them and writes an Arrow shard; this process only assigns the
     ranges and appends the shards to the output in file order, deleting each once appended.
-    No counts travel between processes. Each worker holds one chunk at a time; the shards on
-    disk not yet appended are those finished ahead of the oldest running one. A worker's
-    error is raised here for the first failing chunk in file order, as in one process.
+    No counts travel between processes. Each worker holds one chunk at a time; at most
+    ``2 * nproc`` ranges are assigned ahead of the output, so at most that many shards wait on
+    disk. A worker's error is raised here for the first failing chunk in file order, as in
+    one process.
     """
+    import itertools
+    from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
     import pyarrow as pa
@@ -654,12 +677,17 @@ def _tokenize_in_workers(job: _TokenizeJob, *, nproc: int, arrow_path: str, tota
     executor = ProcessPoolExecutor(max_workers=nproc, mp_context=context, initializer=_start_worker,
                                    initargs=(job,))
     try:
-        futures = [executor.submit(_tokenize_segment, i, segment) for i, segment in enumerate(segments)]
+        # at most 2 * nproc ranges submitted and not yet appended: bounds the shards on disk
+        unassigned = enumerate(segments)
+        futures = deque(executor.submit(_tokenize_segment, i, segment)
+                        for i, segment in itertools.islice(unassigned, 2 * nproc))
         progress = tqdm(total=sum(map(len, segments)), desc=f"tokenizing {Path(job.cells.name).name}",
                         disable=not show_progress)
         with progress, pa.OSFile(arrow_path, "wb") as sink, pa.ipc.new_stream(sink, job.schema) as writer:
-            for index, (future, segment) in enumerate(zip(futures, segments)):
-                totals.add(future.result())
+            for index, segment in enumerate(segments):
+                totals.add(futures.popleft().result())
+                for following, next_segment in itertools.islice(unassigned, 1):
+                    futures.append(executor.submit(_tokenize_segment, following, next_segment))
                 shard = job.shard_path(index)
                 with pa.memory_map(str(shard)) as source:
                     for batch in pa.ipc.open_stream(source):
