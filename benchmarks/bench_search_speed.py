@@ -13,12 +13,14 @@ Training speed, for both read from what the run records (the trainer's clock aro
 training passes, so validation, test prediction and set-up are excluded): cells seen in
 training (cells x epochs) / training seconds: finetune's ``metrics.json``
 ``train_cells_per_second``, each trial's ``train_cells_per_second`` (``trials.csv``, user
-attribute). Reported: the median of each, their ratio (target >= 0.9), and what a trial costs
+attribute). Reported: the median of each, their ratio (target >= 0.9), the ratio within each
+repeat (its trials' median over its finetune: neighbours in time share the machine's load), and
+what a trial costs
 beyond its training passes (Optuna's trial duration minus training seconds: model building,
 the per-epoch validation, the thread policy) next to the time between trials.
 
     python benchmarks/bench_search_speed.py --json out.json [--quick] [--trials 3] [--epochs 2]
-        [--repeats 2] [--num_threads 1]
+        [--repeats 4] [--num_threads 1]
 
 ``--quick``: 1 repeat of 2 trials of 1 epoch, cells cut to 64 genes (a smoke run, about a
 minute). ``--num_threads 0`` leaves both to the thread policy (the free cores; noisy on a shared
@@ -59,7 +61,7 @@ def _cli(argv: list[str]) -> float:
 def common_flags(args) -> list[str]:
     flags = ["--dataset_name", args.dataset_name, "--data_path", str(args.data_path), "--model_path",
              str(args.model_path), "--prompt_type", "lora", "--folds", "0", "--epoch", str(args.epochs), "--lr",
-             str(args.lr), "--device", "cpu", "--no_progress", "--seed", "0"]
+             str(args.lr), "--device", args.device, "--no_progress", "--seed", "0"]
     if args.max_length:
         flags += ["--max_length", str(args.max_length)]
     if args.num_threads:
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--trials", type=int, default=None, help="trials per search (default 3; --quick 2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 2; --quick 1)")
-    p.add_argument("--repeats", type=int, default=None, help="finetune + search pairs (default 2; --quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="finetune + search pairs (default 4; --quick 1)")
     p.add_argument("--num_threads", type=int, default=1, help="torch threads of both (0: the thread policy)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--lora_r", type=int, default=8)
@@ -109,10 +111,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.trials = args.trials or (2 if args.quick else 3)
     args.epochs = args.epochs or (1 if args.quick else 2)
-    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.repeats = args.repeats or (1 if args.quick else 4)
     if args.quick and args.max_length is None:
         args.max_length = 64
-    device = resolve("cpu")
+    device = resolve(args.device)
+    args.device = str(device)
     load_start = list(os.getloadavg())
     finetunes, searches = [], []
     with tempfile.TemporaryDirectory(prefix="gf_search_speed_") as tmp:
@@ -134,13 +137,16 @@ def main(argv=None) -> int:
     trial_speed = statistics.median(t["train_cells_per_second"] for t in trials)
     finetune_train_s = statistics.median(f["train_seconds"] for f in finetunes)
     overhead = [t["seconds"] - t["train_seconds"] for t in trials]
+    paired = [statistics.median(t["train_cells_per_second"] for t in s["trials"]) / f["train_cells_per_second"]
+              for f, s in zip(finetunes, searches)]
     values = {round(t["value"], 6) for t in trials} | {round(f["best_val_macro_f1"], 6) for f in finetunes}
-    result = {"machine": machine_info(device), "trials": args.trials, "epochs": args.epochs,
+    result = {"machine": machine_info(device), "device": args.device, "trials": args.trials, "epochs": args.epochs,
               "repeats": args.repeats, "num_threads": args.num_threads or "policy", "lr": args.lr,
               "lora_r": args.lora_r, "max_length": args.max_length or "checkpoint's",
               "finetunes": finetunes, "searches": searches,
               "finetune_train_cells_per_second": finetune_speed, "trial_train_cells_per_second": trial_speed,
               "ratio": trial_speed / finetune_speed, "target_met": trial_speed / finetune_speed >= TARGET,
+              "paired_ratios": paired, "median_paired_ratio": statistics.median(paired),
               "finetune_train_seconds": finetune_train_s,
               "trial_seconds_beyond_training": statistics.median(overhead),
               "gap_between_trials_s": statistics.median([g for s in searches for g in s["gaps_between_trials_s"]]
@@ -156,10 +162,13 @@ def render_section(r: dict, targets: list) -> list[str]:
     """The section of ``docs/benchmarks.md`` (called by ``run_all.py``)."""
     finetunes = ", ".join(f"{f['train_cells_per_second']:.1f}" for f in r["finetunes"])
     trials = ", ".join(f"{t['train_cells_per_second']:.1f}" for s in r["searches"] for t in s["trials"])
+    length = (f"cells cut to {r['max_length']} genes" if isinstance(r["max_length"], int)
+              else "cells at their full length")
     md = ["## Search trials against finetune: training speed (shipped example, fold 0)", "",
           (f"{r['repeats']} x (one `finetune` + one `search` of {r['trials']} trials), alternating which runs first, "
            f"each in a fresh process; {r['epochs']} epochs, lr {r['lr']}, lora_r {r['lora_r']} (the search space "
-           f"has one point), torch threads {r['num_threads']} in both, cells cut to {r['max_length']} genes. "
+           f"has one point), torch threads {r['num_threads']} in both, "
+           f"{length}. "
            "Training cells/s = cells seen in training (cells x epochs) / the trainer's training seconds "
            "(validation, test and set-up excluded): finetune's metrics.json `train_cells_per_second`, each "
            "trial's `train_cells_per_second` in trials.csv. Load average "
@@ -168,7 +177,8 @@ def render_section(r: dict, targets: list) -> list[str]:
           "| run | training cells/s (each) | median |", "|---|---|---:|",
           f"| finetune | {finetunes} | {r['finetune_train_cells_per_second']:.1f} |",
           f"| search trials | {trials} | {r['trial_train_cells_per_second']:.1f} |", "",
-          (f"Ratio (trials / finetune): **{r['ratio']:.2f}x**. A trial spends a median "
+          (f"Ratio (trials / finetune): **{r['ratio']:.2f}x**; within each repeat: "
+           f"{', '.join(f'{x:.2f}x' for x in r['paired_ratios'])} (median {r['median_paired_ratio']:.2f}x). A trial spends a median "
            f"{r['trial_seconds_beyond_training']:.2f} s beyond its training passes (model building, validation "
            f"each epoch), against {r['finetune_train_seconds']:.1f} s of training in finetune; "
            f"{r['gap_between_trials_s']:.2f} s pass between one trial's end and the next one's start (Optuna's "

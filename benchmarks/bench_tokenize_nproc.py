@@ -161,7 +161,11 @@ def render_section(r: dict, targets: list) -> list[str]:
     two = next((x for x in r["rows"] if x["nproc"] == 2), None)
     if two is not None:
         targets.append((f"tokenize --nproc 2 >= {TARGET_SPEEDUP}x the cells/s of 1 ({r['cells']:,} cells)",
-                        two["speedup"] >= TARGET_SPEEDUP and r["identical_outputs"], f"{two['speedup']:.2f}x"))
+                        two["speedup"] >= TARGET_SPEEDUP and r["identical_outputs"],
+                        f"{two['speedup']:.2f}x at load average {r['machine']['loadavg_at_start'][0]:.1f} on "
+                        f"{r['machine']['cpu_affinity']} cores" + (
+                            f"; CPU ratio {two['cpu_ratio']:.2f}, idle-core bound {two['idle_speedup_bound']:.2f}x"
+                            if "cpu_ratio" in two else "")))
     return md + [""]
 
 
