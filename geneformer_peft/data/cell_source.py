@@ -90,6 +90,8 @@ class CellSource:
                 )
             self.name = "<AnnData in memory>"
             self._adata = source
+            if getattr(source, "isbacked", False) and not source.is_view:
+                self._path = Path(source.filename)  # detached copies open the file, not this handle
 
         if self._adata is not None:
             if self._adata.X is None:

@@ -106,6 +106,14 @@ def test_workers_read_their_own_rows_and_leave_one_file(tmp_path, monkeypatch):
     assert sorted(int(start) for _, start in reads) == list(range(0, 45, 2))  # every chunk read once
     assert str(os.getpid()) not in {pid for pid, _ in reads}
     assert [p.name for p in (tmp_path / "two").iterdir()] == [Path(two.cache_files[0]["filename"]).name]
+    import anndata
+
+    backed = anndata.read_h5ad(path, backed="r")  # an AnnData opened by the caller: workers open its file
+    readers.unlink()
+    three, _ = _tokenize(backed, tokens, medians, chunk_size=2, gene_name_id_dictionary=name_map, nproc=2)
+    assert three.to_dict() == one.to_dict()
+    assert str(os.getpid()) not in {line.split()[0] for line in readers.read_text().splitlines()}
+    assert backed.file.is_open, "the caller's file stays open"
 
     bad = adata.copy()
     bad.X[44, 3] = 0.5
