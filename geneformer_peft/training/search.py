@@ -753,10 +753,9 @@ def run_search(settings: SearchSettings) -> Any:
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("fold_val_macro_f1", result["fold_val_macro_f1"])
             trial.set_user_attr("epochs_run", result["epochs_run"])
-            # the training passes' time and speed, validation excluded, as finetune's metrics.json reports them
-            trial.set_user_attr("train_seconds", result["train_seconds"])
-            trial.set_user_attr("train_cells_per_second",
-                                result["train_cells"] / result["train_seconds"] if result["train_seconds"] else None)
+            if result.get("train_seconds"):  # the training passes' time and speed, as finetune's metrics.json
+                trial.set_user_attr("train_seconds", result["train_seconds"])
+                trial.set_user_attr("train_cells_per_second", result["train_cells"] / result["train_seconds"])
             logger.info("trial %d: validation macro-F1 %.4f (folds %s) in %.1f s", trial.number, result["value"],
                         [round(v, 4) for v in result["fold_val_macro_f1"]], time.perf_counter() - t0)
             return result["value"]
