@@ -24,7 +24,7 @@ from geneformer_peft.errors import DataError
 logger = logging.getLogger(__name__)
 
 __all__ = ["CellChunk", "CellSource", "check_raw_counts", "chunk_starts", "iter_cell_chunks", "open_cell_source",
-           "select_cells"]
+           "read_obs_n_counts", "select_cells"]
 
 PathLike = str | Path
 
@@ -293,13 +293,8 @@ def iter_cell_chunks(cells: CellSource, keep: np.ndarray, *, chunk_size: int = 5
 
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise DataError(f"chunk_size {chunk_size!r} is not valid; expected a positive integer")
-    obs_n_counts = None
-    level = logging.INFO if starts is None else logging.DEBUG
-    if use_obs_n_counts and "n_counts" in cells.obs.columns:
-        obs_n_counts = cells.obs["n_counts"].to_numpy(dtype=np.float64)
-        logger.log(level, "%s: n_counts from obs['n_counts']", cells.name)
-    else:
-        logger.log(level, "%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
+    obs_n_counts = read_obs_n_counts(cells, use_obs_n_counts=use_obs_n_counts,
+                                     level=logging.INFO if starts is None else logging.DEBUG)
     if starts is None:
         starts = range(0, cells.n_cells, chunk_size)
     for start in tqdm(starts, desc=f"{desc} {Path(cells.name).name}", disable=not show_progress):
@@ -315,6 +310,17 @@ def iter_cell_chunks(cells: CellSource, keep: np.ndarray, *, chunk_size: int = 5
         yield CellChunk(start=start, stop=stop, rows=np.flatnonzero(chunk_keep) + start,
                         cell_names=cell_names[chunk_keep], counts=block[chunk_keep],
                         raw_totals=raw_totals[chunk_keep], n_counts=n_counts[chunk_keep])
+
+
+def read_obs_n_counts(cells: CellSource, *, use_obs_n_counts: bool = True,
+                      level: int = logging.INFO) -> np.ndarray | None:
+    """``obs["n_counts"]`` as float64 when the file has it (and it is to be used), else ``None``
+    (each chunk's totals are then computed from X); says which at ``level``."""
+    if use_obs_n_counts and "n_counts" in cells.obs.columns:
+        logger.log(level, "%s: n_counts from obs['n_counts']", cells.name)
+        return cells.obs["n_counts"].to_numpy(dtype=np.float64)
+    logger.log(level, "%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
+    return None
 
 
 def chunk_starts(keep: np.ndarray, chunk_size: int) -> list[int]:

@@ -344,6 +344,7 @@ def tokenize_anndata(
     from geneformer_peft.data.cell_source import (
         iter_cell_chunks,
         open_cell_source,
+        read_obs_n_counts,
         select_cells,
     )
     from geneformer_peft.data.gene_ids import (
@@ -450,7 +451,7 @@ def tokenize_anndata(
                                schema=schema, obs_arrays=obs_arrays, work_dir=work_dir,
                                encode_options=dict(model_input_size=model_input_size, prefix=prefix, suffix=suffix,
                                                    count_columns=column_counts is not None))
-            _log_n_counts_source(cells)
+            read_obs_n_counts(cells)  # says once where n_counts comes from (the workers say it at DEBUG)
             cells.close()  # each worker opens the file itself; none inherits this process's handle
             _tokenize_in_workers(job, nproc=nproc, arrow_path=arrow_path, totals=totals,
                                  show_progress=show_progress)
@@ -698,14 +699,6 @@ def _tokenize_in_workers(job: _TokenizeJob, *, nproc: int, arrow_path: str, tota
         executor.shutdown(wait=True, cancel_futures=True)
         for index in range(len(segments)):
             job.shard_path(index).unlink(missing_ok=True)
-
-
-def _log_n_counts_source(cells: Any) -> None:
-    """Say once where ``n_counts`` comes from (the workers' readers say it at DEBUG)."""
-    if "n_counts" in cells.obs.columns:
-        logger.info("%s: n_counts from obs['n_counts']", cells.name)
-    else:
-        logger.info("%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
 
 
 def _log_stats(stats: TokenizationStats) -> None:
