@@ -4,8 +4,8 @@ trials had run at 21-32 cells/s where the refit of the same setting ran at 90-10
 On fold 0 of the shipped example (``example_py/data/synthetic``,
 ``Pretrain_ckpts/geneformer-tiny-example``, LoRA), each repeat runs, as a user would, one
 ``geneformer-peft finetune`` and one ``geneformer-peft search`` of ``--trials`` trials over a
-one-point space (every searched parameter has one choice: the finetune's ``--lr`` and
-``--lora_r``), each in a fresh process with the same ``--num_threads``, the two alternating
+one-point space (every searched parameter has one choice: the finetune's ``--lr``, and
+the checkpoint's ``lora_r``), each in a fresh process with the same ``--num_threads``, the two alternating
 which goes first. Both train the same cells with the same seed (the trials' validation
 macro-F1 equals the finetune's best epoch's, checked).
 
@@ -87,7 +87,7 @@ def run_search(args, out: Path, space: Path) -> dict:
     ends = pd.to_datetime(trials["datetime_complete"])
     gaps = [(b - a).total_seconds() for a, b in zip(ends[:-1], starts[1:])]
     rows = []
-    for i, t in trials.iterrows():
+    for _, t in trials.iterrows():
         speed = float(t["user_attrs_train_cells_per_second"])
         rows.append({"number": int(t["number"]), "state": t["state"], "value": float(t["value"]),
                      "seconds": float(t["seconds"]), "train_seconds": float(t["user_attrs_train_seconds"]),
@@ -103,12 +103,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="finetune + search pairs (default 4; --quick 1)")
     p.add_argument("--num_threads", type=int, default=1, help="torch threads of both (0: the thread policy)")
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--max_length", type=int, default=None)
     p.add_argument("--dataset_name", default="synthetic")
     p.add_argument("--data_path", type=Path, default=REPO / "example_py" / "data")
     p.add_argument("--model_path", type=Path, default=REPO / "Pretrain_ckpts" / "geneformer-tiny-example")
     args = p.parse_args(argv)
+    # the space's lora_r is the checkpoint's, which finetune (no --lora_r flag) trains with
+    args.lora_r = json.loads((args.model_path / "config.json").read_text()).get("lora_r", 8)
     args.trials = args.trials or (2 if args.quick else 3)
     args.epochs = args.epochs or (1 if args.quick else 2)
     args.repeats = args.repeats or (1 if args.quick else 4)
