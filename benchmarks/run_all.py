@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODULES = ["model_step", "inference", "mfu", "end_to_end", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
-           "embeddings", "perturbation", "v2", "search", "quantize", "tokenize_nproc", "predict_memory",
+           "embeddings", "perturbation", "v2", "search", "search_speed", "quantize", "tokenize_nproc", "predict_memory",
            "distributed_analyses", "cellfm"]
 
 
@@ -344,10 +344,10 @@ SECTIONS = {"model_step": section_model_step, "end_to_end": section_e2e, "mfu": 
             "batching": section_batching, "frozen_cache": section_cache, "memory": section_memory,
             "tokenizer_memory": section_tokenizer,
             **{name: module_section(name) for name in ("performer", "threads", "embeddings", "inference",
-                                                       "perturbation", "v2", "search", "quantize", "tokenize_nproc",
+                                                       "perturbation", "v2", "search", "search_speed", "quantize", "tokenize_nproc",
                                                        "predict_memory", "distributed_analyses", "cellfm")}}
 ORDER = ["model_step", "inference", "end_to_end", "mfu", "batching", "frozen_cache", "memory", "tokenizer_memory", "performer", "threads",
-         "embeddings", "perturbation", "v2", "search", "quantize", "tokenize_nproc", "predict_memory",
+         "embeddings", "perturbation", "v2", "search", "search_speed", "quantize", "tokenize_nproc", "predict_memory",
          "distributed_analyses", "cellfm"]
 
 

@@ -32,8 +32,9 @@ Example:
       --token_dictionary token_dictionary.pkl --gene_median_dictionary gene_median_dictionary.pkl \\
       --label_column cell_type --obs_filter demuxlet_cls=SNG
 
---nproc N encodes the chunks in N worker processes while this one reads and writes them, in
-file order: the output is identical to --nproc 1.
+--nproc N splits the file's chunks into ranges that N worker processes each read, encode and
+write to a shard themselves; this process joins the shards in file order: the output is
+identical to --nproc 1.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_input_size", type=positive_int, default=DEFAULT_MODEL_INPUT_SIZE, help="Maximum tokens per cell, special tokens included (V1: 2048, V2: 4096).")
     parser.add_argument("--model_version", choices=["V1", "V2"], default="V1", help="V2 frames each cell with <cls> ... <eos>.")
     parser.add_argument("--chunk_size", type=positive_int, default=512, help="Cells read at a time (memory stays flat).")
-    parser.add_argument("--nproc", type=positive_int, default=1, help="Worker processes encoding the chunks (output identical to 1; each holds one chunk).")
+    parser.add_argument("--nproc", type=positive_int, default=1, help="Worker processes, each reading and encoding its own ranges of chunks (output identical to 1; each holds one chunk).")
     parser.add_argument("--filter_column", default="filter_pass", help="obs column; when present only cells with value 1 are tokenized. Use '' to disable.")
     parser.add_argument("--obs_filter", action="append", default=[], metavar="COL=VALUE[,VALUE]", help="Keep only cells with obs[COL] equal to one of the values (repeatable), e.g. demuxlet_cls=SNG; a value holding a comma goes in double quotes, e.g. 'cell_type=\"CD4+, naive\",B'.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output (and dictionaries in --build_vocab).")

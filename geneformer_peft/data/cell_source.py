@@ -3,7 +3,8 @@
 One job: give the tokenizer and the vocabulary builder the same view of an input file —
 its cell annotations (``obs``), its gene ids, and blocks of rows as float64 CSR matrices —
 while holding at most one block of the matrix in memory (``.h5ad`` files are opened in
-backed mode).
+backed mode). :meth:`CellSource.detached` hands that view to worker processes, each of which
+opens the matrix itself and reads its own row ranges.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from geneformer_peft.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellChunk", "CellSource", "check_raw_counts", "iter_cell_chunks", "open_cell_source", "select_cells"]
+__all__ = ["CellChunk", "CellSource", "check_raw_counts", "chunk_starts", "iter_cell_chunks", "open_cell_source",
+           "read_obs_n_counts", "select_cells"]
 
 PathLike = str | Path
 
@@ -46,11 +48,16 @@ class CellSource:
         self._adata = None
         self._loom = None
         self._owns_file = False
+        #: the file, for :meth:`detached` copies to open in their own process (None: AnnData in memory)
+        self._path: Path | None = None
+        #: X of an .h5ad opened by a detached copy (h5py file, matrix)
+        self._h5_file = self._h5_matrix = None
         #: Where the gene ids were read, for messages: ``"var_names"``, ``"var['ensembl_id']"``...
         self.gene_id_field = "gene ids"
         if isinstance(source, (str, Path)):
             path = Path(source)
             self.name = str(path)
+            self._path = path
             if not path.exists():
                 raise DataError(f"{self.name}: input file does not exist; expected a .h5ad or .loom file")
             suffix = path.suffix.lower()
@@ -83,6 +90,8 @@ class CellSource:
                 )
             self.name = "<AnnData in memory>"
             self._adata = source
+            if getattr(source, "isbacked", False) and not source.is_view:
+                self._path = Path(source.filename)  # detached copies open the file, not this handle
 
         if self._adata is not None:
             if self._adata.X is None:
@@ -142,12 +151,46 @@ class CellSource:
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Return cells ``start:stop`` as a float64 CSR matrix (cells x all genes)."""
+        if self._loom is None and self._adata is None and self._h5_matrix is None:
+            self._open_matrix()
         if self._loom is not None:
             block = sp.csr_matrix(np.asarray(self._loom[:, start:stop]).T)
         else:
-            block = self._adata.X[start:stop]
+            block = (self._h5_matrix if self._h5_matrix is not None else self._adata.X)[start:stop]
             block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
         return block.astype(np.float64)
+
+    def detached(self) -> CellSource:
+        """A copy for a worker process: no open file, ``obs`` cut to its index and ``n_counts``.
+
+        The copy can be inherited by a forked process or pickled to a spawned one; its first
+        :meth:`read_rows` opens the file's matrix in that process (only X, as backed mode reads
+        it: neither ``obs`` nor ``var`` is read again), so no counts travel between processes.
+        An AnnData in memory is carried as it is.
+        """
+        copy = object.__new__(CellSource)
+        copy.__dict__.update(self.__dict__)
+        copy.obs = self.obs[[c for c in ("n_counts",) if c in self.obs.columns]]
+        copy._owns_file = False
+        copy._loom = copy._h5_file = copy._h5_matrix = None
+        if self._path is not None:
+            copy._adata = None
+        return copy
+
+    def _open_matrix(self) -> None:
+        """Open this (detached) source's matrix in the calling process."""
+        if self._path.suffix.lower() == ".loom":
+            import loompy
+
+            self._loom = loompy.connect(str(self._path), mode="r", validate=False)
+        else:
+            import h5py
+
+            self._h5_file = h5py.File(self._path, "r")
+            matrix = self._h5_file["X"]
+            # the class anndata's backed mode wraps a sparse X in, so both read rows alike
+            self._h5_matrix = _sparse_dataset(matrix) if isinstance(matrix, h5py.Group) else matrix
+        self._owns_file = True
 
     def close(self) -> None:
         """Close the underlying file when this object opened it."""
@@ -155,6 +198,9 @@ class CellSource:
             return
         if self._loom is not None:
             self._loom.close()
+        elif self._h5_file is not None:
+            self._h5_file.close()
+            self._h5_file = self._h5_matrix = None
         elif self._adata is not None and getattr(self._adata, "file", None) is not None:
             self._adata.file.close()
         self._owns_file = False
@@ -164,6 +210,18 @@ class CellSource:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _sparse_dataset(group: Any) -> Any:
+    """anndata's backed view of a sparse matrix group (its module moved across versions)."""
+    try:
+        from anndata.io import sparse_dataset
+    except ImportError:
+        try:
+            from anndata.experimental import sparse_dataset
+        except ImportError:  # anndata 0.9
+            from anndata._core.sparse_dataset import SparseDataset as sparse_dataset
+    return sparse_dataset(group)
 
 
 @dataclass
@@ -197,7 +255,8 @@ class CellChunk:
 
 
 def iter_cell_chunks(cells: CellSource, keep: np.ndarray, *, chunk_size: int = 512, desc: str = "reading",
-                     show_progress: bool = True, use_obs_n_counts: bool = True) -> Iterator[CellChunk]:
+                     show_progress: bool = True, use_obs_n_counts: bool = True,
+                     starts: Sequence[int] | None = None) -> Iterator[CellChunk]:
     """Read ``cells`` block by block, checking that every block holds raw counts.
 
     Blocks without a kept cell are not read. At most one block of the matrix is in
@@ -215,6 +274,10 @@ def iter_cell_chunks(cells: CellSource, keep: np.ndarray, *, chunk_size: int = 5
         The tqdm progress bar's label, and whether to show it.
     use_obs_n_counts
         Take ``n_counts`` from ``obs["n_counts"]`` when that column exists (logged once).
+    starts
+        Read only the blocks starting at these rows (multiples of ``chunk_size``, as
+        :func:`chunk_starts` gives them), e.g. a worker process's share; default: all. The
+        ``n_counts`` source is then logged at DEBUG (the caller reports it once).
 
     Yields
     ------
@@ -230,13 +293,10 @@ def iter_cell_chunks(cells: CellSource, keep: np.ndarray, *, chunk_size: int = 5
 
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise DataError(f"chunk_size {chunk_size!r} is not valid; expected a positive integer")
-    obs_n_counts = None
-    if use_obs_n_counts and "n_counts" in cells.obs.columns:
-        obs_n_counts = cells.obs["n_counts"].to_numpy(dtype=np.float64)
-        logger.info("%s: n_counts from obs['n_counts']", cells.name)
-    else:
-        logger.info("%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
-    starts = range(0, cells.n_cells, chunk_size)
+    obs_n_counts = read_obs_n_counts(cells, use_obs_n_counts=use_obs_n_counts,
+                                     level=logging.INFO if starts is None else logging.DEBUG)
+    if starts is None:
+        starts = range(0, cells.n_cells, chunk_size)
     for start in tqdm(starts, desc=f"{desc} {Path(cells.name).name}", disable=not show_progress):
         stop = min(start + chunk_size, cells.n_cells)
         chunk_keep = keep[start:stop]
@@ -250,6 +310,26 @@ def iter_cell_chunks(cells: CellSource, keep: np.ndarray, *, chunk_size: int = 5
         yield CellChunk(start=start, stop=stop, rows=np.flatnonzero(chunk_keep) + start,
                         cell_names=cell_names[chunk_keep], counts=block[chunk_keep],
                         raw_totals=raw_totals[chunk_keep], n_counts=n_counts[chunk_keep])
+
+
+def read_obs_n_counts(cells: CellSource, *, use_obs_n_counts: bool = True,
+                      level: int = logging.INFO) -> np.ndarray | None:
+    """``obs["n_counts"]`` as float64 when the file has it (and it is to be used), else ``None``
+    (each chunk's totals are then computed from X); says which at ``level``."""
+    if use_obs_n_counts and "n_counts" in cells.obs.columns:
+        logger.log(level, "%s: n_counts from obs['n_counts']", cells.name)
+        return cells.obs["n_counts"].to_numpy(dtype=np.float64)
+    logger.log(level, "%s: n_counts computed from X over all %d genes", cells.name, cells.n_genes)
+    return None
+
+
+def chunk_starts(keep: np.ndarray, chunk_size: int) -> list[int]:
+    """The first rows of the ``chunk_size`` blocks holding a kept cell, in file order: the
+    blocks :func:`iter_cell_chunks` reads."""
+    n_blocks = -(-len(keep) // chunk_size)
+    padded = np.zeros(n_blocks * chunk_size, dtype=bool)
+    padded[:len(keep)] = keep
+    return [int(b) * chunk_size for b in np.flatnonzero(padded.reshape(n_blocks, chunk_size).any(axis=1))]
 
 
 def open_cell_source(source: Any, *, gene_id_column: str | None = None) -> CellSource:

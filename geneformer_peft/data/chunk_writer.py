@@ -152,10 +152,12 @@ class ChunkWriter:
     def write(self, token_arrays: Sequence[Any], rows: np.ndarray) -> None:
         """Append one chunk: its token columns (one entry per cell) and, taken at ``rows`` (the
         cells' positions in ``obs``), the ``obs`` columns."""
-        import pyarrow as pa
+        self._writer.write_batch(record_batch(self.schema, self.obs_arrays, token_arrays, rows))
 
-        arrays = list(token_arrays) + [array.take(pa.array(rows)) for array in self.obs_arrays.values()]
-        self._writer.write_batch(pa.record_batch(arrays, schema=self.schema))
+    def write_batch(self, batch: Any) -> None:
+        """Append a record batch built elsewhere with :func:`record_batch` on this writer's
+        ``schema`` and ``obs_arrays`` (a worker process's shard)."""
+        self._writer.write_batch(batch)
 
     def dataset(self, description: str):
         """The written file as a memory-mapped ``datasets.Dataset`` with ``description`` (the stats JSON)."""
@@ -164,3 +166,12 @@ class ChunkWriter:
         dataset = datasets.Dataset.from_file(self.path)
         dataset.info.description = description
         return dataset
+
+
+def record_batch(schema: Any, obs_arrays: dict[str, Any], token_arrays: Sequence[Any], rows: np.ndarray) -> Any:
+    """One chunk's rows of the output table: the token columns, then the ``obs`` columns taken
+    at ``rows``, on ``schema`` (a :class:`ChunkWriter`'s ``schema`` and ``obs_arrays``)."""
+    import pyarrow as pa
+
+    arrays = list(token_arrays) + [array.take(pa.array(rows)) for array in obs_arrays.values()]
+    return pa.record_batch(arrays, schema=schema)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -289,9 +289,10 @@ def tokenize_anndata(
         summed, as repeated gene ids always are. The figures go to
         ``TokenizationStats.gene_name_mapping``.
     nproc
-        Worker processes encoding the chunks that this process reads (each holds one chunk
-        at a time; the chunks are written in file order, so the output is identical to
-        ``nproc=1``). Workers are forked where the platform allows it, else spawned (a
+        Worker processes: each reads its own ranges of chunks from the file, encodes them and
+        writes them to a shard, which this process appends to the output in file order (each
+        worker holds one chunk at a time; the chunks are those of ``nproc=1``, so the output is
+        identical to it). Workers are forked where the platform allows it, else spawned (a
         script calling this then needs the ``if __name__ == "__main__":`` guard).
 
     Returns
@@ -312,6 +313,7 @@ def tokenize_anndata(
     from geneformer_peft.data.cell_source import (
         iter_cell_chunks,
         open_cell_source,
+        read_obs_n_counts,
         select_cells,
     )
     from geneformer_peft.data.chunk_writer import ChunkWriter, list_column, output_columns
@@ -379,30 +381,28 @@ def tokenize_anndata(
             if array.null_count:
                 logger.warning("%s: obs[%r] has %d missing values (kept as null)", cells.name, column, array.null_count)
 
-        lengths_parts: list[np.ndarray] = []
-        total_counts = matched_counts = 0.0
-        n_truncated = 0
+        totals = _Totals()
         with output as writer:
-            chunks = iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
-                                      show_progress=show_progress)
             if nproc == 1:
-                encoded_chunks = (
-                    _encode_chunk(chunk, gene_map, source_name=cells.name, model_input_size=model_input_size,
-                                  prefix=prefix, suffix=suffix, count_columns=column_counts is not None)
-                    for chunk in chunks
-                )
+                for chunk in iter_cell_chunks(cells, keep, chunk_size=chunk_size, desc="tokenizing",
+                                              show_progress=show_progress):
+                    part = _encode_chunk(chunk, gene_map, source_name=cells.name, model_input_size=model_input_size,
+                                         prefix=prefix, suffix=suffix, count_columns=column_counts is not None)
+                    totals.add(part)
+                    writer.write(_token_arrays(part), part.rows)
             else:
-                encoded_chunks = _encode_in_workers(chunks, gene_map, source_name=cells.name, nproc=nproc,
-                                                    model_input_size=model_input_size, prefix=prefix, suffix=suffix,
-                                                    count_columns=column_counts is not None)
-            for part in encoded_chunks:
-                if column_counts is not None:
-                    column_counts += part.column_counts
-                total_counts += part.raw_total
-                matched_counts += part.matched_total
-                n_truncated += part.n_truncated
-                lengths_parts.append(part.lengths)
-                writer.write([list_column(part.lengths, part.flat, pa.int64()), pa.array(part.lengths)], part.rows)
+                job = _TokenizeJob(cells=cells.detached(), keep=keep, chunk_size=chunk_size, gene_map=gene_map,
+                                   schema=writer.schema, obs_arrays=writer.obs_arrays,
+                                   work_dir=str(Path(writer.path).parent),
+                                   encode_options=dict(model_input_size=model_input_size, prefix=prefix,
+                                                       suffix=suffix, count_columns=column_counts is not None))
+                read_obs_n_counts(cells)  # says once where n_counts comes from (the workers say it at DEBUG)
+                cells.close()  # each worker opens the file itself; none inherits this process's handle
+                _tokenize_in_workers(job, nproc=nproc, writer=writer, totals=totals, show_progress=show_progress)
+        if column_counts is not None:
+            column_counts += totals.column_counts
+        lengths_parts, total_counts, matched_counts, n_truncated = (
+            totals.lengths, totals.raw_total, totals.matched_total, totals.n_truncated)
 
     lengths = np.concatenate(lengths_parts)
     gene_only_lengths = lengths - len(prefix) - len(suffix)
@@ -434,7 +434,7 @@ def tokenize_anndata(
 
 @dataclass
 class _EncodedChunk:
-    """One chunk's tokens and counters, as a worker process hands them to the writer."""
+    """One chunk's tokens and counters."""
 
     rows: np.ndarray
     lengths: np.ndarray
@@ -478,63 +478,170 @@ def _encode_chunk(chunk: Any, gene_map: GeneMap, *, source_name: str, model_inpu
     )
 
 
-# What a tokenization worker process needs for every chunk, set once by _start_worker.
-_WORKER: dict[str, Any] = {}
+def _token_arrays(part: _EncodedChunk) -> list[Any]:
+    """One chunk's token columns (``input_ids``, ``length``) as Arrow arrays."""
+    import pyarrow as pa
+
+    from geneformer_peft.data.chunk_writer import list_column
+
+    return [list_column(part.lengths, part.flat, pa.int64()), pa.array(part.lengths)]
 
 
-def _start_worker(gene_map: GeneMap, source_name: str, encode_options: dict[str, Any]) -> None:
-    _WORKER.update(gene_map=gene_map, source_name=source_name, options=encode_options)
+@dataclass
+class _Totals:
+    """The counters of :class:`TokenizationStats` summed over chunks (counts are integers, so
+    the sums do not depend on the order of addition)."""
+
+    lengths: list[np.ndarray] = field(default_factory=list)
+    raw_total: float = 0.0
+    matched_total: float = 0.0
+    n_truncated: int = 0
+    column_counts: Any = 0.0
+
+    def add(self, part: _EncodedChunk | _Totals) -> None:
+        is_chunk = isinstance(part, _EncodedChunk)
+        self.lengths.extend([part.lengths] if is_chunk else part.lengths)
+        self.raw_total += part.raw_total
+        self.matched_total += part.matched_total
+        self.n_truncated += part.n_truncated
+        if part.column_counts is not None:
+            self.column_counts = self.column_counts + part.column_counts
 
 
-def _encode_in_worker(chunk: SimpleNamespace) -> _EncodedChunk:
-    return _encode_chunk(chunk, _WORKER["gene_map"], source_name=_WORKER["source_name"], **_WORKER["options"])
+@dataclass
+class _TokenizeJob:
+    """What every tokenization worker needs: set once per worker (inherited when forked)."""
+
+    cells: Any  # a detached CellSource
+    keep: np.ndarray
+    chunk_size: int
+    gene_map: GeneMap
+    schema: Any
+    obs_arrays: dict[str, Any]
+    work_dir: str
+    encode_options: dict[str, Any]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def shard_path(self, index: int) -> Path:
+        return Path(self.work_dir) / f"shard-{self.run_id}-{index:06d}.arrow"
+
+
+_WORKER: dict[str, _TokenizeJob] = {}
+
+
+def _start_worker(job: _TokenizeJob) -> None:
+    _WORKER["job"] = job
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """In a worker process (glibc only): keep freed blocks up to 32 MiB for reuse.
+
+    By default glibc hands large freed blocks back to the system at once, and a worker frees
+    and asks again for the same few chunk-sized arrays at every chunk: the page faults cost
+    about 8% of its CPU time. Kept, they are reused; the worker's memory stays bounded by one
+    chunk's working set. Only this library's own worker processes are changed.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum on 64-bit)
+    except (OSError, AttributeError):  # not glibc: its allocator as it is
+        pass
+
+
+def _tokenize_segment(index: int, starts: list[int]) -> _Totals:
+    """Worker: read, check and encode the chunks at ``starts`` and write them to shard ``index``."""
+    import pyarrow as pa
+
+    from geneformer_peft.data.cell_source import iter_cell_chunks
+    from geneformer_peft.data.chunk_writer import record_batch
+
+    job = _WORKER["job"]
+    totals = _Totals()
+    with pa.OSFile(str(job.shard_path(index)), "wb") as sink, pa.ipc.new_stream(sink, job.schema) as writer:
+        for chunk in iter_cell_chunks(job.cells, job.keep, chunk_size=job.chunk_size, starts=starts,
+                                      show_progress=False):
+            part = _encode_chunk(chunk, job.gene_map, source_name=job.cells.name, **job.encode_options)
+            totals.add(part)
+            writer.write_batch(record_batch(job.schema, job.obs_arrays, _token_arrays(part), part.rows))
+    return totals
 
 
 def _worker_context():
-    """``fork`` where the platform has it (workers start in milliseconds, share this process's
-    memory copy-on-write, and only run numpy/scipy code on the arrays they are sent, so the
-    threads this process may hold - pyarrow's allocator, torch - are never used in them),
-    else ``spawn`` (workers re-import ``__main__``: scripts need the ``if __name__ ==
-    "__main__":`` guard)."""
+    """``fork`` where the platform has it (workers start in milliseconds and inherit the job
+    without copying it), else ``spawn`` (the job is pickled to each worker once; workers
+    re-import ``__main__``: scripts need the ``if __name__ == "__main__":`` guard)."""
     import multiprocessing
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method)
 
 
-def _encode_in_workers(chunks: Iterator[Any], gene_map: GeneMap, *, source_name: str, nproc: int,
-                       model_input_size: int, prefix: tuple[int, ...], suffix: tuple[int, ...],
-                       count_columns: bool = False):
-    """Encode ``chunks`` in ``nproc`` worker processes and yield the results in their order.
+#: Chunks per worker task at most: bounds the shards waiting on disk to be joined
+SEGMENT_CHUNKS = 16
 
-    This process reads and checks the chunks (one reader, so the file is read exactly as
-    with ``nproc=1``); the workers only encode arrays and never touch the file. At most
-    ``2 * nproc`` chunks are in flight, so memory stays bounded by the chunk size whatever
-    the number of cells. A worker's error is raised here for the first failing chunk in
-    order, as in one process.
+
+def _segments(starts: list[int], nproc: int) -> list[list[int]]:
+    """Consecutive runs of chunk starts, at least 4 per worker where there are enough chunks
+    (so a slow worker delays the end little), at most :data:`SEGMENT_CHUNKS` chunks each."""
+    size = max(1, min(SEGMENT_CHUNKS, -(-len(starts) // (4 * nproc))))
+    return [starts[i:i + size] for i in range(0, len(starts), size)]
+
+
+def _tokenize_in_workers(job: _TokenizeJob, *, nproc: int, writer: Any, totals: _Totals,
+                         show_progress: bool) -> None:
+    """Tokenize ``job`` in ``nproc`` worker processes into ``writer`` (the output's
+    :class:`~geneformer_peft.data.chunk_writer.ChunkWriter`), adding to ``totals``.
+
+    Each worker reads its own row ranges of the file (consecutive chunks, the same chunks as
+    one process reads), encodes them and writes an Arrow shard; this process only assigns the
+    ranges and appends the shards to the output in file order, deleting each once appended.
+    No counts travel between processes. Each worker holds one chunk at a time; at most
+    ``2 * nproc`` ranges are assigned ahead of the output, so at most that many shards wait on
+    disk. A worker's error is raised here for the first failing chunk in file order, as in
+    one process.
     """
-    import multiprocessing
+    import itertools
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from geneformer_peft.data.cell_source import chunk_starts
+
+    segments = _segments(chunk_starts(job.keep, job.chunk_size), nproc)
     context = _worker_context()
-    logger.info("%s: encoding in %d worker processes (%s)", source_name, nproc, context.get_start_method())
-    options = dict(model_input_size=model_input_size, prefix=prefix, suffix=suffix, count_columns=count_columns)
-    executor = ProcessPoolExecutor(max_workers=nproc, mp_context=context,
-                                   initializer=_start_worker, initargs=(gene_map, source_name, options))
-    pending: deque = deque()
+    logger.info("%s: tokenizing %d ranges of chunks in %d worker processes (%s)", job.cells.name, len(segments),
+                nproc, context.get_start_method())
+    executor = ProcessPoolExecutor(max_workers=nproc, mp_context=context, initializer=_start_worker,
+                                   initargs=(job,))
     try:
-        for chunk in chunks:
-            # only plain arrays travel: the worker need not import pandas
-            task = SimpleNamespace(rows=chunk.rows, cell_names=np.asarray(chunk.cell_names, dtype=object),
-                                   counts=chunk.counts, raw_totals=chunk.raw_totals, n_counts=chunk.n_counts)
-            pending.append(executor.submit(_encode_in_worker, task))
-            if len(pending) >= 2 * nproc:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        # at most 2 * nproc ranges submitted and not yet appended: bounds the shards on disk
+        unassigned = enumerate(segments)
+        futures = deque(executor.submit(_tokenize_segment, i, segment)
+                        for i, segment in itertools.islice(unassigned, 2 * nproc))
+        progress = tqdm(total=sum(map(len, segments)), desc=f"tokenizing {Path(job.cells.name).name}",
+                        disable=not show_progress)
+        with progress:
+            for index, segment in enumerate(segments):
+                totals.add(futures.popleft().result())
+                for following, next_segment in itertools.islice(unassigned, 1):
+                    futures.append(executor.submit(_tokenize_segment, following, next_segment))
+                shard = job.shard_path(index)
+                with pa.memory_map(str(shard)) as source:
+                    for batch in pa.ipc.open_stream(source):
+                        writer.write_batch(batch)
+                shard.unlink()
+                progress.update(len(segment))
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+        for index in range(len(segments)):
+            job.shard_path(index).unlink(missing_ok=True)
 
 
 def _log_stats(stats: TokenizationStats) -> None:

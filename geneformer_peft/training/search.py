@@ -626,13 +626,16 @@ def trial_options(opts: RunOptions, params: Mapping[str, Any]) -> RunOptions:
 
 def evaluate_setting(opts: RunOptions, folds: list[int], data: _FoldData, device, *,
                      report: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train each fold on train, select on val; return ``{"value": mean best val macro-F1, ...}``.
+    """Train each fold on train, select on val; return ``{"value": mean best val macro-F1, ...}``
+(also ``train_cells`` and ``train_seconds``: the training passes' cells and seconds over the
+folds, validation excluded, as the job's ``train_cells_per_second`` counts them).
 
     ``report(step, value)`` is called after every epoch (step counts epochs over the folds);
     it may raise to stop the trial.
     """
     args = opts.training
     per_fold, epochs_run = [], []
+    train_cells, train_seconds = 0, 0.0
     for k, fold in enumerate(folds):
         set_seed(args.seed + fold)
         probe = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
@@ -675,8 +678,11 @@ def evaluate_setting(opts: RunOptions, folds: list[int], data: _FoldData, device
         fit = trainer.fit()
         per_fold.append(float(fit.best_val_macro_f1))
         epochs_run.append(fit.epochs_run)
+        train_cells += fit.train_cells
+        train_seconds += fit.train_seconds
         del trainer, model
-    return {"value": float(np.mean(per_fold)), "fold_val_macro_f1": per_fold, "epochs_run": epochs_run}
+    return {"value": float(np.mean(per_fold)), "fold_val_macro_f1": per_fold, "epochs_run": epochs_run,
+            "train_cells": train_cells, "train_seconds": train_seconds}
 
 
 def run_search(settings: SearchSettings) -> Any:
@@ -747,6 +753,9 @@ def run_search(settings: SearchSettings) -> Any:
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("fold_val_macro_f1", result["fold_val_macro_f1"])
             trial.set_user_attr("epochs_run", result["epochs_run"])
+            if result.get("train_seconds"):  # the training passes' time and speed, as finetune's metrics.json
+                trial.set_user_attr("train_seconds", result["train_seconds"])
+                trial.set_user_attr("train_cells_per_second", result["train_cells"] / result["train_seconds"])
             logger.info("trial %d: validation macro-F1 %.4f (folds %s) in %.1f s", trial.number, result["value"],
                         [round(v, 4) for v in result["fold_val_macro_f1"]], time.perf_counter() - t0)
             return result["value"]

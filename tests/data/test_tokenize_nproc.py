@@ -4,6 +4,7 @@ output identical to one process in content and order (issue 25)."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -70,3 +71,75 @@ def test_cli_nproc(tmp_path, caplog):
     assert main(["tokenize", "--input", str(tmp_path / "cells.h5ad"), "--output", str(tmp_path / "b.dataset"),
                  "--encoding", "binned", "--gene_panel", str(tmp_path / "panel.txt"), "--nproc", "2"]) == 2
     assert "--nproc 2 applies to the rank value encoding" in caplog.text
+
+
+def test_workers_read_their_own_rows_and_leave_one_file(tmp_path, monkeypatch):
+    """The parent reads no counts: each worker reads its own row ranges (a dense X, a gene name
+    map's column counts and a bad value in the last chunk too), and only the output is left."""
+    import os
+
+    from geneformer_peft.data import cell_source
+
+    adata = make_adata(45, 12, seed=8, dense=True)
+    adata.obs["n_counts"] = np.asarray(adata.X.sum(axis=1)).ravel() + 1.0
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    tokens, medians = make_vocab(list(adata.var_names), seed=8)
+    readers = tmp_path / "readers.txt"
+    read_rows = cell_source.CellSource.read_rows
+
+    def recording_read_rows(self, start, stop):
+        with open(readers, "a") as out:
+            out.write(f"{os.getpid()} {start}\n")
+        return read_rows(self, start, stop)
+
+    monkeypatch.setattr(cell_source.CellSource, "read_rows", recording_read_rows)
+    name_map = {g: g for g in adata.var_names}
+    one, one_stats = _tokenize(str(path), tokens, medians, chunk_size=2, gene_name_id_dictionary=name_map,
+                               cache_dir=tmp_path / "one")
+    readers.unlink()
+    two, two_stats = _tokenize(str(path), tokens, medians, chunk_size=2, gene_name_id_dictionary=name_map,
+                               cache_dir=tmp_path / "two", nproc=2)
+    assert two.to_dict() == one.to_dict()
+    assert two_stats == one_stats and two_stats.gene_name_mapping is not None
+    reads = [line.split() for line in readers.read_text().splitlines()]
+    assert sorted(int(start) for _, start in reads) == list(range(0, 45, 2))  # every chunk read once
+    assert str(os.getpid()) not in {pid for pid, _ in reads}
+    assert [p.name for p in (tmp_path / "two").iterdir()] == [Path(two.cache_files[0]["filename"]).name]
+    import anndata
+
+    backed = anndata.read_h5ad(path, backed="r")  # an AnnData opened by the caller: workers open its file
+    readers.unlink()
+    three, _ = _tokenize(backed, tokens, medians, chunk_size=2, gene_name_id_dictionary=name_map, nproc=2)
+    assert three.to_dict() == one.to_dict()
+    assert str(os.getpid()) not in {line.split()[0] for line in readers.read_text().splitlines()}
+    assert backed.file.is_open, "the caller's file stays open"
+
+    bad = adata.copy()
+    bad.X[44, 3] = 0.5
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(DataError, match="holds value 0.5 for cell 'cell44'"):
+        _tokenize(str(tmp_path / "bad.h5ad"), tokens, medians, chunk_size=2, cache_dir=tmp_path / "bad", nproc=3)
+    assert [p.name for p in (tmp_path / "bad").iterdir() if p.name.startswith("shard-")] == []
+
+
+def test_spawned_workers_write_what_one_writes(tmp_path, monkeypatch):
+    """Where fork is missing, the job is pickled to spawned workers, which open the file themselves."""
+    import multiprocessing
+
+    from geneformer_peft.data import cell_source, rank_value
+
+    adata = make_adata(20, 15, seed=9)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    tokens, medians = make_vocab(list(adata.var_names), seed=9)
+    one, _ = _tokenize(str(path), tokens, medians, chunk_size=6, label_column="cell_type")
+    monkeypatch.setattr(rank_value, "_worker_context", lambda: multiprocessing.get_context("spawn"))
+
+    def parent_read_rows(self, start, stop):
+        raise AssertionError("the parent read counts")
+
+    # spawned workers import the module afresh, without this patch
+    monkeypatch.setattr(cell_source.CellSource, "read_rows", parent_read_rows)
+    two, _ = _tokenize(str(path), tokens, medians, chunk_size=6, label_column="cell_type", nproc=2)
+    assert two.to_dict() == one.to_dict()

@@ -358,3 +358,28 @@ def test_every_trial_runs_with_the_thread_count_of_the_jobs_policy(job_data, tmp
     assert "trial 1: torch threads: 1 (cores free (test))" in (out / "search.log").read_text()
     assert list(_trials(out)["user_attrs_torch_threads"]) == [1, 1]
     assert "--num_threads 1" in (out / "best_command.txt").read_text()
+
+
+def test_trials_record_their_training_speed_as_finetune_does(job_data, tmp_path, space_file, monkeypatch):
+    """Each trial records its training passes' seconds and cells/s (validation excluded), the
+    trainer's own figures, as finetune's metrics.json reports them (bench_search_speed.py)."""
+    from geneformer_peft.training import trainer
+
+    fits = []
+    real_fit = trainer.FoldTrainer.fit
+
+    def recording_fit(self, *args, **kwargs):
+        fits.append(real_fit(self, *args, **kwargs))
+        return fits[-1]
+
+    monkeypatch.setattr(trainer.FoldTrainer, "fit", recording_fit)
+    out = tmp_path / "search"
+    assert cli.main(_search_argv(job_data, out, space_file, "--n_trials", "2", "--no_pruning", "--folds", "0,1")) == 0
+    trials = _trials(out)
+    assert len(fits) == 4
+    for number, pair in enumerate((fits[:2], fits[2:])):
+        seconds = sum(f.train_seconds for f in pair)
+        assert trials.loc[number, "user_attrs_train_seconds"] == pytest.approx(seconds)
+        assert trials.loc[number, "user_attrs_train_cells_per_second"] == pytest.approx(
+            sum(f.train_cells for f in pair) / seconds)
+        assert 0 < seconds < trials.loc[number, "seconds"]
