@@ -51,7 +51,7 @@ def finetune(
     epochs: int = 10,
     lr: float = 5e-4,
     batch_size: int = 32,
-    label_column: str = "cell_type",
+    label_column: str | Sequence[str] = "cell_type",
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -78,7 +78,9 @@ def finetune(
     config
         A ``config.json`` whose PEFT keys apply (default: the checkpoint's own).
     epochs, lr, batch_size, label_column, seed, device
-        As the command's ``--epoch``, ``--lr``, ... with the same defaults.
+        As the command's ``--epoch``, ``--lr``, ... with the same defaults. ``label_column`` may
+        list several columns (``["cell_type", "disease"]``): one multi-task model, a head per task
+        (``task_weights=`` weighs their losses; docs/multitask.md).
     overwrite
         Redo folds that finished earlier (default: skip those whose recorded settings match).
     progress

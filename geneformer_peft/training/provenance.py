@@ -69,6 +69,8 @@ __all__ = [
 #: data-loading processes, CPU threads), so a rerun may change them freely
 NOT_RESULT_FIELDS = frozenset({"output_path", "out_prefix", "folds", "overwrite", "progress", "num_workers",
                                "num_threads"})
+#: option fields recorded only when set (newer options: a run made before them compares equal)
+RECORDED_WHEN_SET = frozenset({"task_weights", "pooling"})
 #: keys of ``settings`` that belong to one fold and differ between folds by design
 PER_FOLD_KEYS = ("data", "fold_seed")
 
@@ -103,6 +105,8 @@ def option_settings(options: Any) -> dict[str, Any]:
         if f.name in NOT_RESULT_FIELDS:
             continue
         value = getattr(options, f.name)
+        if f.name in RECORDED_WHEN_SET and value is None:
+            continue
         out[f.name] = option_settings(value) if dataclasses.is_dataclass(value) else jsonable(value)
     return out
 
@@ -111,12 +115,15 @@ def _directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def data_fingerprint(paths: Mapping[str, Path], datasets: Mapping[str, Any], label_column: str) -> dict[str, Any]:
-    """Per split: the dataset's path, bytes on disk, cell count and a SHA-256 of its label column."""
+def data_fingerprint(paths: Mapping[str, Path], datasets: Mapping[str, Any],
+                     label_column: str | list[str]) -> dict[str, Any]:
+    """Per split: the dataset's path, bytes on disk, cell count and a SHA-256 of its label column
+    (of a multi-task run's label columns, one after the other)."""
     out = {}
     for split, path in paths.items():
         dataset = datasets[split]
-        labels = dataset[label_column] if label_column in dataset.column_names else []
+        columns = [label_column] if isinstance(label_column, str) else list(label_column)
+        labels = [v for c in columns if c in dataset.column_names for v in dataset[c]]
         digest = hashlib.sha256("\n".join(map(str, labels)).encode("utf-8")).hexdigest()
         out[split] = {"path": str(Path(path).resolve()), "size_bytes": _directory_size(Path(path)),
                       "n_cells": len(dataset), "label_column": label_column, "label_sha256": digest}
