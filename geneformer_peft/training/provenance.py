@@ -69,8 +69,6 @@ __all__ = [
 #: data-loading processes, CPU threads), so a rerun may change them freely
 NOT_RESULT_FIELDS = frozenset({"output_path", "out_prefix", "folds", "overwrite", "progress", "num_workers",
                                "num_threads"})
-#: option fields recorded only when set (newer options: a run made before them compares equal)
-RECORDED_WHEN_SET = frozenset({"task_weights", "pooling"})
 #: keys of ``settings`` that belong to one fold and differ between folds by design
 PER_FOLD_KEYS = ("data", "fold_seed")
 
@@ -105,8 +103,6 @@ def option_settings(options: Any) -> dict[str, Any]:
         if f.name in NOT_RESULT_FIELDS:
             continue
         value = getattr(options, f.name)
-        if f.name in RECORDED_WHEN_SET and value is None:
-            continue
         out[f.name] = option_settings(value) if dataclasses.is_dataclass(value) else jsonable(value)
     return out
 
