@@ -305,3 +305,52 @@ def test_attention_pooling_trains_its_own_weights(job_data, mt_data, tmp_path):
     with safe_open(str(fold / "peft_model.safetensors"), framework="pt") as handle:
         assert "bert.pooler.attention.weight" in set(handle.keys())
     assert json.loads((fold / "provenance.json").read_text())["settings"]["options"]["pooling"] == "attention"
+
+
+# ----------------------------------------------------------------------------- the shipped example
+
+
+EXAMPLE_DATA = jf.ROOT / "example_py" / "data"
+
+
+def test_the_example_runs_multitask_with_every_output(example_script, tmp_path):
+    argv = ["--folds", "0", "--epoch", "2", "--output_path", str(tmp_path), "--no_progress", "--num_threads", "1",
+            "--label_column", "cell_type,cell_state"]
+    assert example_script.main(argv) == 0
+    run = tmp_path / "Gene_token_prompt" / "synthetic"
+    fold = run / "0"
+    names = {p.name for p in fold.iterdir()}
+    assert {"predictions.csv", "predictions.pickle", "metrics.json", "history.json", "config.json", "tokenizer.json",
+            "peft_model.safetensors", "training_curves.png", "provenance.json", "fold_done.json",
+            "confusion_matrix_cell_type.png", "confusion_matrix_cell_state.png", "baseline_metrics.json",
+            "baseline_predictions.csv", "baseline_per_class_f1_cell_type.png",
+            "baseline_per_class_f1_cell_state.png"} <= names
+    metrics = jf.read_json(fold / "metrics.json")
+    assert metrics["tasks"]["cell_state"]["labels"] == ["cycling", "quiescent"]
+    assert metrics["tasks"]["cell_state"]["n_missing"] > 0 and metrics["tasks"]["cell_type"]["n_missing"] == 0
+    assert set(jf.read_json(run / "summary.json")["tasks"]) == {"cell_type", "cell_state"}
+
+
+def test_the_example_state_is_what_make_example_computes():
+    """The shipped ``cell_state`` column is make_example.py's :func:`cell_states` of the example's
+    cells (every cell is in one test split), and it cuts across the cell types."""
+    import collections
+    import importlib.util
+
+    from geneformer_peft.data.dataset_io import load_saved_dataset
+    from geneformer_peft.data.synthetic import generate_counts, generate_unlabelled_counts
+
+    spec = importlib.util.spec_from_file_location("make_example", jf.ROOT / "example_py" / "make_example.py")
+    make_example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_example)
+    labelled = generate_counts(n_cells=500, seed=0, cell_seed=2)
+    states = make_example.cell_states(generate_unlabelled_counts(n_cells=4000, seed=0, cell_seed=1), labelled)
+    expected = collections.Counter(zip(labelled.obs["cell_type"].astype(str), states))
+    for name in ("synthetic", "synthetic_binned", "synthetic_cellfm"):
+        shipped = collections.Counter()
+        for fold in range(5):
+            test = load_saved_dataset(fold_paths(EXAMPLE_DATA, name, fold)["test"])
+            shipped.update(zip(test["cell_type"], test["cell_state"]))
+        assert shipped == expected, name
+    for cell_type in set(labelled.obs["cell_type"].astype(str)):
+        assert expected[(cell_type, "cycling")] > 0 and expected[(cell_type, "quiescent")] > 0
