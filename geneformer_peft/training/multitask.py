@@ -253,7 +253,7 @@ class TaskSet:
         for k, (task, (probs, preds)) in enumerate(zip(self.tasks, self.predictions(logits))):
             known = labels[:, k] != MISSING
             if not known.any():
-                logger.warning("task %r: no test cell has a label; its metrics are left out", task.name)
+                logger.warning("task %r: no cell has a label; its metrics are left out", task.name)
                 continue
             entry = classification_metrics(labels[known, k], preds[known], label_names=task.labels,
                                            probabilities=probs[known])
@@ -389,10 +389,12 @@ def task_file(stem: str, task: str, suffix: str) -> str:
 
 
 def task_predictions_frame(tasks: TaskSet, logits: np.ndarray, *, cell_index: Sequence[Any],
-                           true_ids: np.ndarray | None = None, cell_ids: Sequence[Any] | None = None):
+                           true_ids: np.ndarray | None = None, cell_ids: Sequence[Any] | None = None,
+                           truth_tasks: set[str] | None = None):
     """One row per cell: ``index``, ``cell_id`` (with ``cell_ids``), then per task the pair
-    ``<task>_true`` (empty where the label is missing; only with ``true_ids``) and
-    ``<task>_pred``, then ``<task>_confidence`` and ``<task>_prob_<label>`` for each of its labels."""
+    ``<task>_true`` (empty where the label is missing; only with ``true_ids``, and only for the
+    tasks in ``truth_tasks`` when given) and ``<task>_pred``, then ``<task>_confidence`` and
+    ``<task>_prob_<label>`` for each of its labels."""
     import pandas as pd
 
     columns: dict[str, Any] = {"index": list(cell_index)}
@@ -401,7 +403,7 @@ def task_predictions_frame(tasks: TaskSet, logits: np.ndarray, *, cell_index: Se
     predictions = tasks.predictions(logits)
     for k, (task, (_, preds)) in enumerate(zip(tasks, predictions)):
         names = np.asarray(task.labels, dtype=object)
-        if true_ids is not None:
+        if true_ids is not None and (truth_tasks is None or task.name in truth_tasks):
             truth = true_ids[:, k]
             columns[f"{task.name}_true"] = np.where(truth == MISSING, "", names[np.maximum(truth, 0)])
         columns[f"{task.name}_pred"] = names[preds]
@@ -435,3 +437,13 @@ def write_task_predictions(folder, tasks: TaskSet, test, logits: np.ndarray, met
         "predictions": np.stack([preds for _, preds in predictions], axis=1), "logits": logits,
         "probabilities": {task.name: probs for task, (probs, _) in zip(tasks, predictions)},
         "metrics": metrics, "history": history})
+
+
+def class_probabilities(logits: torch.Tensor, config) -> torch.Tensor:
+    """A classifier's class probabilities: the softmax over all classes, or for a multi-task
+    classifier (``config.tasks``) over each task's own block of classes."""
+    tasks = TaskSet.from_config(config)
+    logits = logits.float()
+    if tasks is None:
+        return logits.softmax(dim=-1)
+    return torch.cat([logits[..., t.start:t.stop].softmax(dim=-1) for t in tasks], dim=-1)

@@ -354,3 +354,83 @@ def test_the_example_state_is_what_make_example_computes():
         assert shipped == expected, name
     for cell_type in set(labelled.obs["cell_type"].astype(str)):
         assert expected[(cell_type, "cycling")] > 0 and expected[(cell_type, "quiescent")] > 0
+
+
+# ----------------------------------------------------------------------------- predict, embed, perturb, search
+
+
+def test_predict_reads_a_multitask_fold_without_its_data(job_data, mt_data, mt_run, tmp_path):
+    from geneformer_peft.cli import main
+
+    fold = mt_run / "0"
+    test = fold_paths(mt_data, job_data.dataset_name, 0)["test"]
+    for name, extra in (("full", []), ("peft", ["--base_model", str(job_data.model_path)])):
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", "--model_path", str(fold), "--input", str(test), "--output", str(out), "--device",
+                     "cpu", *extra]) == 0
+        ours = pd.read_csv(out, keep_default_na=False)
+        theirs = pd.read_csv(fold / "predictions.csv", keep_default_na=False)
+        assert list(ours.columns) == list(theirs.columns)
+        for column in ours.columns:
+            if ours[column].dtype.kind == "f":
+                np.testing.assert_allclose(ours[column], theirs[column], atol=1e-5)
+            else:
+                assert (ours[column] == theirs[column]).all(), column
+    # without the state column: its truth is left out, its predictions stay; Unassigned per task
+    from geneformer_peft.data.dataset_io import load_saved_dataset
+    from geneformer_peft.evaluation.prediction import predict_cells
+
+    frame, metrics = predict_cells(fold, load_saved_dataset(test).remove_columns([STATE]), device="cpu",
+                                   unassign_threshold=0.99)
+    assert "state_true" not in frame.columns and "state_pred" in frame.columns
+    assert set(metrics["tasks"]) == {"cell_type"} and metrics["tasks_without_column"] == [STATE]
+    assert (frame["state_pred"] == "Unassigned").sum() == (frame["state_confidence"] < 0.99).sum() > 0
+
+
+def test_embed_gives_the_probability_readout_per_task(job_data, mt_data, mt_run, tmp_path):
+    from geneformer_peft.cli import main
+
+    fold = mt_run / "0"
+    test = fold_paths(mt_data, job_data.dataset_name, 0)["test"]
+    out = tmp_path / "emb.csv"
+    assert main(["embed", "--model_path", str(fold), "--input", str(test), "--output", str(out), "--device", "cpu",
+                 "--label_column", "cell_type", "--label_column", STATE, "--no_plots"]) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    predictions = pd.read_csv(fold / "predictions.csv", keep_default_na=False)
+    for task in ("cell_type", STATE):
+        assert (table[f"{task}_pred"] == predictions[f"{task}_pred"]).all()
+        np.testing.assert_allclose(table[f"{task}_confidence"], predictions[f"{task}_confidence"], atol=1e-5)
+    report = json.loads((tmp_path / "embedding_metrics.json").read_text())
+    assert report["labels"][STATE]["n_classes"] == 2  # the cells without a state are no class
+
+
+def test_perturbation_probabilities_are_per_task(job_data, mt_data, mt_run, tmp_path):
+    from geneformer_peft.cli import main
+
+    test = fold_paths(mt_data, job_data.dataset_name, 0)["test"]
+    out = tmp_path / "perturb"
+    assert main(["perturb", "--model_path", str(mt_run / "0"), "--input", str(test), "--output_dir", str(out),
+                 "--perturb_type", "delete", "--genes", "all", "--max_ncells", "3", "--n_null", "1", "--device",
+                 "cpu"]) == 0
+    frame = pd.read_parquet(out / "perturbations.parquet")
+    for task in ("cell_type", STATE):
+        columns = [c for c in frame.columns if c.startswith(f"prob_delta_{task}:")]
+        assert columns
+        np.testing.assert_allclose(frame[columns].sum(axis=1), 0.0, atol=1e-5)  # a softmax per task
+
+
+def test_search_tunes_a_multitask_model(job_data, mt_data, tmp_path):
+    from geneformer_peft.cli import main
+
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"lr": {"low": 1e-3, "high": 1e-2, "log": True}}))
+    out = tmp_path / "search"
+    argv = ["search", "--dataset_name", job_data.dataset_name, "--data_path", str(mt_data), "--model_path",
+            str(job_data.model_path), "--prompt_type", "lora", "--space", str(space), "--output_dir", str(out),
+            "--folds", "0", *jf.FAST_FLAGS, "--epoch", "1", "--n_trials", "2", "--label_column",
+            f"cell_type,{STATE}", "--task_weights", "1,0.5", "--pooling", "mean"]
+    assert main(argv) == 0
+    best = json.loads((out / "best_flags.json").read_text())
+    assert best["flags"]["--label_column"] == f"cell_type,{STATE}"
+    assert best["flags"]["--task_weights"] == "1.0,0.5" and best["flags"]["--pooling"] == "mean"
+    assert 0.0 <= best["validation_macro_f1"] <= 1.0
