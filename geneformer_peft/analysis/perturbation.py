@@ -80,7 +80,7 @@ from geneformer_peft.analysis.loading import AnalysisModel, SpecialTokens
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_file, write_json
 from geneformer_peft.models.device import autocast
-from geneformer_peft.training.multitask import class_probabilities
+from geneformer_peft.evaluation.tasks import class_probabilities
 from geneformer_peft.training.provenance import SettingsChanged
 
 __all__ = ["PERTURB_EMB_MODES", "PERTURB_TYPES", "CellStates", "PerturbationScan", "PerturbationSettings",

@@ -213,7 +213,7 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
 def _quality_of_labelled(emb, values, column: str, *, seed: int) -> dict[str, Any]:
     """:func:`embedding_quality` over the cells whose ``column`` holds a label (a missing one,
     ``None``, NaN or empty, as a multi-task run's, is not a class)."""
-    from geneformer_peft.training.multitask import is_missing
+    from geneformer_peft.evaluation.tasks import is_missing
 
     known = np.array([not is_missing(v) for v in values], dtype=bool)
     if known.all():
@@ -231,7 +231,7 @@ def _with_task_probabilities(obs, am: AnalysisModel, dataset, cells, *, batch_si
     from geneformer_peft.evaluation.inference import predict_logits
     import pandas as pd
 
-    from geneformer_peft.training.multitask import TaskSet, task_predictions_frame
+    from geneformer_peft.evaluation.tasks import TaskSet, task_predictions_frame
 
     tasks = TaskSet.from_config(am.config)
     if tasks is None:

@@ -60,7 +60,7 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
     model = load_fold_model(model_path, base_model).to(dev)
     config = model.config
     family = family_of_config(config)
-    from geneformer_peft.training.multitask import TaskSet
+    from geneformer_peft.evaluation.tasks import TaskSet
 
     tasks = TaskSet.from_config(config)
     if tasks is not None:
@@ -114,7 +114,7 @@ def _predict_tasks(model, tasks, dataset, *, output, batch_size: int, device, ma
     task's column; empty where a cell lacks the label) and ``<task>_pred``, then ``<task>_confidence``
     and ``<task>_prob_<label>``; the metrics of the tasks whose column the dataset has (over the cells
     with a label), as a multi-task fold's metrics.json. ``unassign_threshold`` applies per task."""
-    from geneformer_peft.training.multitask import MISSING, is_missing, task_predictions_frame
+    from geneformer_peft.evaluation.tasks import MISSING, is_missing, task_predictions_frame
 
     config = model.config
     family = family_of_config(config)
