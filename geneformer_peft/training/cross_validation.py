@@ -415,6 +415,9 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
         check_vocabulary(split, config.vocab_size, opts)
         check_checkpoint_data(split, config, opts.model_path, opts.token_dictionary)  # V1/V2 mismatch
     weights, objective = None, None
+    if tasks is not None and opts.task_weights == "uncertainty" and distributed.is_distributed():
+        raise DataError("--task_weights uncertainty learns the task weights in one process; under torchrun each "
+                        "rank would learn its own: give fixed weights (e.g. --task_weights 1,1) or run without torchrun")
     if tasks is not None:
         weights = task_class_weights(tasks, splits["train"].labels, args.class_weighting)
         objective = MultiTaskLoss(tasks, weights=opts.task_weights, class_weights=weights)

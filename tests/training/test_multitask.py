@@ -434,3 +434,27 @@ def test_search_tunes_a_multitask_model(job_data, mt_data, tmp_path):
     assert best["flags"]["--label_column"] == f"cell_type,{STATE}"
     assert best["flags"]["--task_weights"] == "1.0,0.5" and best["flags"]["--pooling"] == "mean"
     assert 0.0 <= best["validation_macro_f1"] <= 1.0
+
+
+@pytest.mark.parametrize("dataset, checkpoint", [("synthetic_binned", "scbert-tiny-example"),
+                                                 ("synthetic_cellfm", "cellfm-tiny-example")])
+def test_every_family_trains_and_predicts_multitask(dataset, checkpoint, tmp_path):
+    from geneformer_peft.cli import main
+
+    model = jf.ROOT / "Pretrain_ckpts" / checkpoint
+    argv = ["finetune", "--dataset_name", dataset, "--data_path", str(EXAMPLE_DATA), "--model_path", str(model),
+            "--output_path", str(tmp_path), "--folds", "0", "--epoch", "1", "--no_progress", "--device", "cpu",
+            "--num_threads", "1", "--baselines", "none", "--label_column", "cell_type,cell_state"]
+    assert main(argv) == 0
+    fold = tmp_path / "lora" / dataset / "0"
+    metrics = jf.read_json(fold / "metrics.json")
+    assert set(metrics["tasks"]) == {"cell_type", "cell_state"}
+    out = tmp_path / "predicted.csv"
+    test = fold_paths(EXAMPLE_DATA, dataset, 0)["test"]
+    assert main(["predict", "--model_path", str(fold), "--input", str(test), "--output", str(out), "--device",
+                 "cpu"]) == 0
+    ours = pd.read_csv(out, keep_default_na=False)
+    theirs = pd.read_csv(fold / "predictions.csv", keep_default_na=False)
+    assert (ours["cell_state_pred"] == theirs["cell_state_pred"]).all()
+    np.testing.assert_allclose(ours["cell_type_confidence"], theirs["cell_type_confidence"], atol=1e-5)
+    assert main([*argv, "--pooling", "mean", "--output_path", str(tmp_path / "pooled")]) == 2  # BERT's pooler only
