@@ -458,3 +458,17 @@ def test_every_family_trains_and_predicts_multitask(dataset, checkpoint, tmp_pat
     assert (ours["cell_state_pred"] == theirs["cell_state_pred"]).all()
     np.testing.assert_allclose(ours["cell_type_confidence"], theirs["cell_type_confidence"], atol=1e-5)
     assert main([*argv, "--pooling", "mean", "--output_path", str(tmp_path / "pooled")]) == 2  # BERT's pooler only
+
+
+def test_the_api_takes_a_list_of_label_columns(job_data, mt_data, tmp_path):
+    import geneformer_peft as gp
+
+    result = gp.finetune(mt_data / job_data.dataset_name, model=job_data.model_path, method="lora", folds=[0],
+                         epochs=1, lr=3e-3, batch_size=16, label_column=["cell_type", STATE], device="cpu",
+                         output=tmp_path, progress=False, baselines="none", task_weights=[1.0, 2.0])
+    assert set(result.summary_dict["tasks"]) == {"cell_type", STATE}
+    assert result.fold(0).metrics["task_weights"] == {"cell_type": 1.0, STATE: 2.0}
+    figure = result.plot_confusion_matrix(task=STATE)
+    assert STATE in figure.axes[0].get_title()
+    with pytest.raises(KeyError, match="its tasks are"):
+        result.plot_confusion_matrix(task="disease")
