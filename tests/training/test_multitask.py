@@ -472,3 +472,19 @@ def test_the_api_takes_a_list_of_label_columns(job_data, mt_data, tmp_path):
     assert STATE in figure.axes[0].get_title()
     with pytest.raises(KeyError, match="its tasks are"):
         result.plot_confusion_matrix(task="disease")
+
+
+def test_attention_pooling_weighs_real_tokens_only():
+    from transformerslocal.modeling_bert import BertPooler
+
+    torch.manual_seed(0)
+    pooler = BertPooler(BertConfig(**TINY, classifier_pooling="attention"))
+    hidden = torch.randn(2, 6, TINY["hidden_size"])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    changed = hidden.clone()
+    changed[0, 4:] = 100.0  # padding: no weight whatever its states
+    torch.testing.assert_close(pooler(hidden, mask)[0], pooler(changed, mask)[0])
+    scores = pooler.attention(hidden[0, :4]).squeeze(-1).softmax(dim=0)
+    expected = torch.tanh(pooler.dense((scores[:, None] * hidden[0, :4]).sum(dim=0)))
+    torch.testing.assert_close(pooler(hidden, mask)[0], expected)
+    assert not pooler.reads_token_0_only
