@@ -159,10 +159,16 @@ _MISSING = "<not recorded>"
 
 
 def compare_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, recorded value, current value)`` for every dotted key whose value differs."""
+    """``(key, recorded value, current value)`` for every dotted key whose value differs. A key
+    one side lacks and the other holds as ``None`` does not differ: an option added since the
+    record was written, left unset (e.g. ``task_weights``), changes nothing."""
     old, new = _flatten(json.loads(json.dumps(recorded))), _flatten(json.loads(json.dumps(current)))
-    return [(key, old.get(key, _MISSING), new.get(key, _MISSING))
-            for key in sorted(set(old) | set(new)) if old.get(key, _MISSING) != new.get(key, _MISSING)]
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if a != b and {a, b} != {_MISSING, None}:
+            diffs.append((key, a, b))
+    return diffs
 
 
 def _short(value: Any, limit: int = 240) -> str:

@@ -488,3 +488,14 @@ def test_attention_pooling_weighs_real_tokens_only():
     expected = torch.tanh(pooler.dense((scores[:, None] * hidden[0, :4]).sum(dim=0)))
     torch.testing.assert_close(pooler(hidden, mask)[0], expected)
     assert not pooler.reads_token_0_only
+
+
+def test_a_run_recorded_before_the_multitask_options_still_matches():
+    """Folds finished before --task_weights and --pooling existed are neither refused nor redone."""
+    from geneformer_peft.training.provenance import compare_settings
+
+    before = {"options": {"label_column": "cell_type", "baselines": "logreg"}}
+    now = {"options": {"label_column": "cell_type", "baselines": "logreg", "task_weights": None, "pooling": None}}
+    assert compare_settings(before, now) == []
+    changed = {"options": {**now["options"], "pooling": "mean"}}
+    assert compare_settings(before, changed) == [("options.pooling", "<not recorded>", "mean")]
