@@ -166,7 +166,9 @@ def compare_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) ->
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
-        if a != b and {a, b} != {_MISSING, None}:
+        unset = (a is None and isinstance(b, str) and b == _MISSING) or (b is None and isinstance(a, str)
+                                                                            and a == _MISSING)
+        if a != b and not unset:
             diffs.append((key, a, b))
     return diffs
 
