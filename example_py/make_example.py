@@ -3,7 +3,11 @@
     python example_py/make_example.py
 
 1. Synthetic raw counts (geneformer_peft.data.synthetic): 4,000 unlabelled cells for
-   pretraining and 500 labelled cells of 5 imbalanced cell types, in the same gene space.
+   pretraining and 500 labelled cells of 5 imbalanced cell types, in the same gene space. The
+   labelled cells also get a second label, ``cell_state`` (cycling / quiescent), which cuts across
+   the types (cell_states: a gene-module score ranked within each type; the middle fifth of each
+   type is left unlabelled), for multi-task fine-tuning (docs/multitask.md). It is read from the
+   counts, so the tokens, the cell types and the folds are those made without it.
 2. A vocabulary and gene medians built from the unlabelled cells (as Geneformer built its
    dictionaries from its pretraining corpus).
 3. Rank-value tokenization of both sets; the labelled cells split into 5 stratified folds
@@ -72,6 +76,39 @@ SCBERT_CONFIG = dict(num_tokens=7, dim=32, depth=2, heads=4, dim_head=8, feature
                      pos_embedding="gene2vec", pos_embedding_seed=0)
 
 
+#: the second label of the labelled cells (multi-task example, docs/multitask.md) and its gene module:
+#: STATE_MODULE genes ranked by mean expression in the unlabelled cells (unsupervised, as the panel)
+STATE_COLUMN = "cell_state"
+STATE_MODULE = slice(100, 150)
+
+
+def cell_states(unlabelled, labelled) -> list:
+    """Each labelled cell's state: the mean log1p(counts per 10,000) of a gene module (the 101st to
+    150th most expressed genes of the unlabelled cells) ranked among the cells of its own type, so
+    that every type holds both states: the top two fifths "cycling", the bottom two fifths
+    "quiescent", the middle fifth ``None`` (unlabelled: a cell missing this label counts for the
+    cell-type task only). Deterministic, and draws no random number."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    def dense(x):
+        return np.asarray(x.todense() if sp.issparse(x) else x, dtype=np.float64)
+
+    means = np.asarray(unlabelled.X.mean(axis=0)).ravel()
+    module = np.argsort(-means, kind="stable")[STATE_MODULE]
+    totals = dense(labelled.X.sum(axis=1)).ravel()
+    score = np.log1p(dense(labelled.X[:, module]) / np.maximum(totals, 1.0)[:, None] * 1e4).mean(axis=1)
+    types = labelled.obs["cell_type"].astype(str).to_numpy()
+    states: list = [None] * labelled.n_obs
+    for cell_type in np.unique(types):
+        members = np.flatnonzero(types == cell_type)
+        order = members[np.argsort(score[members], kind="stable")]
+        for rank, cell in enumerate(order):
+            quantile = rank / max(len(order) - 1, 1)
+            states[cell] = "cycling" if quantile >= 0.6 else "quiescent" if quantile < 0.4 else None
+    return states
+
+
 #: the tiny CellFM: 2 layers, hidden 32, 4 heads of 8, 16 value slots; cells cut to their 256 highest
 #: values (as the tiny Geneformer's input); the vocabulary rows padded to a multiple of 8 (as the release)
 CELLFM_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
@@ -109,7 +146,8 @@ def make_scbert(unlabelled, labelled, *, data_dir: Path, checkpoint_dir: Path, e
     # in some cells), so the labelled set keeps its 500 cells in order and split_folds, a pure
     # function of the labels, the seed and the fractions, gives the rank-value folds' cells
     pretrain_cells = tokenize_binned(unlabelled, gene_panel=panel, min_genes=1, show_progress=False)
-    cells = tokenize_binned(labelled, gene_panel=panel, label_column="cell_type", min_genes=1, show_progress=False)
+    cells = tokenize_binned(labelled, gene_panel=panel, label_column="cell_type", keep_columns=[STATE_COLUMN],
+                            min_genes=1, show_progress=False)
     if len(cells) != labelled.n_obs or len(pretrain_cells) != unlabelled.n_obs:
         raise RuntimeError(f"binned tokenization dropped cells ({len(cells)} of {labelled.n_obs} labelled, "
                            f"{len(pretrain_cells)} of {unlabelled.n_obs} unlabelled); expected none")
@@ -163,7 +201,7 @@ def make_cellfm(unlabelled, labelled, *, data_dir: Path, checkpoint_dir: Path, e
     pretrain_cells = tokenize_cellfm(unlabelled, token_dictionary=token_dictionary, max_genes=size,
                                      show_progress=False)
     cells = compact(tokenize_cellfm(labelled, token_dictionary=token_dictionary, label_column="cell_type",
-                                    max_genes=size, show_progress=False))
+                                    keep_columns=[STATE_COLUMN], max_genes=size, show_progress=False))
     cells = cells.cast_column("values", Sequence(Value("float16")))  # read back as float32; halves the folds
     if len(cells) != labelled.n_obs:
         raise RuntimeError(f"CellFM tokenization kept {len(cells)} of {labelled.n_obs} labelled cells; expected all")
@@ -214,6 +252,7 @@ def main(argv=None) -> int:
     world_seed = args.seed  # genes and cell-type programs; both sets share them
     unlabelled = generate_unlabelled_counts(n_cells=args.n_unlabelled, seed=world_seed, cell_seed=world_seed + 1)
     labelled = generate_counts(n_cells=args.n_labelled, seed=world_seed, cell_seed=world_seed + 2)
+    labelled.obs[STATE_COLUMN] = cell_states(unlabelled, labelled)
     if args.only in (None, "geneformer"):
         make_geneformer(unlabelled, labelled, args)
     if args.only in (None, "scbert"):
@@ -234,7 +273,8 @@ def make_geneformer(unlabelled, labelled, args) -> None:
     pretrain_cells = tokenize_anndata(unlabelled, token_dictionary=token_dictionary, gene_median_dictionary=medians,
                                       model_input_size=size, show_progress=False)
     cells = compact(tokenize_anndata(labelled, token_dictionary=token_dictionary, gene_median_dictionary=medians,
-                                     label_column="cell_type", model_input_size=size, show_progress=False))
+                                     label_column="cell_type", keep_columns=[STATE_COLUMN], model_input_size=size,
+                                     show_progress=False))
 
     if (args.data_dir / "synthetic").exists():
         shutil.rmtree(args.data_dir / "synthetic")

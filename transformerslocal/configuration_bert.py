@@ -19,7 +19,8 @@ from .peft.registry import PEFT_METHODS, check_config, config_defaults  # noqa: 
 logger = logging.getLogger(__name__)
 
 
-CLASSIFIER_POOLINGS = ("first", "mean", "cls")  # "cls": V2, the <cls> token at position 0, as "first"
+# "cls": V2, the <cls> token at position 0, as "first"; "attention": learned attention weights over the genes
+CLASSIFIER_POOLINGS = ("first", "mean", "cls", "attention")
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish", "tanh")
 
 # HuggingFace BertConfig keys and defaults (bert-base values, as in transformers).

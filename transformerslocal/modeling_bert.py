@@ -287,22 +287,32 @@ class BertEncoder(nn.Module):
 
 # ----------------------------------------------------------------------------- pooler
 class BertPooler(nn.Module):
-    """tanh(dense(.)) of token 0 (``classifier_pooling="first"``, HF's pooler) or of the
-    mean over real gene tokens (``"mean"``: no prompts, they are already removed; no padding)."""
+    """tanh(dense(.)) of token 0 (``classifier_pooling="first"``, HF's pooler), of the
+    mean over real gene tokens (``"mean"``: no prompts, they are already removed; no padding),
+    or of their attention-weighted mean (``"attention"``: a learned score per token,
+    ``attention`` (d -> 1), softmax over the real tokens)."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
         self.mode = config.classifier_pooling
+        if self.mode == "attention":
+            self.attention = nn.Linear(config.hidden_size, 1)
 
     @property
     def reads_token_0_only(self) -> bool:
-        """Whether the pooled vector depends on token 0 alone (every mode but ``"mean"``)."""
-        return self.mode != "mean"
+        """Whether the pooled vector depends on token 0 alone (every mode but ``"mean"`` and ``"attention"``)."""
+        return self.mode not in ("mean", "attention")
 
     def forward(self, hidden, attention_mask=None):
-        if self.mode == "mean":
+        if self.mode == "attention":
+            scores = self.attention(hidden).squeeze(-1).float()  # (B, L)
+            if attention_mask is not None:
+                scores = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=1).to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(dim=1)
+        elif self.mode == "mean":
             if attention_mask is None:
                 pooled = hidden.mean(dim=1)
             else:

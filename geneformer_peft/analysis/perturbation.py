@@ -80,6 +80,7 @@ from geneformer_peft.analysis.loading import AnalysisModel, SpecialTokens
 from geneformer_peft.errors import DataError
 from geneformer_peft.files import atomic_file, write_json
 from geneformer_peft.models.device import autocast
+from geneformer_peft.evaluation.tasks import class_probabilities
 from geneformer_peft.training.provenance import SettingsChanged
 
 __all__ = ["PERTURB_EMB_MODES", "PERTURB_TYPES", "CellStates", "PerturbationScan", "PerturbationSettings",
@@ -432,13 +433,13 @@ class PerturbationScan:
             hidden, emb, logits = forward_with_values(self.am.model, token_lists, value_lists,
                                                       layer_index=self.layer_index, mode=self.pool_mode,
                                                       device=self.device, precision=self.precision)
-            probs = logits.float().softmax(dim=-1) if logits is not None and self.with_probs else None
+            probs = class_probabilities(logits, self.am.config) if logits is not None and self.with_probs else None
             return hidden, emb, probs
         input_ids, attention_mask, genes = make_batch(token_lists, self.specials, self.device)
         with autocast(self.device, self.precision):
             hidden, logits = self.reader(input_ids, attention_mask)
         emb = pool_cells(hidden, genes, self.pool_mode)
-        probs = logits.float().softmax(dim=-1) if logits is not None else None
+        probs = class_probabilities(logits, self.am.config) if logits is not None else None  # per task when multi-task
         return hidden, emb, probs
 
     def _compute_state_means(self) -> None:

@@ -185,10 +185,13 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
     emb = distributed.gather_rows(positions, part, len(cells))
     if emb is None:  # not rank 0: rank 0 writes the outputs
         return result
-    write_cell_embeddings(CellEmbeddings(emb, cells.obs(), info), table)
+    obs = cells.obs()
+    if am.is_classifier and not random_init:
+        obs = _with_task_probabilities(obs, am, dataset, cells, batch_size=batch_size, device=dev)
+    write_cell_embeddings(CellEmbeddings(emb, obs, info), table)
     logger.info("%d cell embeddings (%d dims) -> %s", *emb.shape, output)
     if labels:
-        metrics = {c: embedding_quality(emb, cells.column(c), seed=seed) for c in labels}
+        metrics = {c: _quality_of_labelled(emb, cells.column(c), c, seed=seed) for c in labels}
         metrics_file = Path(metrics_output) if metrics_output else output.parent / METRICS_FILE
         write_json(metrics_file, {**info, "output": str(output), "labels": metrics})
         result.update(metrics=metrics, metrics_file=metrics_file)
@@ -205,6 +208,47 @@ def run_embed(model_path, input_path, output, *, base_model=None, emb_mode: str 
                 result["plots"].append(path)
         result["plots"] = [p for p in result["plots"] if p is not None]
     return result
+
+
+def _quality_of_labelled(emb, values, column: str, *, seed: int) -> dict[str, Any]:
+    """:func:`embedding_quality` over the cells whose ``column`` holds a label (a missing one,
+    ``None``, NaN or empty, as a multi-task run's, is not a class)."""
+    from geneformer_peft.evaluation.tasks import is_missing
+
+    known = np.array([not is_missing(v) for v in values], dtype=bool)
+    if known.all():
+        return embedding_quality(emb, values, seed=seed)
+    logger.info("label column %r: %d of %d cells have no label and are left out of its metrics", column,
+                int((~known).sum()), len(known))
+    return embedding_quality(emb[known], [v for v, k in zip(values, known) if k], seed=seed)
+
+
+def _with_task_probabilities(obs, am: AnalysisModel, dataset, cells, *, batch_size: int, device):
+    """``obs`` with a multi-task fold's probability readout per task: ``<task>_pred``,
+    ``<task>_confidence`` and ``<task>_prob_<label>`` (softmax over the task's own head), from
+    the whole model; unchanged for a single-task classifier."""
+    from geneformer_peft.data.cells import EncodedCells
+    from geneformer_peft.evaluation.inference import predict_logits
+    import pandas as pd
+
+    from geneformer_peft.evaluation.tasks import TaskSet, task_predictions_frame
+
+    tasks = TaskSet.from_config(am.config)
+    if tasks is None:
+        return obs
+    family = family_of_config(am.config)
+    length = family.data_length(family.input_length(am.config))
+    encoded = EncodedCells.from_dataset(dataset.select(list(cells.rows)), max_length=length, name=cells.name,
+                                        values_column=family.values_column)
+    logits = predict_logits(am.model, encoded, batch_size=batch_size, device=device)
+    readout = task_predictions_frame(tasks, logits, cell_index=obs.index).drop(columns=["index"])
+    readout.index = obs.index
+    clash = [c for c in readout.columns if c in obs.columns]
+    if clash:
+        raise DataError(f"the input already has columns {clash}, which the multi-task readout writes; rename them")
+    logger.info("multi-task readout: predictions and class probabilities of tasks %s added to the cells' table",
+                tasks.names)
+    return pd.concat([obs, readout], axis=1)
 
 
 def _join_torchrun(device):

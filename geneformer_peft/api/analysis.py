@@ -154,6 +154,8 @@ def predict(
         One row per cell (indexed by ``obs_names`` for an AnnData): ``pred_celltype``,
         ``confidence``, a ``prob_<class>`` column per class, and the ground truth when present.
         ``frame.attrs["metrics"]`` holds accuracy and macro-F1 against ``label_column`` when present.
+        A multi-task fold (docs/multitask.md): ``<task>_pred``, ``<task>_confidence``,
+        ``<task>_prob_<label>`` and ``<task>_true`` per task, an AnnData's ``obs[key_added + "_" + task]``.
     """
     from geneformer_peft.commands._common import check_output_path
     from geneformer_peft.evaluation.prediction import predict_cells
@@ -172,10 +174,16 @@ def predict(
         import pandas as pd
 
         frame.index = adata.obs_names
-        adata.obs[key_added] = pd.Categorical(frame["pred_celltype"].astype(str))
-        adata.obs[f"{key_added}_confidence"] = frame["confidence"].to_numpy()
+        if "pred_celltype" in frame.columns:
+            adata.obs[key_added] = pd.Categorical(frame["pred_celltype"].astype(str))
+            adata.obs[f"{key_added}_confidence"] = frame["confidence"].to_numpy()
+        else:  # a multi-task fold: obs[<key_added>_<task>] and its confidence per task
+            for column in [c for c in frame.columns if c.endswith("_pred")]:
+                task = column[:-len("_pred")]
+                adata.obs[f"{key_added}_{task}"] = pd.Categorical(frame[column].astype(str))
+                adata.obs[f"{key_added}_{task}_confidence"] = frame[f"{task}_confidence"].to_numpy()
     frame.attrs["metrics"] = metrics
-    if metrics is not None:
+    if metrics is not None and "accuracy" in metrics:
         logger.info("%d cells: accuracy %.4f, macro-F1 %.4f", len(frame), metrics["accuracy"], metrics["macro_f1"])
     return frame
 

@@ -51,7 +51,7 @@ def finetune(
     epochs: int = 10,
     lr: float = 5e-4,
     batch_size: int = 32,
-    label_column: str = "cell_type",
+    label_column: str | Sequence[str] = "cell_type",
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = False,
@@ -78,7 +78,9 @@ def finetune(
     config
         A ``config.json`` whose PEFT keys apply (default: the checkpoint's own).
     epochs, lr, batch_size, label_column, seed, device
-        As the command's ``--epoch``, ``--lr``, ... with the same defaults.
+        As the command's ``--epoch``, ``--lr``, ... with the same defaults. ``label_column`` may
+        list several columns (``["cell_type", "disease"]``): one multi-task model, a head per task
+        (``task_weights=`` weighs their losses; docs/multitask.md).
     overwrite
         Redo folds that finished earlier (default: skip those whose recorded settings match).
     progress
@@ -198,13 +200,22 @@ class FoldResult:
         return _figure(plot_training_curves(self.history, None, best_epoch=self.metrics.get("best_epoch"),
                                             title=f"fold {self.folder.name}"))
 
-    def plot_confusion_matrix(self, *, normalize: bool = True):
-        """The test confusion matrix (a matplotlib Figure)."""
+    def plot_confusion_matrix(self, *, normalize: bool = True, task: str | None = None):
+        """The test confusion matrix (a matplotlib Figure); of a multi-task fold, task ``task``'s
+        (default: the first task's)."""
         from geneformer_peft.evaluation.plots import plot_confusion_matrix
 
-        m = self.metrics
+        m, title = self.metrics, f"fold {self.folder.name}: confusion matrix"
+        if "tasks" in m:  # a multi-task fold (docs/multitask.md)
+            tasks = list(m["tasks"])
+            name = tasks[0] if task is None else task
+            if name not in m["tasks"]:
+                raise KeyError(f"no task {name!r} in {self.folder}; its tasks are {tasks}")
+            m, title = m["tasks"][name], f"{title} of {name}"
+        elif task is not None:
+            raise KeyError(f"{self.folder} is a single-task fold; leave task= out")
         return _figure(plot_confusion_matrix(m["confusion_matrix"], m["labels"], None, normalize=normalize,
-                                             title=f"fold {self.folder.name}: confusion matrix"))
+                                             title=title))
 
 
 def _figure(figure):
@@ -305,9 +316,11 @@ class FinetuneResult:
         """Training curves of ``fold`` (default: the first)."""
         return self.fold(self.fold_ids[0] if fold is None else fold).plot_training_curves()
 
-    def plot_confusion_matrix(self, fold: int | None = None, *, normalize: bool = True):
-        """Confusion matrix of ``fold`` (default: the first)."""
-        return self.fold(self.fold_ids[0] if fold is None else fold).plot_confusion_matrix(normalize=normalize)
+    def plot_confusion_matrix(self, fold: int | None = None, *, normalize: bool = True, task: str | None = None):
+        """Confusion matrix of ``fold`` (default: the first); of a multi-task run, task ``task``'s
+        (default: the first task's)."""
+        return self.fold(self.fold_ids[0] if fold is None else fold).plot_confusion_matrix(normalize=normalize,
+                                                                                          task=task)
 
     def _repr_html_(self) -> str:  # a notebook shows the table
         return f"<p>{self.run_dir}</p><pre>{self.table}</pre>"

@@ -69,7 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None)
     p("--batch_size", type=positive_int, default=d.get("batch_size", 32), help="Cells per batch (%(default)s).")
     p("--eval_batch_size", type=positive_int, default=None, help="Cells per batch in evaluation (default: --batch_size).")
     p("--folds", type=fold_list, default=None, help="Folds to run, e.g. 0,1 (default: all found).")
-    p("--label_column", default="cell_type", help="Label column of the datasets (%(default)s).")
+    p("--label_column", default="cell_type",
+      help="Label column of the datasets (%(default)s); several separated by commas, e.g. cell_type,disease, "
+           "train one multi-task model: a shared encoder with one head per task (docs/multitask.md).")
+    p("--task_weights", default=None,
+      help="Multi-task loss: one weight per --label_column task, e.g. 1,0.5 (default: 1 each), or 'uncertainty' "
+           "to learn them (Kendall et al.'s uncertainty weighting).")
+    p("--pooling", default=None, choices=["first", "mean", "attention"],
+      help="How a Geneformer classifier pools the genes' final states into the cell's: token 0, the mean, or "
+           "learned attention weights (default: the config's classifier_pooling, 'first').")
     p("--seed", type=SEED, default=0, help="Random seed; same seed and data on CPU give identical metrics.")
     p("--device", default="auto", help="auto, cpu, cuda or cuda:N (%(default)s).")
     p("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
@@ -152,7 +160,8 @@ def options_from_args(args: argparse.Namespace):
                       random_init=args.random_init, token_dictionary=args.token_dictionary, training=training,
                       num_threads=args.num_threads, baselines=args.baselines,
                       baseline_features=args.baseline_features,
-                      allow_low_gene_overlap=args.allow_low_gene_overlap)
+                      allow_low_gene_overlap=args.allow_low_gene_overlap, task_weights=args.task_weights,
+                      pooling=args.pooling)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
                                        allow_low_gene_overlap=args.allow_low_gene_overlap,
                                        allow_other_base=args.allow_other_base)
     print(f"{len(frame)} cells -> {args.output}")
-    if metrics is not None:
-        print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    if metrics is not None and "accuracy" in metrics:
+        print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+              + (" (means over the tasks)" if "tasks" in metrics else ""))
+        for task, entry in metrics.get("tasks", {}).items():  # a multi-task fold
+            print(f"  {task}: accuracy {entry['accuracy']:.4f}, macro-F1 {entry['macro_f1']:.4f} "
+                  f"({entry['n_cells']} labelled cells)")
     return 0

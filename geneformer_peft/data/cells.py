@@ -96,6 +96,25 @@ class EncodedCells(Dataset):
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def subset(self, positions: Sequence[int], *, labels: np.ndarray | None = None,
+               name: str | None = None) -> EncodedCells:
+        """The cells at ``positions`` (their tokens, values, cell ids and row numbers), with
+        ``labels`` (default: theirs)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        starts, stops = self.offsets[positions], self.offsets[positions] + self.lengths[positions]
+        parts = [self.flat[a:b] for a, b in zip(starts, stops)]
+        flat = np.concatenate(parts) if parts else self.flat[:0]
+        offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
+        values = None
+        if self.values is not None:
+            pieces = [self.values[a:b] for a, b in zip(starts, stops)]
+            values = np.concatenate(pieces) if pieces else self.values[:0]
+        if labels is None and self.labels is not None:
+            labels = self.labels[positions]
+        cell_ids = [self.cell_ids[i] for i in positions] if self.cell_ids is not None else None
+        return EncodedCells(flat, offsets, labels=labels, index=self.index[positions], name=name or self.name,
+                            cell_ids=cell_ids, values=values)
+
     def tokens(self, i: int) -> np.ndarray:
         start = self.offsets[i]
         return self.flat[start:start + self.lengths[i]]
@@ -109,8 +128,8 @@ class EncodedCells(Dataset):
         item = {"input_ids": self.tokens(i), "cell": i, "split": self.key}
         if self.values is not None:
             item["values"] = self.token_values(i)
-        if self.labels is not None:
-            item["label"] = int(self.labels[i])
+        if self.labels is not None:  # one id, or one per task of a multi-task run (n_cells, n_tasks)
+            item["label"] = int(self.labels[i]) if self.labels.ndim == 1 else self.labels[i].tolist()
         return item
 
     def items(self, positions: Sequence[int]) -> list[dict]:

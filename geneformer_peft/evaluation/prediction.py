@@ -60,6 +60,12 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
     model = load_fold_model(model_path, base_model).to(dev)
     config = model.config
     family = family_of_config(config)
+    from geneformer_peft.evaluation.tasks import TaskSet
+
+    tasks = TaskSet.from_config(config)
+    if tasks is not None:
+        return _predict_tasks(model, tasks, dataset, output=output, batch_size=batch_size, device=dev,
+                              max_length=max_length, unassign_threshold=unassign_threshold)
     names = [config.id2label[i] for i in range(config.num_labels)]
     has_labels = label_column is not None and label_column in dataset.column_names
     mapping = None
@@ -99,6 +105,55 @@ def predict_cells(model_path, dataset, *, output: str | Path | None = None, base
     if output is not None:  # the table of write_predictions_csv (relabelled cells included), streamed
         _write_csv_in_chunks(frame, output)
     metrics = classification_metrics(truth, preds, label_names=names, probabilities=probs) if has_labels else None
+    return frame, metrics
+
+
+def _predict_tasks(model, tasks, dataset, *, output, batch_size: int, device, max_length: int | None,
+                   unassign_threshold: float | None) -> tuple[pd.DataFrame, dict | None]:
+    """:func:`predict_cells` of a multi-task fold: per task ``<task>_true`` (when the dataset has the
+    task's column; empty where a cell lacks the label) and ``<task>_pred``, then ``<task>_confidence``
+    and ``<task>_prob_<label>``; the metrics of the tasks whose column the dataset has (over the cells
+    with a label), as a multi-task fold's metrics.json. ``unassign_threshold`` applies per task."""
+    from geneformer_peft.evaluation.tasks import MISSING, is_missing, task_predictions_frame
+
+    config = model.config
+    family = family_of_config(config)
+    present = [t for t in tasks if t.name in dataset.column_names]
+    labels = None
+    if present:
+        labels = np.full((len(dataset), len(tasks)), MISSING, dtype=np.int64)
+        for k, task in enumerate(tasks):
+            if task not in present:
+                continue
+            index = {label: i for i, label in enumerate(task.labels)}
+            values = dataset[task.name]
+            unknown = sorted({str(v) for v in values if not is_missing(v) and str(v) not in index})
+            if unknown:
+                raise DataError(f"column {task.name!r} holds labels the model was not trained on: {unknown}; "
+                                f"the model's labels of task {task.name!r}: {list(task.labels)}")
+            labels[:, k] = [MISSING if is_missing(v) else index[str(v)] for v in values]
+    length = family.data_length(max_length or family.input_length(config))
+    if family.values_column is not None:
+        cells = EncodedCells.from_dataset(dataset, max_length=length, name="input", values_column=family.values_column)
+        check_input_lengths(config, np.diff(cells.offsets), source="input")
+    else:
+        cells = StreamedCells(dataset, max_length=length, name="input")
+        check_input_lengths(config, cells.full_lengths, source="input")
+    logits = predict_logits(model, cells, batch_size=batch_size, device=device, progress=True)
+    frame = task_predictions_frame(tasks, logits, cell_index=cells.index, true_ids=labels,
+                                   truth_tasks={t.name for t in present})
+    if unassign_threshold is not None:
+        for task in tasks:
+            below = frame[f"{task.name}_confidence"].to_numpy() < float(unassign_threshold)
+            frame[f"{task.name}_pred"] = frame[f"{task.name}_pred"].astype(object)
+            frame.loc[below, f"{task.name}_pred"] = UNASSIGNED
+            logger.info("task %s: %d of %d cells below unassign_threshold=%g -> %s", task.name, int(below.sum()),
+                        len(frame), float(unassign_threshold), UNASSIGNED)
+    if output is not None:
+        _write_csv_in_chunks(frame, output)
+    metrics = tasks.metrics(labels, logits) if present else None
+    if metrics is not None:
+        metrics["tasks_without_column"] = [t.name for t in tasks if t not in present]
     return frame, metrics
 
 

@@ -47,6 +47,9 @@ __all__ = [
     "BASELINE_METRICS_FILE",
     "BASELINE_PREDICTIONS_FILE",
     "add_baseline_summary",
+    "add_task_summaries",
+    "compute_multitask_baseline",
+    "write_multitask_baseline",
     "check_baseline_data",
     "check_baseline_options",
     "compute_fold_baseline",
@@ -124,11 +127,18 @@ def compute_fold_baseline(opts, fold: int, cells: Mapping[str, EncodedCells], da
     check_baseline_options(baselines, features)
     if baselines == "none" or not distributed.is_main_process():
         return None
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    return _fit_baseline(opts, fold, cells, datasets, config, names, class_weight, train_seconds)
+
+
+def _fit_baseline(opts, fold: int, cells: Mapping[str, EncodedCells], datasets: Mapping[str, Any], config,
+                  names: Sequence[str], class_weight, train_seconds: float | None, task: str | None = None
+                  ) -> BaselineResult:
     from geneformer_peft.training.cross_validation import vocabulary_source
 
+    features = getattr(opts, "baseline_features", "tokens")
     vocabulary = vocabulary_source(opts)
     specials = special_token_ids(load_token_dictionary(vocabulary) if vocabulary is not None else None)
-    names = [config.id2label[i] for i in range(config.num_labels)]
     weights = None if class_weight is None else np.asarray(class_weight.detach().cpu().numpy(), dtype=np.float64)
     from geneformer_peft.models.families import family_of_config
 
@@ -142,9 +152,112 @@ def compute_fold_baseline(opts, fold: int, cells: Mapping[str, EncodedCells], da
     seconds = result.metrics["baseline_seconds"]
     share = f" = {100 * seconds / train_seconds:.1f}% of the model's training time {train_seconds:.1f} s" \
         if train_seconds else ""
-    logger.info("fold %d: logistic-regression baseline (%s features, %s encoding, C=%g chosen on val) took %.2f s%s; "
-                "test macro-F1 %.4f", fold, features, encoding, result.C, seconds, share, result.metrics["macro_f1"])
+    logger.info("fold %d%s: logistic-regression baseline (%s features, %s encoding, C=%g chosen on val) took "
+                "%.2f s%s; test macro-F1 %.4f", fold, f" task {task!r}" if task else "", features, encoding, result.C,
+                seconds, share, result.metrics["macro_f1"])
     return result
+
+
+def compute_multitask_baseline(opts, fold: int, cells: Mapping[str, EncodedCells], datasets: Mapping[str, Any],
+                               config, tasks, class_weights, train_seconds: float | None = None
+                               ) -> dict[str, tuple[BaselineResult, np.ndarray]] | None:
+    """A multi-task fold's baselines: per task a logistic regression on the cells with that
+    task's label in each split (rank 0 only); None with ``--baselines none``.
+
+    Returns
+    -------
+    dict or None
+        Task name -> (its :class:`BaselineResult`, the positions of its test cells in ``cells["test"]``).
+    """
+    from geneformer_peft.training.multitask import MISSING
+
+    baselines = getattr(opts, "baselines", "logreg")
+    check_baseline_options(baselines, getattr(opts, "baseline_features", "tokens"))
+    if baselines == "none" or not distributed.is_main_process():
+        return None
+    out = {}
+    for k, task in enumerate(tasks):
+        task_cells, task_datasets, positions = {}, {}, {}
+        for split, split_cells in cells.items():
+            positions[split] = np.flatnonzero(split_cells.labels[:, k] != MISSING)
+            task_cells[split] = split_cells.subset(positions[split], labels=split_cells.labels[positions[split], k],
+                                                   name=f"{split_cells.name} {task.name}")
+            dataset = datasets.get(split)
+            task_datasets[split] = dataset.select(positions[split].tolist()) if dataset is not None else None
+        if not all(len(c) for c in task_cells.values()):
+            logger.warning("fold %d task %r: a split has no labelled cell; no baseline for this task", fold, task.name)
+            continue
+        out[task.name] = (_fit_baseline(opts, fold, task_cells, task_datasets, config, task.labels, class_weights[k],
+                                        train_seconds, task=task.name), positions["test"])
+    return out
+
+
+def write_multitask_baseline(folder: Path, results: Mapping[str, tuple[BaselineResult, np.ndarray]], tasks,
+                             test: EncodedCells, model_metrics: Mapping[str, Any], *, title: str | None = None) -> None:
+    """A multi-task fold's baseline files: ``baseline_metrics.json`` (as the model's metrics.json:
+    means over tasks, ``<task>.<metric>``, ``tasks``), ``baseline_predictions.csv`` (per task
+    ``<task>_true``, ``<task>_pred``; empty where the task's label is missing) and
+    ``baseline_per_class_f1_<task>.png`` per task."""
+    from geneformer_peft.training.multitask import MISSING, combine_task_metrics, task_file
+
+    import pandas as pd
+
+    folder = Path(folder)
+    columns: dict[str, Any] = {"index": list(test.index)}
+    per_task = {}
+    for k, task in enumerate(tasks):
+        names = np.asarray(task.labels, dtype=object)
+        truth = test.labels[:, k]
+        columns[f"{task.name}_true"] = np.where(truth == MISSING, "", names[np.maximum(truth, 0)])
+        predicted = np.full(len(test), "", dtype=object)
+        if task.name in results:
+            result, positions = results[task.name]
+            predicted[positions] = names[result.predictions]
+            metrics = dict(result.metrics)
+            metrics["n_missing"] = int(len(test) - len(positions))
+            per_task[task.name] = metrics
+            if task.name in model_metrics.get("tasks", {}):
+                plot_per_class_f1(model_metrics["tasks"][task.name]["per_class"], result.metrics["per_class"],
+                                  folder / task_file("baseline_per_class_f1", task.name, ".png"),
+                                  label_names=list(task.labels),
+                                  model_name=method_display_name(model_metrics.get("prompt_type", "")),
+                                  baseline_name=BASELINE_NAME, title=f"{title}: {task.name}" if title else task.name)
+        columns[f"{task.name}_pred"] = predicted
+    metrics = combine_task_metrics(per_task, n_cells=len(test))
+    first = next(iter(per_task.values()), {})
+    for key in ("baseline", "features", "encoding"):
+        if key in first:
+            metrics[key] = first[key]
+    metrics["baseline_seconds"] = float(sum(m.get("baseline_seconds", 0.0) for m in per_task.values()))
+    write_json(folder / BASELINE_METRICS_FILE, metrics)
+    from geneformer_peft.evaluation.outputs import write_text
+    import io
+
+    buffer = io.StringIO()
+    pd.DataFrame(columns).to_csv(buffer, index=False)
+    write_text(folder / BASELINE_PREDICTIONS_FILE, buffer.getvalue())
+
+
+def add_task_summaries(summary: dict[str, Any], fold_metrics: Sequence[Mapping[str, Any]],
+                       baseline_metrics: Sequence[Mapping[str, Any] | None], fold_ids: Sequence[Any],
+                       prompt_type: str, tasks: Sequence[str]) -> str:
+    """A multi-task run's summary per task under ``summary["tasks"][task]`` (as a single-task
+    summary: metrics, and with baselines ``baseline`` and ``comparison``); return the tasks'
+    comparison tables."""
+    tables = []
+    summary["tasks"] = {}
+    for task in tasks:
+        present = [(m["tasks"][task], b.get("tasks", {}).get(task) if b is not None else None, f)
+                   for m, b, f in zip(fold_metrics, baseline_metrics, fold_ids) if task in m.get("tasks", {})]
+        if not present:
+            continue
+        model, base, ids = (list(x) for x in zip(*present))
+        entry = summarize_folds(model, ids)
+        table = add_baseline_summary(entry, model, base, ids, prompt_type)
+        if table:
+            tables.append(f"task {task}:\n{table}")
+        summary["tasks"][task] = entry
+    return "\n\n".join(tables)
 
 
 def write_fold_baseline(folder: Path, result: BaselineResult, test: EncodedCells, label_names: Sequence[str],

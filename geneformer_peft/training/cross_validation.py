@@ -77,8 +77,16 @@ from geneformer_peft.training.provenance import (
 from geneformer_peft.training.run_lock import acquire_run_lock, release_run_lock
 from geneformer_peft.training.run_safety import clean_stale_temps
 from geneformer_peft.training.threads import apply_num_threads
+from geneformer_peft.training.multitask import (
+    MultiTaskLoss,
+    TaskSet,
+    task_class_weights,
+    task_file,
+    write_task_predictions,
+)
 from geneformer_peft.training.trainer import CHECKPOINT_NAME, FoldTrainer, set_seed
 from transformerslocal import (
+    BertConfig,
     BertForSequenceClassification,
     mark_trainable,
     save_peft_weights,
@@ -104,7 +112,7 @@ class RunOptions:
     config_path: Path | None = None
     prompt_type: str | None = None
     use_prompt: bool | None = None
-    label_column: str = "cell_type"
+    label_column: str | list[str] = "cell_type"  # several columns: multi-task (training/multitask.py)
     folds: list[int] | None = None
     overwrite: bool = False
     save_format: str = "bin"
@@ -116,6 +124,19 @@ class RunOptions:
     baselines: str = "logreg"  # linear baseline per fold: "logreg" or "none" (training/baseline_job.py)
     baseline_features: str = "tokens"  # "tokens" (rank-weighted bag of genes) or "expression"
     allow_low_gene_overlap: bool = False  # go on when few of the data's genes have pretrained rows (checks/)
+    task_weights: str | list[float] | None = None  # multi-task loss: None (1 each), weights, or "uncertainty"
+    pooling: str | None = None  # classifier pooling (Geneformer: first, mean, attention); None: the config's
+
+    def __post_init__(self) -> None:
+        from geneformer_peft.training.multitask import parse_task_weights, task_columns
+
+        columns = task_columns(self.label_column)
+        # one column is the single-task job exactly as before ("a" and ["a"] alike); several a list
+        self.label_column = columns[0] if len(columns) == 1 else columns
+        if self.task_weights is not None and len(columns) == 1:
+            raise DataError(f"--task_weights {self.task_weights!r} weighs the tasks of a multi-task run; "
+                            f"--label_column {self.label_column!r} names one task (name several, e.g. cell_type,disease)")
+        self.task_weights = parse_task_weights(self.task_weights, len(columns))
 
 
 def run_directory(opts: RunOptions, prompt_type: str) -> Path:
@@ -141,8 +162,9 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
     device = distributed.local_device(resolve_device(args.device))
     distributed.init_distributed(device)
     probe = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
-                           use_prompt=opts.use_prompt, overrides=opts.config_overrides)
+                           use_prompt=opts.use_prompt, overrides=opts.config_overrides)  # --pooling: check_pooling
     prompt_type = probe.prompt_type if probe.peft_methods else ""
+    check_pooling(opts, probe)
     if args.quantize is not None:  # refused (or the missing extra named) before any fold starts
         check_quantizable(probe, args.quantize, source=str(opts.config_path or opts.model_path))
         try:
@@ -199,6 +221,10 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
         summary.update(recorded_settings(run_dir, fold_ids, settings, checks))
         comparison_table = baseline_job.add_baseline_summary(summary, fold_metrics, fold_baselines, fold_ids,
                                                              prompt_type)
+        if not isinstance(opts.label_column, str):  # multi-task: the headline is the mean of tasks, then each task
+            task_tables = baseline_job.add_task_summaries(summary, fold_metrics, fold_baselines, fold_ids,
+                                                          prompt_type, opts.label_column)
+            comparison_table = "\n\n".join(t for t in (comparison_table, task_tables) if t)
         if distributed.is_main_process():
             write_summary(run_dir, summary)
         table = format_summary_table(summary) + (f"\n\n{comparison_table}" if comparison_table else "")
@@ -220,6 +246,26 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
             detach_log_file(handler, root_level)
         if lock is not None:
             release_run_lock(lock)
+
+
+def check_pooling(opts: RunOptions, config) -> None:
+    """``--pooling`` is the Geneformer (BERT) pooler's; the other families' heads pool their own way.
+
+    Raises
+    ------
+    DataError
+        For ``--pooling`` with a scBERT or CellFM checkpoint, or an unknown value.
+    """
+    if opts.pooling is None:
+        return
+    from transformerslocal.configuration_bert import CLASSIFIER_POOLINGS
+
+    if not isinstance(config, BertConfig):
+        raise DataError(f"--pooling {opts.pooling!r}: the checkpoint {opts.model_path} is of model_type "
+                        f"{getattr(config, 'model_type', '?')!r}, whose classifier head pools in its own way; "
+                        "--pooling applies to Geneformer (BERT) checkpoints only (leave it out)")
+    if opts.pooling not in CLASSIFIER_POOLINGS:
+        raise DataError(f"--pooling {opts.pooling!r}: expected one of {list(CLASSIFIER_POOLINGS)}")
 
 
 def _log_to_file(handler: logging.Handler | None, error: BaseException) -> None:
@@ -324,10 +370,15 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     args = opts.training
     set_seed(args.seed + fold)
     train_ds, val_ds, test_ds = load_fold(opts.data_path, opts.dataset_name, fold)
-    label2id, _ = label_mapping(train_ds, val_ds, test_ds, opts.label_column)
-    label2id = {str(k): v for k, v in label2id.items()}
-    # finetune_max_length is recorded in the fold's config.json, so that prediction keeps the same genes per cell
-    config = fold_config(opts, label2id)
+    tasks = None
+    if isinstance(opts.label_column, str):
+        label2id, _ = label_mapping(train_ds, val_ds, test_ds, opts.label_column)
+        label2id = {str(k): v for k, v in label2id.items()}
+        # finetune_max_length is recorded in the fold's config.json, so that prediction keeps the same genes per cell
+        config = fold_config(opts, label2id)
+    else:  # multi-task: one block of the classifier's rows per task (training/multitask.py)
+        tasks = TaskSet.from_datasets({"train": train_ds, "val": val_ds, "test": test_ds}, opts.label_column)
+        config = fold_config(opts, tasks.label2id, tasks=tasks)
     if opts.random_init:  # ablation: the same architecture without the pretrained weights
         from geneformer_peft.models.families import family_of_config
         model = family_of_config(config).classifier_class(config)  # the checkpoint's model family
@@ -351,6 +402,11 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     family = family_of_config(config)
     splits = {}
     for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
+        if tasks is not None:
+            splits[name] = EncodedCells.from_dataset(ds, max_length=family.data_length(max_length),
+                                                     name=f"fold {fold} {name}", values_column=family.values_column)
+            splits[name].labels = tasks.encode(ds, name=f"fold {fold} {name}")
+            continue
         mapping = {v: label2id[str(v)] for v in ds.unique(opts.label_column)}
         splits[name] = EncodedCells.from_dataset(ds, label_column=opts.label_column, label2id=mapping,
                                                  max_length=family.data_length(max_length), name=f"fold {fold} {name}",
@@ -358,15 +414,22 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
     for split in splits.values():
         check_vocabulary(split, config.vocab_size, opts)
         check_checkpoint_data(split, config, opts.model_path, opts.token_dictionary)  # V1/V2 mismatch
-    weights = None
-    if args.class_weighting == "reference":
+    weights, objective = None, None
+    if tasks is not None and opts.task_weights == "uncertainty" and distributed.is_distributed():
+        raise DataError("--task_weights uncertainty learns the task weights in one process; under torchrun each "
+                        "rank would learn its own: give fixed weights (e.g. --task_weights 1,1) or run without torchrun")
+    if tasks is not None:
+        weights = task_class_weights(tasks, splits["train"].labels, args.class_weighting)
+        objective = MultiTaskLoss(tasks, weights=opts.task_weights, class_weights=weights)
+    elif args.class_weighting == "reference":
         weights = reference_class_weights(splits["train"].labels, config.num_labels, id2label=config.id2label)
 
     from geneformer_peft.training.frozen_cache import FrozenPrefixCache
     cache = FrozenPrefixCache.for_model(model) if args.cache_frozen_layers else None
     resume_dir = Path(fold_dir).parent / RESUME_DIR / str(fold)
-    trainer = FoldTrainer(model, splits["train"], splits["val"], args, class_weights=weights, device=device,
-                          checkpoint_dir=resume_dir, encoder_cache=cache, desc=f"fold {fold}")
+    trainer = FoldTrainer(model, splits["train"], splits["val"], args, class_weights=None if tasks else weights,
+                          device=device, checkpoint_dir=resume_dir, encoder_cache=cache, desc=f"fold {fold}",
+                          objective=objective)
     try:
         fit = trainer.fit()
     except TrainingDiverged:
@@ -381,11 +444,14 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
                             device=device, precision=args.precision, progress=args.progress, desc=f"fold {fold} test",
                             encoder_cache=cache)
     test_seconds = time.perf_counter() - t0
-    probs = softmax(logits)
-    preds = probs.argmax(axis=1)
-    names = [config.id2label[i] for i in range(config.num_labels)]
     truth = splits["test"].labels
-    metrics = classification_metrics(truth, preds, label_names=names, probabilities=probs)
+    if tasks is not None:
+        metrics = tasks.metrics(truth, logits)
+    else:
+        probs = softmax(logits)
+        preds = probs.argmax(axis=1)
+        names = [config.id2label[i] for i in range(config.num_labels)]
+        metrics = classification_metrics(truth, preds, label_names=names, probabilities=probs)
     metrics.update(report.to_dict())
     metrics.update({
         "prompt_type": config.prompt_type if config.peft_methods else "",
@@ -393,11 +459,17 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
         "test_cells_per_second": len(truth) / max(test_seconds, 1e-9), "epochs_run": fit.epochs_run,
         "best_epoch": fit.best_epoch, "best_val_macro_f1": fit.best_val_macro_f1, "stopped_early": fit.stopped_early,
     })
-    baseline = baseline_job.compute_fold_baseline(opts, fold, splits, {"train": train_ds, "val": val_ds,
-                                                  "test": test_ds}, config, weights, fit.train_seconds)
+    datasets = {"train": train_ds, "val": val_ds, "test": test_ds}
+    if tasks is not None:
+        metrics["task_weights"] = dict(zip(tasks.names, objective.task_weights()))
+        baseline = baseline_job.compute_multitask_baseline(opts, fold, splits, datasets, config, tasks, weights,
+                                                           fit.train_seconds)
+    else:
+        baseline = baseline_job.compute_fold_baseline(opts, fold, splits, datasets, config, weights,
+                                                      fit.train_seconds)
     if distributed.is_main_process():
         write_fold_outputs(opts, fold, fold_dir, model, config, splits["test"], logits, metrics, fit.history,
-                           baseline=baseline)
+                           baseline=baseline, tasks=tasks)
     distributed.barrier()
     logger.info("fold %d: test accuracy %.4f, macro-F1 %.4f, micro-F1 %.4f -> %s", fold, metrics["accuracy"],
                 metrics["macro_f1"], metrics["micro_f1"], fold_dir)
@@ -422,18 +494,22 @@ def check_vocabulary(cells: EncodedCells, vocab_size: int, opts: RunOptions) -> 
 
 
 def write_fold_outputs(opts: RunOptions, fold: int, fold_dir: Path, model, config, test: EncodedCells,
-                       logits: np.ndarray, metrics: dict, history: list, baseline=None) -> None:
+                       logits: np.ndarray, metrics: dict, history: list, baseline=None, tasks=None) -> None:
     """Every file of a finished fold, built under a temporary name and renamed at the end
-    (with ``baseline``, a :class:`~geneformer_peft.evaluation.baseline.BaselineResult`, its files too)."""
+    (with ``baseline``, a :class:`~geneformer_peft.evaluation.baseline.BaselineResult`, its files too;
+    a multi-task fold's (``tasks``) predictions, confusion matrices and baselines per task)."""
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
     names = [config.id2label[i] for i in range(config.num_labels)]
     with atomic_directory(fold_dir, overwrite=opts.overwrite) as tmp:
-        write_predictions_csv(tmp / "predictions.csv", cell_index=test.index, label_names=names,
-                              pred_ids=preds, probabilities=probs, true_ids=test.labels, cell_ids=test.cell_ids)
-        write_pickle(tmp / "predictions.pickle", {
-            "label_names": names, "labels": test.labels, "predictions": preds, "logits": logits,
-            "probabilities": probs, "metrics": metrics, "history": history})
+        if tasks is not None:
+            write_task_predictions(tmp, tasks, test, logits, metrics, history)
+        else:
+            write_predictions_csv(tmp / "predictions.csv", cell_index=test.index, label_names=names,
+                                  pred_ids=preds, probabilities=probs, true_ids=test.labels, cell_ids=test.cell_ids)
+            write_pickle(tmp / "predictions.pickle", {
+                "label_names": names, "labels": test.labels, "predictions": preds, "logits": logits,
+                "probabilities": probs, "metrics": metrics, "history": history})
         model.to("cpu")
         save_peft_weights(model, tmp)
         model.save_pretrained(tmp, safe_serialization=(opts.save_format == "safetensors"))
@@ -442,10 +518,21 @@ def write_fold_outputs(opts: RunOptions, fold: int, fold_dir: Path, model, confi
             save_tokenizer_json(load_token_dictionary(vocabulary), tmp)
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "history.json", history)
-        plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, tmp / "confusion_matrix.png",
-                              title=f"{opts.dataset_name} fold {fold} ({metrics['prompt_type'] or 'full'})")
+        title = f"{opts.dataset_name} fold {fold} ({metrics['prompt_type'] or 'full'})"
+        if tasks is not None:
+            for task in tasks:
+                if task.name in metrics["tasks"]:
+                    plot_confusion_matrix(np.asarray(metrics["tasks"][task.name]["confusion_matrix"]),
+                                          list(task.labels), tmp / task_file("confusion_matrix", task.name, ".png"),
+                                          title=f"{title}: {task.name}")
+        else:
+            plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), names, tmp / "confusion_matrix.png",
+                                  title=title)
         plot_training_curves(history, tmp / "training_curves.png", best_epoch=metrics.get("best_epoch"))
-        if baseline is not None:
+        if baseline is not None and tasks is not None:
+            baseline_job.write_multitask_baseline(tmp, baseline, tasks, test, metrics,
+                                                  title=f"{opts.dataset_name} fold {fold}: per-class F1")
+        elif baseline is not None:
             baseline_job.write_fold_baseline(tmp, baseline, test, names, metrics,
                                              title=f"{opts.dataset_name} fold {fold}: per-class F1")
         if (Path(fold_dir).parent / RESUME_DIR / str(fold) / PROVENANCE_FILE).is_file():

@@ -61,11 +61,24 @@ def label_ids(labels) -> dict[str, int]:
     return {str(label): i for i, label in enumerate(sorted(labels))}
 
 
-def fold_config(opts, label2id: dict[str, int]):
+def config_overrides(opts) -> dict:
+    """The config keys the run's options set: ``config_overrides``, and ``classifier_pooling``
+    from ``pooling`` when given."""
+    overrides = dict(opts.config_overrides or {})
+    if getattr(opts, "pooling", None) is not None:
+        overrides["classifier_pooling"] = opts.pooling
+    return overrides
+
+
+def fold_config(opts, label2id: dict[str, int], tasks=None):
     """The fold's model config: the resolved checkpoint config with the fold's labels and
-    the ``finetune_max_length`` that prediction reuses."""
+    the ``finetune_max_length`` that prediction reuses; a multi-task run's ``tasks``
+    (a :class:`~geneformer_peft.training.multitask.TaskSet`) recorded under ``tasks``."""
+    overrides = config_overrides(opts)
+    if tasks is not None:
+        overrides["tasks"] = tasks.config_value()
     config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
-                            use_prompt=opts.use_prompt, label2id=label2id, overrides=opts.config_overrides)
+                            use_prompt=opts.use_prompt, label2id=label2id, overrides=overrides)
     return config.copy(finetune_max_length=opts.training.max_length or config.max_position_embeddings)
 
 
@@ -100,6 +113,9 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
     if check.problems:
         return check
     column = opts.label_column
+    if not isinstance(column, str):
+        return _check_multitask_fold(opts, check, paths, datasets, hashes=hashes, checkpoint=checkpoint,
+                                     token_dictionary=token_dictionary, environment=environment)
     found: dict[str, set] = {}
     for split, dataset in datasets.items():
         where = f"{split} split {paths[split]}"
@@ -129,6 +145,15 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
     except (DataError, ValueError, FileNotFoundError) as error:
         check.problems.append(str(error))
         return check
+    return _check_tokens_and_record(opts, check, paths, datasets, config, label_column=column, checkpoint=checkpoint,
+                                    token_dictionary=token_dictionary, environment=environment)
+
+
+def _check_tokens_and_record(opts, check: FoldCheck, paths, datasets, config, *, label_column, checkpoint,
+                             token_dictionary, environment) -> FoldCheck:
+    """The checks after the labels (length, token ids, compatibility) and the fold's provenance."""
+    fold = check.fold
+    column = label_column
     max_length = opts.training.max_length or config.max_position_embeddings
     if max_length > config.max_position_embeddings:
         check.problems.append(f"--max_length {max_length} exceeds the model's max_position_embeddings "
@@ -142,7 +167,8 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
         return check
     check.compatibility = check_compatibility(
         opts.model_path, {f"{split} split {paths[split]}": ds for split, ds in datasets.items()}, config=config,
-        token_dictionary=opts.token_dictionary, label_column=column, train_split=f"train split {paths['train']}",
+        token_dictionary=opts.token_dictionary, label_column=column if isinstance(column, str) else None,
+        train_split=f"train split {paths['train']}",
         max_length=max_length, allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init, training=True,
         data_name=f"fold {fold} of {opts.dataset_name!r} under {opts.data_path}")
     check.problems += [f"{f.check}: {f.message}" for f in check.compatibility.refusals]
@@ -152,6 +178,57 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
     check.provenance = prov.fold_provenance(opts, fold, config=config.to_dict(), data=data, checkpoint=checkpoint,
                                             token_dictionary=token_dictionary, environment=environment)
     return check
+
+
+def _check_multitask_fold(opts, check: FoldCheck, paths, datasets, *, hashes, checkpoint, token_dictionary,
+                          environment) -> FoldCheck:
+    """The label checks of a multi-task fold: every task's column in every split, one value type
+    per column, every cell with at least one task's label (a missing label counts for the other
+    tasks only); then the same token checks and provenance as a single-task fold."""
+    from geneformer_peft.training.multitask import TaskSet, is_missing
+
+    columns = list(opts.label_column)
+    for split, dataset in datasets.items():
+        where = f"{split} split {paths[split]}"
+        if len(dataset) == 0:
+            check.problems.append(f"{where}: holds no cells; expected at least one cell in every split")
+        absent = [c for c in columns if c not in dataset.column_names]
+        if absent:
+            check.problems.append(f"{where}: label column{'s' if len(absent) > 1 else ''} {absent} do not exist; "
+                                  f"expected each of {columns} among {dataset.column_names} (set --label_column)")
+            continue
+        unlabelled = 0
+        values = {c: dataset.data.column(c).to_pylist() for c in columns}
+        for row in zip(*values.values()):
+            unlabelled += all(is_missing(v) for v in row)
+        if unlabelled:
+            check.problems.append(f"{where}: {unlabelled} of {len(dataset)} cells have no label in any of the columns "
+                                  f"{columns}; expected at least one label per cell (a cell missing one task's "
+                                  "label counts for the other tasks only)")
+    if check.problems:
+        return check
+    for column in columns:
+        kinds = {split: sorted({type(v).__name__ for v in ds.unique(column) if not is_missing(v)})
+                 for split, ds in datasets.items()}
+        if len({kind for names in kinds.values() for kind in names}) > 1:
+            check.problems.append(f"label column {column!r} holds values of different types across the splits "
+                                  f"({', '.join(f'{split}: {names}' for split, names in kinds.items())}); expected "
+                                  "one type (e.g. all strings)")
+        train = {str(v) for v in datasets["train"].unique(column) if not is_missing(v)}
+        for split in ("val", "test"):
+            absent = sorted({str(v) for v in datasets[split].unique(column) if not is_missing(v)} - train)
+            if absent:
+                check.absent_from_train[f"{split} {column}"] = absent
+    if check.problems:
+        return check
+    try:
+        tasks = TaskSet.from_datasets(datasets, columns)
+        config = fold_config(opts, tasks.label2id, tasks=tasks)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        check.problems.append(str(error))
+        return check
+    return _check_tokens_and_record(opts, check, paths, datasets, config, label_column=columns, checkpoint=checkpoint,
+                                    token_dictionary=token_dictionary, environment=environment)
 
 
 def check_folds(opts, folds: list[int], *, hash_cache: Path | None = None,

@@ -111,12 +111,15 @@ def _directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def data_fingerprint(paths: Mapping[str, Path], datasets: Mapping[str, Any], label_column: str) -> dict[str, Any]:
-    """Per split: the dataset's path, bytes on disk, cell count and a SHA-256 of its label column."""
+def data_fingerprint(paths: Mapping[str, Path], datasets: Mapping[str, Any],
+                     label_column: str | list[str]) -> dict[str, Any]:
+    """Per split: the dataset's path, bytes on disk, cell count and a SHA-256 of its label column
+    (of a multi-task run's label columns, one after the other)."""
     out = {}
     for split, path in paths.items():
         dataset = datasets[split]
-        labels = dataset[label_column] if label_column in dataset.column_names else []
+        columns = [label_column] if isinstance(label_column, str) else list(label_column)
+        labels = [v for c in columns if c in dataset.column_names for v in dataset[c]]
         digest = hashlib.sha256("\n".join(map(str, labels)).encode("utf-8")).hexdigest()
         out[split] = {"path": str(Path(path).resolve()), "size_bytes": _directory_size(Path(path)),
                       "n_cells": len(dataset), "label_column": label_column, "label_sha256": digest}
@@ -156,10 +159,18 @@ _MISSING = "<not recorded>"
 
 
 def compare_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, recorded value, current value)`` for every dotted key whose value differs."""
+    """``(key, recorded value, current value)`` for every dotted key whose value differs. A key
+    one side lacks and the other holds as ``None`` does not differ: an option added since the
+    record was written, left unset (e.g. ``task_weights``), changes nothing."""
     old, new = _flatten(json.loads(json.dumps(recorded))), _flatten(json.loads(json.dumps(current)))
-    return [(key, old.get(key, _MISSING), new.get(key, _MISSING))
-            for key in sorted(set(old) | set(new)) if old.get(key, _MISSING) != new.get(key, _MISSING)]
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        unset = (a is None and isinstance(b, str) and b == _MISSING) or (b is None and isinstance(a, str)
+                                                                            and a == _MISSING)
+        if a != b and not unset:
+            diffs.append((key, a, b))
+    return diffs
 
 
 def _short(value: Any, limit: int = 240) -> str:

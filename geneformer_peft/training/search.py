@@ -58,7 +58,7 @@ from geneformer_peft.training import provenance as prov
 from geneformer_peft.training import threads as thread_policy
 from geneformer_peft.training.cross_validation import RunOptions, check_vocabulary, run_cross_validation
 from geneformer_peft.training.cross_validation import _log_to_file  # run.log's last line, here search.log's
-from geneformer_peft.training.preflight import vocabulary_source
+from geneformer_peft.training.preflight import config_overrides, vocabulary_source
 from geneformer_peft.training.provenance import SettingsChanged
 from geneformer_peft.training.trainer import FoldTrainer, set_seed
 
@@ -574,14 +574,17 @@ class _FoldData:
                 raise DataError(f"fold {fold} of dataset {opts.dataset_name!r} under {opts.data_path} lacks {missing}; "
                                 "the search needs the train and val splits of every --folds fold")
             datasets = {name: load_saved_dataset(path) for name, path in paths.items()}
+            columns = [opts.label_column] if isinstance(opts.label_column, str) else opts.label_column
             for name, ds in datasets.items():
-                if opts.label_column not in ds.column_names:
-                    raise DataError(f"{paths[name]}: label column {opts.label_column!r} does not exist; expected one "
-                                    f"of {ds.column_names}")
+                for column in columns:
+                    if column not in ds.column_names:
+                        raise DataError(f"{paths[name]}: label column {column!r} does not exist; expected one "
+                                        f"of {ds.column_names}")
             config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
                                     use_prompt=opts.use_prompt, overrides=opts.config_overrides)
             check_compatibility(opts.model_path, {f"{s} split {paths[s]}": ds for s, ds in datasets.items()},
-                                config=config, token_dictionary=opts.token_dictionary, label_column=opts.label_column,
+                                config=config, token_dictionary=opts.token_dictionary,
+                                label_column=opts.label_column if isinstance(opts.label_column, str) else None,
                                 train_split=f"train split {paths['train']}", max_length=self.max_length,
                                 allow_low_gene_overlap=opts.allow_low_gene_overlap or opts.random_init, training=True,
                                 data_name=f"fold {fold} of {opts.dataset_name!r} under {opts.data_path}"
@@ -595,6 +598,22 @@ class _FoldData:
         return prov.data_fingerprint(paths, datasets, self.opts.label_column)
 
     def get(self, fold: int, model_max_length: int, family=None):
+        """``(label2id, cells, tasks)`` of the fold's train and val splits (``tasks``: a multi-task
+        run's :class:`~geneformer_peft.training.multitask.TaskSet`, else ``None``)."""
+        if fold not in self._cache and not isinstance(self.opts.label_column, str):
+            from geneformer_peft.training.multitask import TaskSet
+
+            _, datasets = self.datasets(fold)
+            tasks = TaskSet.from_datasets(datasets, self.opts.label_column)
+            length, values_column = self.max_length or model_max_length, None
+            if family is not None:
+                length, values_column = family.data_length(length), family.values_column
+            cells = {}
+            for name, ds in datasets.items():
+                cells[name] = EncodedCells.from_dataset(ds, max_length=length, name=f"fold {fold} {name}",
+                                                        values_column=values_column)
+                cells[name].labels = tasks.encode(ds, name=f"fold {fold} {name}")
+            self._cache[fold] = (tasks.label2id, cells, tasks)
         if fold not in self._cache:
             opts = self.opts
             _, datasets = self.datasets(fold)
@@ -611,7 +630,7 @@ class _FoldData:
                                                      max_length=length, name=f"fold {fold} {name}",
                                                      values_column=values_column)
                      for name, ds in datasets.items()}
-            self._cache[fold] = (label2id, cells)
+            self._cache[fold] = (label2id, cells, None)
         return self._cache[fold]
 
 
@@ -642,9 +661,12 @@ folds, validation excluded, as the job's ``train_cells_per_second`` counts them)
                                use_prompt=opts.use_prompt, overrides=opts.config_overrides)
         from geneformer_peft.models.families import family_of_config
 
-        label2id, cells = data.get(fold, probe.max_position_embeddings, family_of_config(probe))
+        label2id, cells, tasks = data.get(fold, probe.max_position_embeddings, family_of_config(probe))
+        overrides = config_overrides(opts)
+        if tasks is not None:
+            overrides["tasks"] = tasks.config_value()
         config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
-                                use_prompt=opts.use_prompt, label2id=label2id, overrides=opts.config_overrides)
+                                use_prompt=opts.use_prompt, label2id=label2id, overrides=overrides)
         for split in cells.values():
             check_vocabulary(split, config.vocab_size, opts)
             check_checkpoint_data(split, config, opts.model_path, opts.token_dictionary)
@@ -660,8 +682,17 @@ folds, validation excluded, as the job's ``train_cells_per_second`` counts them)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.to(device)
-        weights = (reference_class_weights(cells["train"].labels, config.num_labels, id2label=config.id2label)
-                   if args.class_weighting == "reference" else None)
+        objective = None
+        if tasks is not None:  # multi-task: the job's loss; the trial's score is the mean of the tasks' val macro-F1
+            from geneformer_peft.training.multitask import MultiTaskLoss, task_class_weights
+
+            objective = MultiTaskLoss(tasks, weights=opts.task_weights,
+                                      class_weights=task_class_weights(tasks, cells["train"].labels,
+                                                                       args.class_weighting))
+            weights = None
+        else:
+            weights = (reference_class_weights(cells["train"].labels, config.num_labels, id2label=config.id2label)
+                       if args.class_weighting == "reference" else None)
         from geneformer_peft.training.frozen_cache import FrozenPrefixCache
 
         cache = FrozenPrefixCache.for_model(model) if args.cache_frozen_layers else None
@@ -674,7 +705,8 @@ folds, validation excluded, as the job's ``train_cells_per_second`` counts them)
                 report(k * args.epochs + epoch - 1, float(np.mean(done)))
 
         trainer = FoldTrainer(model, cells["train"], cells["val"], args, class_weights=weights, device=device,
-                              checkpoint_dir=None, encoder_cache=cache, desc=f"fold {fold}", epoch_callback=on_epoch)
+                              checkpoint_dir=None, encoder_cache=cache, desc=f"fold {fold}", epoch_callback=on_epoch,
+                              objective=objective)
         fit = trainer.fit()
         per_fold.append(float(fit.best_val_macro_f1))
         epochs_run.append(fit.epochs_run)
@@ -838,7 +870,13 @@ def best_flags(opts: RunOptions, params: Mapping[str, Any]) -> dict[str, Any]:
              "--warmup_steps": t.warmup_steps, "--lr_schedule": t.lr_schedule, "--lr_end": t.lr_end,
              "--early_stopping_patience": t.early_stopping_patience, "--select_epoch_by": t.select_epoch_by,
              "--sampler": t.sampler, "--class_weighting": t.class_weighting, "--seed": t.seed,
-             "--precision": t.precision, "--label_column": opts.label_column}
+             "--precision": t.precision,
+             "--label_column": opts.label_column if isinstance(opts.label_column, str) else ",".join(opts.label_column)}
+    if opts.task_weights is not None:
+        flags["--task_weights"] = (opts.task_weights if isinstance(opts.task_weights, str)
+                                   else ",".join(repr(float(w)) for w in opts.task_weights))
+    if opts.pooling is not None:
+        flags["--pooling"] = opts.pooling
     if t.layer_decay is not None:
         flags["--layer_decay"] = t.layer_decay
     if t.max_length is not None:

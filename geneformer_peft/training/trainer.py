@@ -113,7 +113,8 @@ def make_sampler(cells: EncodedCells, args: TrainingArguments, *, num_replicas: 
                  rank: int = 0) -> torch.utils.data.Sampler:
     """The training sampler named by ``args.sampler``, sharded for ``rank`` of ``num_replicas``."""
     if args.sampler == "balanced":
-        return BalancedLengthGroupedSampler(cells.lengths, cells.labels, args.batch_size, seed=args.seed,
+        labels = cells.labels if cells.labels.ndim == 1 else cells.labels[:, 0]  # multi-task: the first task's
+        return BalancedLengthGroupedSampler(cells.lengths, labels, args.batch_size, seed=args.seed,
                                             num_replicas=num_replicas, rank=rank)
     if args.sampler == "length":
         return LengthGroupedSampler(cells.lengths, args.batch_size, seed=args.seed,
@@ -225,6 +226,10 @@ class FoldTrainer:
         Where the per-epoch checkpoint for resuming goes; ``None`` disables it.
     encoder_cache
         A :class:`~geneformer_peft.training.frozen_cache.FrozenPrefixCache` or ``None``.
+    objective
+        A multi-task classifier's :class:`~geneformer_peft.training.multitask.MultiTaskLoss`
+        (``train``/``val`` labels then (n_cells, n_tasks)); ``class_weights`` is unused and
+        validation scores are the means over tasks. ``None``: single-task cross-entropy.
     epoch_callback
         Called as ``epoch_callback(epoch, record)`` after each epoch (``record``: that epoch's
         history entry); an exception it raises (e.g. a hyperparameter search pruning the
@@ -233,13 +238,15 @@ class FoldTrainer:
 
     def __init__(self, model, train: EncodedCells, val: EncodedCells, args: TrainingArguments, *,
                  class_weights: torch.Tensor | None, device: torch.device, checkpoint_dir: Path | None = None,
-                 encoder_cache=None, desc: str = "fold", epoch_callback=None) -> None:
+                 encoder_cache=None, desc: str = "fold", epoch_callback=None, objective=None) -> None:
         self.model, self.train_cells, self.val_cells, self.args = model, train, val, args
         self.device = device
         self.class_weights = class_weights.to(device) if class_weights is not None else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.encoder_cache = encoder_cache
         self.epoch_callback = epoch_callback
+        self.objective = objective.to(device) if objective is not None else None
+        self.task_scores: dict[str, dict[str, float]] = {}  # multi-task: the last evaluation's per-task scores
         self.sampler = make_sampler(train, args, num_replicas=distributed.world_size(), rank=distributed.rank())
         self.runner = model
         if distributed.is_distributed():
@@ -253,6 +260,10 @@ class FoldTrainer:
                                  collate_fn=self._collate, num_workers=args.num_workers)
         self.optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
                                         layer_decay=args.layer_decay)
+        objective_params = [p for p in self.objective.parameters() if p.requires_grad] if objective else []
+        if objective_params:  # learned task weights: no decay (before the scheduler, which sets every group's rate)
+            self.optimizer.add_param_group({"params": objective_params, "weight_decay": 0.0, "lr": args.lr,
+                                            "name": "task_weighting"})
         self.total_steps = args.epochs * len(self.loader)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, warmup_steps=args.warmup_steps,
                                         warmup_ratio=args.warmup_ratio, schedule=args.lr_schedule,
@@ -264,6 +275,8 @@ class FoldTrainer:
 
     # ------------------------------------------------------------------ pieces
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.objective is not None:
+            return self.objective(logits, labels)
         return F.cross_entropy(logits.float(), labels, weight=self.class_weights)
 
     def forward_logits(self, batch) -> torch.Tensor:
@@ -276,6 +289,9 @@ class FoldTrainer:
         logits = predict_logits(self.model, cells, batch_size=self.args.eval_batch_size or self.args.batch_size,
                                 device=self.device, precision=self.args.precision, desc=desc,
                                 progress=self.args.progress, encoder_cache=self.encoder_cache)
+        if self.objective is not None:
+            loss, f1, self.task_scores = self.objective.evaluate(logits, cells.labels)
+            return loss, f1, logits
         labels = torch.from_numpy(cells.labels)
         weight = self.class_weights.cpu() if self.class_weights is not None else None
         loss = F.cross_entropy(torch.from_numpy(logits), labels, weight=weight).item()
@@ -295,6 +311,8 @@ class FoldTrainer:
                    "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), **state}
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
+        if self.objective is not None:
+            payload["objective"] = self.objective.state_dict()
         write_torch(path, payload)  # atomic, unique temp name; a full disk is an OSError naming the file
 
     def _load_checkpoint(self) -> dict | None:
@@ -332,6 +350,8 @@ class FoldTrainer:
                  "scheduler": copy.deepcopy(self.scheduler.state_dict()), "rng": _rng_state()}
         if self.scaler is not None:
             state["scaler"] = copy.deepcopy(self.scaler.state_dict())
+        if self.objective is not None:
+            state["objective"] = copy.deepcopy(self.objective.state_dict())
         return state
 
     def _restore(self, state: dict) -> None:
@@ -340,6 +360,8 @@ class FoldTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.objective is not None and "objective" in state:
+            self.objective.load_state_dict(state["objective"])
         _set_rng_state(state["rng"])
 
     def _discard_checkpoint(self, path: Path, reason: str) -> None:
@@ -377,6 +399,11 @@ class FoldTrainer:
             record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_macro_f1": val_f1,
                       "epoch_seconds": epoch_seconds, "train_cells_per_second": seen / max(epoch_seconds, 1e-9),
                       "lr": self.scheduler.get_last_lr()[0]}
+            if self.objective is not None:  # multi-task: the scores above are means over tasks
+                for name, scores in self.task_scores.items():
+                    record[f"val_loss.{name}"], record[f"val_macro_f1.{name}"] = scores["loss"], scores["macro_f1"]
+                for name, weight in zip(self.objective.tasks.names, self.objective.task_weights()):
+                    record[f"task_weight.{name}"] = weight
             result.history.append(record)
             result.epochs_run = epoch
             logger.info("%s epoch %d: train loss %.4f, val loss %.4f, val macro-F1 %.4f, %.1f cells/s",
