@@ -62,8 +62,8 @@ def _tokenize_raw(model_path: Path, path: Path, *, token_dictionary, gene_median
     if family.encoding == "cellfm":
         from geneformer_peft.data.cellfm import tokenize_cellfm
 
-        if gene_median_dictionary is not None:
-            raise DataError(f"--gene_median_dictionary applies to the rank value encoding; {model_path} is a CellFM "
+        if gene_median_dictionary is not None:  # (the wording the rank value options share)
+            raise DataError(f"--gene_median_dictionary apply to the rank value encoding; {model_path} is a CellFM "
                             "model, whose cells are tokenized with its tokenizer.json (or --token_dictionary)")
         vocabulary = token_dictionary or model_path
         return tokenize_cellfm(path, token_dictionary=vocabulary, gene_id_column=gene_id_column,
