@@ -114,24 +114,12 @@ def _predict_tasks(model, tasks, dataset, *, output, batch_size: int, device, ma
     task's column; empty where a cell lacks the label) and ``<task>_pred``, then ``<task>_confidence``
     and ``<task>_prob_<label>``; the metrics of the tasks whose column the dataset has (over the cells
     with a label), as a multi-task fold's metrics.json. ``unassign_threshold`` applies per task."""
-    from geneformer_peft.evaluation.tasks import MISSING, is_missing, task_predictions_frame
+    from geneformer_peft.evaluation.tasks import task_predictions_frame
 
     config = model.config
     family = family_of_config(config)
     present = [t for t in tasks if t.name in dataset.column_names]
-    labels = None
-    if present:
-        labels = np.full((len(dataset), len(tasks)), MISSING, dtype=np.int64)
-        for k, task in enumerate(tasks):
-            if task not in present:
-                continue
-            index = {label: i for i, label in enumerate(task.labels)}
-            values = dataset[task.name]
-            unknown = sorted({str(v) for v in values if not is_missing(v) and str(v) not in index})
-            if unknown:
-                raise DataError(f"column {task.name!r} holds labels the model was not trained on: {unknown}; "
-                                f"the model's labels of task {task.name!r}: {list(task.labels)}")
-            labels[:, k] = [MISSING if is_missing(v) else index[str(v)] for v in values]
+    labels = tasks.encode(dataset, name="input", for_prediction=True) if present else None
     length = family.data_length(max_length or family.input_length(config))
     if family.values_column is not None:
         cells = EncodedCells.from_dataset(dataset, max_length=length, name="input", values_column=family.values_column)

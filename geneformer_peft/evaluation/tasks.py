@@ -134,16 +134,21 @@ class TaskSet:
             tasks.append((column, [str(v) for v in sorted(found)]))
         return cls(tasks)
 
-    def encode(self, dataset, *, name: str = "cells") -> np.ndarray:
+    def encode(self, dataset, *, name: str = "cells", for_prediction: bool = False) -> np.ndarray:
         """(n_cells, n_tasks) int64 label ids of ``dataset``, :data:`MISSING` where a task's label is missing.
+
+        ``for_prediction``: cells to predict, which need no label: a task whose column the dataset
+        lacks is all :data:`MISSING` and unlabelled cells are kept.
 
         Raises
         ------
         DataError
-            For a label outside the task's label set, or cells without any label.
+            For a label outside the task's label set, or (training) cells without any label.
         """
         out = np.full((len(dataset), len(self.tasks)), MISSING, dtype=np.int64)
         for k, task in enumerate(self.tasks):
+            if for_prediction and task.name not in dataset.column_names:
+                continue
             index = {label: i for i, label in enumerate(task.labels)}
             values = dataset[task.name]
             unknown = sorted({str(v) for v in values if not is_missing(v) and str(v) not in index})
@@ -152,7 +157,7 @@ class TaskSet:
                                 f"{list(task.labels)}")
             out[:, k] = [MISSING if is_missing(v) else index[str(v)] for v in values]
         unlabelled = np.flatnonzero((out == MISSING).all(axis=1))
-        if len(unlabelled):
+        if len(unlabelled) and not for_prediction:
             raise DataError(f"{name}: {len(unlabelled)} cells have no label in any of the columns {self.names} "
                             f"(e.g. rows {unlabelled[:5].tolist()}); expected at least one label per cell "
                             "(a cell missing one task's label counts for the other tasks)")
