@@ -113,3 +113,27 @@ def test_labels_of_different_types_across_splits_are_refused(job_data, tmp_path,
     assert "fold 1" in message and "holds values of different types across the splits" in message
     assert "'int'" in message and "'str'" in message
     assert not (jf.run_dir(tmp_path / "out", "lora", data) / "0").exists()
+
+
+def test_a_config_with_a_huge_hidden_size_is_refused_with_the_estimate(tmp_path, caplog):
+    """A checkpoint's own config.json asking for hidden_size 10**6: refused before allocating."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EXAMPLE_CKPT, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(hidden_size=10**6, intermediate_size=4 * 10**6)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert _finetune(tmp_path, "--model_path", str(ckpt), "--prompt_type", "lora") == 2
+    assert "hidden_size" in _error(caplog) and "GiB" in _error(caplog)
+
+
+@pytest.mark.parametrize("command", ["embed", "perturb"])
+def test_a_truncated_weight_file_is_named_by_embed_and_perturb(command, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EXAMPLE_CKPT, ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    argv = {"embed": ["embed", "--output", str(tmp_path / "e.csv"), "--no_plots"],
+            "perturb": ["perturb", "--output_dir", str(tmp_path / "p"), "--genes", "all", "--perturb_type", "delete",
+                        "--no_plots", "--max_ncells", "2"]}[command]
+    assert main([*argv, "--model_path", str(ckpt), "--input", str(EXAMPLE_TEST0), "--device", "cpu"]) == 2
+    assert str(weights) in _error(caplog) and "truncated or not a checkpoint" in _error(caplog)
