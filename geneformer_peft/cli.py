@@ -49,6 +49,15 @@ COMMANDS: dict[str, str] = {
     "check": "geneformer_peft.commands.check",
 }
 
+#: the commands whose rerun continues an interrupted run (finished folds, trials or chunks are
+#: kept); the others write their output whole or not at all, and a rerun starts again
+RESUMABLE = frozenset({"finetune", "classify-genes", "search", "perturb"})
+
+#: what a rerun does after Ctrl-C or SIGTERM, by whether the command resumes
+_RERUN = {True: "rerun the same command to resume where it stopped",
+          False: "nothing was written (this command writes its output whole or not at all); rerun the same command "
+                 "to start again"}
+
 #: error class -> exit code, first match wins. Bad input of any kind (a file that is missing,
 #: exists already or is not what was expected, a value out of range) is 2; so is a write that
 #: fails for a full disk, ``ulimit -f``, a read-only file system or a refused permission
@@ -145,6 +154,12 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _resumes(args: argparse.Namespace) -> bool:
+    """Whether the command being run continues an interrupted run (:data:`RESUMABLE`)."""
+    run = getattr(args, "_run", None)
+    return any(getattr(sys.modules.get(COMMANDS[name]), "run", None) is run for name in RESUMABLE)
+
+
 def _execute(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     with _Sigterm().installed() as sigterm:
@@ -152,10 +167,9 @@ def _execute(args: argparse.Namespace) -> int:
             return int(args._run(args) or 0)
         except KeyboardInterrupt as error:  # a RunInterrupted says where, e.g. "interrupted during fold 1 epoch 3; ..."
             if sigterm.received or isinstance(error, (Terminated, RunTerminated)):
-                logger.error("%s", str(error) or "terminated (SIGTERM); rerun the same command to resume where it "
-                                                 "stopped")
+                logger.error("%s", str(error) or f"terminated (SIGTERM); {_RERUN[_resumes(args)]}")
                 return 143
-            logger.error("%s", str(error) or "interrupted; rerun the same command to resume where it stopped")
+            logger.error("%s", str(error) or f"interrupted; {_RERUN[_resumes(args)]}")
             return 130
         except Exception as error:  # noqa: BLE001 - mapped below, anything else re-raised
             if sigterm.received:  # a library turned the interruption into its own error
