@@ -90,7 +90,11 @@ def keep_foreign_report(metrics_file: Path, output: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.training.run_lock import other_torchrun_rank
+
     result = write_embeddings(args)
+    if other_torchrun_rank():  # rank 0 writes and reports
+        return 0
     print(f"embeddings -> {result['output']}")
     for column, m in result["metrics"].items():
         knn = "n/a" if m["knn_accuracy"] is None else f"{m['knn_accuracy']:.4f} ± {m['knn_accuracy_std']:.4f}"

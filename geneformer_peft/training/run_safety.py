@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from geneformer_peft.training.provenance import (
     differing_keys_message,
     jsonable,
 )
-from geneformer_peft.training.run_lock import acquire_lock_file, process_runs, release_run_lock
+from geneformer_peft.training.run_lock import acquire_lock_file, other_torchrun_rank, process_runs, release_run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,10 @@ def guarded_output(output: str | os.PathLike, *, command: str, settings: Mapping
         Another job holds the output's lock.
     """
     output = Path(output)
+    if other_torchrun_rank():  # rank 0 guards and writes the output; what another rank writes is discarded
+        with tempfile.TemporaryDirectory(prefix=f"rank{os.environ.get('RANK')}_") as scratch:
+            yield Path(scratch) / output.name
+        return
     output.parent.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock_file(output.with_name(output.name + LOCK_SUFFIX), subject=output,
                              elsewhere=f"choose another {flag}")
