@@ -126,12 +126,16 @@ def test_a_config_with_a_huge_hidden_size_is_refused_with_the_estimate(tmp_path,
     assert "hidden_size" in _error(caplog) and "GiB" in _error(caplog)
 
 
+@pytest.mark.parametrize("spoil", ["truncated", "not a weight file"])
 @pytest.mark.parametrize("command", ["embed", "perturb"])
-def test_a_truncated_weight_file_is_named_by_embed_and_perturb(command, tmp_path, caplog):
+def test_a_truncated_or_foreign_weight_file_is_named_by_embed_and_perturb(command, spoil, tmp_path, caplog):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(EXAMPLE_CKPT, ckpt)
     weights = ckpt / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if spoil == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.write_bytes(bytes(range(256)) * 64)
     argv = {"embed": ["embed", "--output", str(tmp_path / "e.csv"), "--no_plots"],
             "perturb": ["perturb", "--output_dir", str(tmp_path / "p"), "--genes", "all", "--perturb_type", "delete",
                         "--no_plots", "--max_ncells", "2"]}[command]
