@@ -87,8 +87,16 @@ def _add_command(subparsers, name: str, module: ModuleType) -> None:
     sub.set_defaults(_run=module.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with one subparser per entry of :data:`COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser with one subparser per entry of :data:`COMMANDS`.
+
+    Parameters
+    ----------
+    only
+        Register this command alone, without importing the others' modules (what :func:`main`
+        does once the command line names a command: it parses the same, and a command's
+        start-up does not pay for the others').
+    """
     parser = argparse.ArgumentParser(
         prog="geneformer-peft",
         description="Parameter-efficient fine-tuning of Geneformer: data preparation, training, evaluation.",
@@ -96,8 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(parser, default="INFO")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
-        _add_command(subparsers, name, importlib.import_module(module_name))
+        if only is None or name == only:
+            _add_command(subparsers, name, importlib.import_module(module_name))
     return parser
+
+
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (after the top-level ``--log_level``), or ``None``
+    when it names none before anything else (e.g. ``--help``)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--log_level":
+            i += 2
+        elif argv[i].startswith("--log_level="):
+            i += 1
+        else:
+            return argv[i] if argv[i] in COMMANDS else None
+    return None
 
 
 def setup_logging(level: str) -> None:
@@ -186,7 +209,8 @@ def _execute(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 2 bad input or a failed write, 3 diverged,
     130 interrupted by Ctrl-C, 143 terminated by SIGTERM)."""
-    return _execute(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _execute(build_parser(only=_command_named(argv)).parse_args(argv))
 
 
 def run_command(command: str, argv: Sequence[str] | None = None, *, prog: str | None = None,
