@@ -141,3 +141,22 @@ def test_a_truncated_or_foreign_weight_file_is_named_by_embed_and_perturb(comman
                         "--no_plots", "--max_ncells", "2"]}[command]
     assert main([*argv, "--model_path", str(ckpt), "--input", str(EXAMPLE_TEST0), "--device", "cpu"]) == 2
     assert str(weights) in _error(caplog) and "truncated or not a checkpoint" in _error(caplog)
+
+
+def test_labels_coded_as_numbers_with_a_nan_are_named_as_missing(job_data, tmp_path, caplog):
+    """The issue's "labels ['nan'] not in label set [..., 'nan']": float class codes with a NaN."""
+    import job_factories as jf
+
+    data = jf.copy_job_data(job_data, tmp_path)
+    codes = {name: float(i) for i, name in enumerate(job_data.labels)}
+    for split in ("train", "val", "test"):
+        def coded(cols, split=split):
+            cols["cell_type"] = [codes[v] for v in cols["cell_type"]]
+            if split != "val":
+                cols["cell_type"][0] = float("nan")
+
+        jf.rewrite_split(data, 0, split, coded)
+    assert jf.run_finetune(data.finetune_argv(tmp_path / "out", "--prompt_type", "lora", "--folds", "0")) == 2
+    message = _error(caplog)
+    assert "missing labels" in message and "train split" in message and "not in the model's label set" not in message
+    assert not (jf.run_dir(tmp_path / "out", "lora", data) / "0").exists()
