@@ -223,6 +223,22 @@ def _exists_message(output: Path, flag: str, command: str, settings: Mapping[str
 
 
 @contextlib.contextmanager
+def _named_as_output(tmp: Path, output: Path) -> Iterator[None]:
+    """A write into the temporary that fails (full disk, ``ulimit -f``) names the file it was
+    to become, not the temporary's name, which the user never sees."""
+    try:
+        yield
+    except OSError as error:
+        if not error.filename:
+            raise
+        try:
+            inside = Path(error.filename).relative_to(tmp)
+        except ValueError:
+            raise error from None
+        raise type(error)(error.errno, error.strerror, str(output / inside)) from error
+
+
+@contextlib.contextmanager
 def guarded_output(output: str | os.PathLike, *, command: str, settings: Mapping[str, Any],
                    inputs: Mapping[str, str | os.PathLike | None], overwrite: bool, flag: str = "--output",
                    directory: bool = True) -> Iterator[Path]:
@@ -281,13 +297,15 @@ def guarded_output(output: str | os.PathLike, *, command: str, settings: Mapping
         record = command_provenance(command, settings, inputs)
         if directory:
             with atomic_directory(output, overwrite=overwrite) as tmp:
-                yield tmp
+                with _named_as_output(Path(tmp), output):
+                    yield tmp
                 write_json(tmp / PROVENANCE_FILE, record)
                 swapping = True
         else:
             beside = output_provenance_path(output, directory=False)
             with atomic_file(output, suffix=output.suffix, overwrite=overwrite) as tmp_name:
-                yield Path(tmp_name)
+                with _named_as_output(Path(tmp_name), output):
+                    yield Path(tmp_name)
                 with contextlib.suppress(FileNotFoundError):
                     beside.unlink()  # it describes the file about to be replaced
                 swapping = True

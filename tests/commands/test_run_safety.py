@@ -248,7 +248,7 @@ def _one_line(proc, reason: str, where: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert reason in last and str(where) in last, last
+    assert reason in last and str(where) in last and ".tmp-" not in last, last
 
 
 def _tmpfs_works() -> bool:
