@@ -117,7 +117,8 @@ def _command_options(command: str, data: Any, model: PathLike, output: PathLike 
 
     if is_anndata(data):
         options.update({k: path(v) if k.endswith("dictionary") else v for k, v in tokenize_options.items()})
-    return SimpleNamespace(command=command, input=path(data), model_path=Path(model), output=None if output is None else Path(output),
+    return SimpleNamespace(command=command, input=path(data), model_path=Path(model),
+                           output=None if output is None else Path(output),
                            **{k: path(v) if k in ("base_model", "token_dictionary") else v for k, v in options.items()})
 
 

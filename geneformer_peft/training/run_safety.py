@@ -229,12 +229,9 @@ def _named_as_output(tmp: Path, output: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if not error.filename:
+        if not error.filename or not Path(error.filename).is_relative_to(tmp):
             raise
-        try:
-            inside = Path(error.filename).relative_to(tmp)
-        except ValueError:
-            raise error from None
+        inside = Path(error.filename).relative_to(tmp)
         raise type(error)(error.errno, error.strerror, str(output / inside)) from error
 
 
