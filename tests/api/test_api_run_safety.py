@@ -95,3 +95,15 @@ def test_predict_and_embed_without_output_write_nothing(job_data, lora_fold, voc
     frame = gp.predict(job_data.cells, model=lora_fold, device="cpu")
     emb = gp.embed(job_data.cells, model=job_data.model_path, token_dictionary=vocab[0], device="cpu")
     assert len(frame) == emb.n_obs and list(tmp_path.iterdir()) == []
+
+
+def test_split_recognises_the_commands_folds_as_made_with_the_same_settings(job_data, tmp_path):
+    """gp.split records its settings as the command does (the command's name included): the
+    command's folds are refused as "the same settings", another seed names only the seed."""
+    assert main(["split", "--input", str(job_data.cells), "--dataset_name", "toy", "--output_dir", str(tmp_path),
+                 "--n_folds", "2"]) == 0
+    with pytest.raises(DataError, match="same settings"):
+        gp.split(job_data.cells, dataset_name="toy", output_dir=tmp_path, n_folds=2)
+    with pytest.raises(DataError, match=r"It was made with other settings than this command's:\n\s*options\.seed: 0 "
+                                        r"\(recorded\) -> 1 \(now\)$"):
+        gp.split(job_data.cells, dataset_name="toy", output_dir=tmp_path, n_folds=2, seed=1)
