@@ -49,6 +49,15 @@ COMMANDS: dict[str, str] = {
     "check": "geneformer_peft.commands.check",
 }
 
+#: the commands whose rerun continues an interrupted run (finished folds, trials or chunks are
+#: kept); the others write their output whole or not at all, and a rerun starts again
+RESUMABLE = frozenset({"finetune", "classify-genes", "search", "perturb"})
+
+#: what a rerun does after Ctrl-C or SIGTERM, by whether the command resumes
+_RERUN = {True: "rerun the same command to resume where it stopped",
+          False: "nothing was written (this command writes its output whole or not at all); rerun the same command "
+                 "to start again"}
+
 #: error class -> exit code, first match wins. Bad input of any kind (a file that is missing,
 #: exists already or is not what was expected, a value out of range) is 2; so is a write that
 #: fails for a full disk, ``ulimit -f``, a read-only file system or a refused permission
@@ -78,8 +87,16 @@ def _add_command(subparsers, name: str, module: ModuleType) -> None:
     sub.set_defaults(_run=module.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with one subparser per entry of :data:`COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser with one subparser per entry of :data:`COMMANDS`.
+
+    Parameters
+    ----------
+    only
+        Register this command alone, without importing the others' modules (what :func:`main`
+        does once the command line names a command: it parses the same, and a command's
+        start-up does not pay for the others').
+    """
     parser = argparse.ArgumentParser(
         prog="geneformer-peft",
         description="Parameter-efficient fine-tuning of Geneformer: data preparation, training, evaluation.",
@@ -87,8 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_level(parser, default="INFO")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
-        _add_command(subparsers, name, importlib.import_module(module_name))
+        if only is None or name == only:
+            _add_command(subparsers, name, importlib.import_module(module_name))
     return parser
+
+
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (after the top-level ``--log_level``), or ``None``
+    when it names none before anything else (e.g. ``--help``)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--log_level":
+            i += 2
+        elif argv[i].startswith("--log_level="):
+            i += 1
+        else:
+            return argv[i] if argv[i] in COMMANDS else None
+    return None
 
 
 def setup_logging(level: str) -> None:
@@ -145,6 +177,12 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _resumes(args: argparse.Namespace) -> bool:
+    """Whether the command being run continues an interrupted run (:data:`RESUMABLE`)."""
+    run = getattr(args, "_run", None)
+    return any(getattr(sys.modules.get(COMMANDS[name]), "run", None) is run for name in RESUMABLE)
+
+
 def _execute(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     with _Sigterm().installed() as sigterm:
@@ -152,10 +190,9 @@ def _execute(args: argparse.Namespace) -> int:
             return int(args._run(args) or 0)
         except KeyboardInterrupt as error:  # a RunInterrupted says where, e.g. "interrupted during fold 1 epoch 3; ..."
             if sigterm.received or isinstance(error, (Terminated, RunTerminated)):
-                logger.error("%s", str(error) or "terminated (SIGTERM); rerun the same command to resume where it "
-                                                 "stopped")
+                logger.error("%s", str(error) or f"terminated (SIGTERM); {_RERUN[_resumes(args)]}")
                 return 143
-            logger.error("%s", str(error) or "interrupted; rerun the same command to resume where it stopped")
+            logger.error("%s", str(error) or f"interrupted; {_RERUN[_resumes(args)]}")
             return 130
         except Exception as error:  # noqa: BLE001 - mapped below, anything else re-raised
             if sigterm.received:  # a library turned the interruption into its own error
@@ -172,7 +209,8 @@ def _execute(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 2 bad input or a failed write, 3 diverged,
     130 interrupted by Ctrl-C, 143 terminated by SIGTERM)."""
-    return _execute(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _execute(build_parser(only=_command_named(argv)).parse_args(argv))
 
 
 def run_command(command: str, argv: Sequence[str] | None = None, *, prog: str | None = None,

@@ -106,6 +106,22 @@ def _cells(data: Any, model, *, base_model=None, progress: bool = True, **tokeni
     return as_dataset(data, what="the input"), None
 
 
+def _command_options(command: str, data: Any, model: PathLike, output: PathLike | None, tokenize_options: dict,
+                     **options):
+    """The options of the command an API call mirrors, as its guard records them: paths as the
+    command's flags (an input in memory as ``None``), the tokenization of an AnnData besides."""
+    from types import SimpleNamespace
+
+    def path(value):
+        return Path(value) if isinstance(value, (str, Path)) else None
+
+    if is_anndata(data):
+        options.update({k: path(v) if k.endswith("dictionary") else v for k, v in tokenize_options.items()})
+    return SimpleNamespace(command=command, input=path(data), model_path=Path(model),
+                           output=None if output is None else Path(output),
+                           **{k: path(v) if k in ("base_model", "token_dictionary") else v for k, v in options.items()})
+
+
 def predict(
     data: Any,
     *,
@@ -157,19 +173,26 @@ def predict(
         A multi-task fold (docs/multitask.md): ``<task>_pred``, ``<task>_confidence``,
         ``<task>_prob_<label>`` and ``<task>_true`` per task, an AnnData's ``obs[key_added + "_" + task]``.
     """
-    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.commands.predict import write_predictions
     from geneformer_peft.evaluation.prediction import predict_cells
 
     prepare()
-    if output is not None:
-        check_output_path(Path(output), overwrite=overwrite, flag="output")
-    dataset, adata = _cells(data, model, base_model=base_model, token_dictionary=token_dictionary,
-                            gene_median_dictionary=gene_median_dictionary, gene_id_column=gene_id_column,
-                            gene_name_id_dictionary=gene_name_id_dictionary)
-    frame, metrics = predict_cells(model, dataset, output=output, base_model=base_model, label_column=label_column,
-                                   batch_size=batch_size, device=device, max_length=max_length,
-                                   unassign_threshold=unassign_threshold,
-                                   allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
+    tokenize_options = dict(token_dictionary=token_dictionary, gene_median_dictionary=gene_median_dictionary,
+                            gene_id_column=gene_id_column, gene_name_id_dictionary=gene_name_id_dictionary)
+    adata = data if is_anndata(data) else None
+    settings = dict(base_model=base_model, label_column=label_column, batch_size=batch_size, max_length=max_length,
+                    unassign_threshold=unassign_threshold, device=device,
+                    allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
+
+    def cells():
+        return _cells(data, model, base_model=base_model, **tokenize_options)[0]
+
+    if output is not None:  # through the command's run-safety guard, the cells made inside it
+        options = _command_options("predict", data, model, output, tokenize_options, **settings,
+                                   overwrite=overwrite)
+        frame, metrics = write_predictions(options, cells=cells)
+    else:
+        frame, metrics = predict_cells(model, cells(), output=None, **settings)
     if adata is not None:
         import pandas as pd
 
@@ -245,26 +268,41 @@ def embed(
     import anndata
 
     from geneformer_peft.analysis.runs import run_embed
-    from geneformer_peft.commands._common import check_output_path
+    from geneformer_peft.commands.embed import write_embeddings
 
     prepare()
-    if output is not None:
-        check_output_path(Path(output), overwrite=overwrite, flag="output")
     if max_ncells is not None and is_anndata(data) and emb_mode != "gene":
         raise DataError("max_ncells would leave cells of the AnnData without an embedding; subset the AnnData instead")
-    dataset, adata = _cells(data, model, base_model=base_model,
-                            token_dictionary=token_dictionary if is_anndata(data) else None,
-                            gene_median_dictionary=gene_median_dictionary, gene_id_column=gene_id_column,
-                            gene_name_id_dictionary=gene_name_id_dictionary)
+    adata = data if is_anndata(data) else None
+
+    def cells():
+        return _cells(data, model, base_model=base_model, token_dictionary=token_dictionary if adata is not None
+                      else None, gene_median_dictionary=gene_median_dictionary, gene_id_column=gene_id_column,
+                      gene_name_id_dictionary=gene_name_id_dictionary)[0]
+
     with tempfile.TemporaryDirectory(prefix="gp_embed_") as tmp:
-        target = Path(output) if output is not None else Path(tmp) / "embeddings.h5ad"
-        result = run_embed(model, dataset, target, base_model=base_model, emb_mode=emb_mode, emb_layer=emb_layer,
-                           label_columns=list(label_columns or ["cell_type"]), max_ncells=max_ncells,
-                           batch_size=batch_size, device=device, precision=precision,
-                           token_dictionary=token_dictionary, gene_per_label=gene_per_label,
-                           plots=plots and output is not None, metrics_output=None if output is not None else
-                           Path(tmp) / "embedding_metrics.json", random_init=random_init, seed=seed,
-                           allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base)
+        if output is not None:  # through the command's run-safety guard, the cells made inside it
+            target = Path(output)
+            tokenize_options = dict(gene_median_dictionary=gene_median_dictionary, gene_id_column=gene_id_column,
+                                    gene_name_id_dictionary=gene_name_id_dictionary)
+            options = _command_options(
+                "embed", data, model, output, tokenize_options,
+                base_model=base_model, emb_mode=emb_mode, emb_layer=emb_layer,
+                label_columns=list(label_columns) if label_columns else None, gene_per_label=gene_per_label,
+                max_ncells=max_ncells, batch_size=batch_size, precision=precision, device=device,
+                token_dictionary=token_dictionary, metrics_output=None, no_plots=not plots, random_init=random_init,
+                seed=seed, allow_low_gene_overlap=allow_low_gene_overlap, allow_other_base=allow_other_base,
+                overwrite=overwrite)
+            result = write_embeddings(options, cells=cells)
+        else:
+            target = Path(tmp) / "embeddings.h5ad"
+            result = run_embed(model, cells(), target, base_model=base_model, emb_mode=emb_mode,
+                               emb_layer=emb_layer, label_columns=list(label_columns or ["cell_type"]),
+                               max_ncells=max_ncells, batch_size=batch_size, device=device, precision=precision,
+                               token_dictionary=token_dictionary, gene_per_label=gene_per_label, plots=False,
+                               metrics_output=Path(tmp) / "embedding_metrics.json", random_init=random_init,
+                               seed=seed, allow_low_gene_overlap=allow_low_gene_overlap,
+                               allow_other_base=allow_other_base)
         if target.suffix.lower() == ".h5ad":
             out = anndata.read_h5ad(target)
         else:  # a table: read it back through the same writer's format

@@ -116,8 +116,9 @@ def tokenize(
         paths = {name: value if isinstance(value, (str, Path)) else None for name, value in (
             ("input", adata_or_path), ("token_dictionary", token_dictionary),
             ("gene_median_dictionary", gene_median_dictionary), ("gene_name_id_dictionary", gene_name_id_dictionary))}
-        options = SimpleNamespace(**paths, output=Path(output), build_vocab=build_vocab, gene_id_column=gene_id_column,
-                                  label_column=label_column, keep_columns=list(keep_columns),
+        options = SimpleNamespace(command="tokenize", **paths, output=Path(output), build_vocab=build_vocab,
+                                  gene_id_column=gene_id_column, label_column=label_column,
+                                  keep_columns=list(keep_columns),
                                   model_input_size=model_input_size, model_version=model_version,
                                   filter_column=filter_column, obs_filter=obs_filter, overwrite=overwrite)
         with guarded(options, "tokenize", inputs=tuple(paths), flag="output") as tmp:
@@ -189,9 +190,9 @@ def split(
     prepare()
     folder = Path(output_dir) / dataset_name
     # the command's guard: lock, whole folder or nothing, provenance, settings refused when changed
-    options = SimpleNamespace(input=Path(dataset) if isinstance(dataset, (str, Path)) else None, output=folder,
-                              dataset_name=dataset_name, n_folds=n_folds, label_column=label_column, seed=seed,
-                              val_fraction=val_fraction, overwrite=overwrite)
+    options = SimpleNamespace(command="split", input=Path(dataset) if isinstance(dataset, (str, Path)) else None,
+                              output=folder, dataset_name=dataset_name, n_folds=n_folds, label_column=label_column,
+                              seed=seed, val_fraction=val_fraction, overwrite=overwrite)
     with guarded(options, "split", flag="output_dir/dataset_name") as tmp:
         split_folds(as_dataset(dataset, what="dataset"), dataset_name=dataset_name, output_dir=output_dir,
                     n_folds=n_folds, label_column=label_column, seed=seed, val_fraction=val_fraction,

@@ -90,6 +90,42 @@ def keep_foreign_report(metrics_file: Path, output: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from geneformer_peft.training.run_lock import other_torchrun_rank
+
+    result = write_embeddings(args)
+    if other_torchrun_rank():  # rank 0 writes and reports
+        return 0
+    print(f"embeddings -> {result['output']}")
+    for column, m in result["metrics"].items():
+        knn = "n/a" if m["knn_accuracy"] is None else f"{m['knn_accuracy']:.4f} ± {m['knn_accuracy_std']:.4f}"
+        sil = "n/a" if m["silhouette"] is None else f"{m['silhouette']:.4f}"
+        print(f"{column}: kNN accuracy ({m['n_folds']}-fold, k={m['knn_k']}) {knn}, silhouette {sil}, "
+              f"{m['n_classes']} classes (majority share {m['majority_class_share']:.3f})")
+    if result["metrics_file"]:
+        print(f"metrics -> {result['metrics_file']}")
+    for path in result["plots"]:
+        print(f"plot -> {path}")
+    return 0
+
+
+def write_embeddings(args: argparse.Namespace, cells=None) -> dict:
+    """Embed and write ``args.output`` through the command's run-safety guard (lock, the table
+    whole or absent, provenance, changed settings refused) with the quality report moved in
+    after it; ``gp.embed(output=...)`` writes through this too.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command's options (``args.input``: the input's path, or ``None`` for ``cells``).
+    cells : datasets.Dataset or callable, optional
+        Tokenized cells in memory (or a function making them, called inside the guard), embedded
+        instead of ``args.input``.
+
+    Returns
+    -------
+    dict
+        :func:`geneformer_peft.analysis.runs.run_embed`'s result, ``metrics_file`` its final place.
+    """
     import contextlib
     import os
 
@@ -102,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         with guarded(args, "embed", inputs=("input", "model_path", "base_model", "token_dictionary"),
                      not_settings=("metrics_output",), directory=False) as tmp:
             staged = tmp.with_name(tmp.name + ".metrics.json")
-            result = run_embed(args.model_path, args.input, args.output, base_model=args.base_model,
+            data = args.input if cells is None else cells() if callable(cells) else cells
+            result = run_embed(args.model_path, data, args.output, base_model=args.base_model,
                                emb_mode=args.emb_mode, emb_layer=args.emb_layer,
                                label_columns=args.label_columns or ["cell_type"], max_ncells=args.max_ncells,
                                batch_size=args.batch_size, device=args.device, precision=args.precision,
@@ -120,14 +157,4 @@ def run(args: argparse.Namespace) -> int:
         if staged is not None:
             with contextlib.suppress(FileNotFoundError):
                 staged.unlink()
-    print(f"embeddings -> {result['output']}")
-    for column, m in result["metrics"].items():
-        knn = "n/a" if m["knn_accuracy"] is None else f"{m['knn_accuracy']:.4f} ± {m['knn_accuracy_std']:.4f}"
-        sil = "n/a" if m["silhouette"] is None else f"{m['silhouette']:.4f}"
-        print(f"{column}: kNN accuracy ({m['n_folds']}-fold, k={m['knn_k']}) {knn}, silhouette {sil}, "
-              f"{m['n_classes']} classes (majority share {m['majority_class_share']:.3f})")
-    if result["metrics_file"]:
-        print(f"metrics -> {result['metrics_file']}")
-    for path in result["plots"]:
-        print(f"plot -> {path}")
-    return 0
+    return result

@@ -88,12 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from geneformer_peft.analysis.perturbation import CHUNK_DIR
     from geneformer_peft.analysis.runs import run_perturb
-    from geneformer_peft.training.run_lock import run_lock
+    from geneformer_peft.training.run_lock import other_torchrun_rank, run_lock
     from geneformer_peft.training.run_safety import clean_stale_temps
 
-    with run_lock(args.output_dir):  # one scan per folder; it resumes, so the lock is inside it
-        clean_stale_temps(args.output_dir)
-        clean_stale_temps(args.output_dir / CHUNK_DIR)
+    main_rank = not other_torchrun_rank()  # under torchrun rank 0 locks, cleans and reports
+    with run_lock(args.output_dir, enabled=main_rank):  # one scan per folder; it resumes, so the lock is inside it
+        if main_rank:
+            clean_stale_temps(args.output_dir)
+            clean_stale_temps(args.output_dir / CHUNK_DIR)
         out = run_perturb(args.model_path, args.input, args.output_dir, genes=args.genes,
                           perturb_type=args.perturb_type, base_model=args.base_model,
                           token_dictionary=args.token_dictionary, filters=args.filters,
@@ -105,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                           class_probabilities=not args.no_class_probabilities, plots=not args.no_plots,
                           allow_low_gene_overlap=args.allow_low_gene_overlap,
                           allow_other_base=args.allow_other_base, overwrite=args.overwrite)
+    if not main_rank:
+        return 0
     summary, stats = out["summary"], out["stats"]
     print(f"{summary['n_perturbations']} perturbations of {summary['n_cells']} cells "
           f"(+{summary['n_null_perturbations']} null); {summary['n_tested_genes']} genes tested, "

@@ -44,18 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geneformer_peft.commands._common import guarded
-    from geneformer_peft.data.dataset_io import load_saved_dataset
-    from geneformer_peft.evaluation.prediction import predict_cells
-
-    with guarded(args, "predict", inputs=("input", "model_path", "base_model"), directory=False) as tmp:
-        dataset = load_saved_dataset(args.input)
-        frame, metrics = predict_cells(args.model_path, dataset, output=tmp, base_model=args.base_model,
-                                       label_column=args.label_column, batch_size=args.batch_size,
-                                       device=args.device, max_length=args.max_length,
-                                       unassign_threshold=args.unassign_threshold,
-                                       allow_low_gene_overlap=args.allow_low_gene_overlap,
-                                       allow_other_base=args.allow_other_base)
+    frame, metrics = write_predictions(args)
     print(f"{len(frame)} cells -> {args.output}")
     if metrics is not None and "accuracy" in metrics:
         print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
@@ -64,3 +53,34 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {task}: accuracy {entry['accuracy']:.4f}, macro-F1 {entry['macro_f1']:.4f} "
                   f"({entry['n_cells']} labelled cells)")
     return 0
+
+
+def write_predictions(args: argparse.Namespace, cells=None):
+    """Predict and write ``args.output`` through the command's run-safety guard (lock, the file
+    whole or absent, provenance, changed settings refused); ``gp.predict(output=...)`` writes
+    through this too.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command's options (``args.input``: the input's path, or ``None`` for ``cells``).
+    cells : datasets.Dataset or callable, optional
+        Tokenized cells in memory (or a function making them, called inside the guard), predicted
+        instead of ``args.input``.
+
+    Returns
+    -------
+    frame, metrics
+        As :func:`geneformer_peft.evaluation.prediction.predict_cells`.
+    """
+    from geneformer_peft.commands._common import guarded
+    from geneformer_peft.data.dataset_io import load_saved_dataset
+    from geneformer_peft.evaluation.prediction import predict_cells
+
+    with guarded(args, "predict", inputs=("input", "model_path", "base_model"), directory=False) as tmp:
+        dataset = load_saved_dataset(args.input) if cells is None else cells() if callable(cells) else cells
+        return predict_cells(args.model_path, dataset, output=tmp, base_model=args.base_model,
+                             label_column=args.label_column, batch_size=args.batch_size, device=args.device,
+                             max_length=args.max_length, unassign_threshold=args.unassign_threshold,
+                             allow_low_gene_overlap=args.allow_low_gene_overlap,
+                             allow_other_base=args.allow_other_base)

@@ -165,6 +165,13 @@ def release_run_lock(path: str | os.PathLike) -> None:
             os.unlink(path)
 
 
+def other_torchrun_rank() -> bool:
+    """Whether this process is a rank other than 0 of a ``torchrun`` launch, read from its
+    environment (so before the process group is joined): rank 0 alone locks, guards and writes
+    a command's output, and alone prints its summary."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike, *, enabled: bool = True) -> Iterator[Path | None]:
     """Hold ``<run_dir>/.lock`` for the block (nothing when ``enabled`` is False, e.g. on

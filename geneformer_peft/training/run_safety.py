@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from geneformer_peft.training.provenance import (
     differing_keys_message,
     jsonable,
 )
-from geneformer_peft.training.run_lock import acquire_lock_file, process_runs, release_run_lock
+from geneformer_peft.training.run_lock import acquire_lock_file, other_torchrun_rank, process_runs, release_run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,19 @@ def _exists_message(output: Path, flag: str, command: str, settings: Mapping[str
 
 
 @contextlib.contextmanager
+def _named_as_output(tmp: Path, output: Path) -> Iterator[None]:
+    """A write into the temporary that fails (full disk, ``ulimit -f``) names the file it was
+    to become, not the temporary's name, which the user never sees."""
+    try:
+        yield
+    except OSError as error:
+        if not error.filename or not Path(error.filename).is_relative_to(tmp):
+            raise
+        inside = Path(error.filename).relative_to(tmp)
+        raise type(error)(error.errno, error.strerror, str(output / inside)) from error
+
+
+@contextlib.contextmanager
 def guarded_output(output: str | os.PathLike, *, command: str, settings: Mapping[str, Any],
                    inputs: Mapping[str, str | os.PathLike | None], overwrite: bool, flag: str = "--output",
                    directory: bool = True) -> Iterator[Path]:
@@ -259,6 +273,10 @@ def guarded_output(output: str | os.PathLike, *, command: str, settings: Mapping
         Another job holds the output's lock.
     """
     output = Path(output)
+    if other_torchrun_rank():  # rank 0 guards and writes the output; what another rank writes is discarded
+        with tempfile.TemporaryDirectory(prefix=f"rank{os.environ.get('RANK')}_") as scratch:
+            yield Path(scratch) / output.name
+        return
     output.parent.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock_file(output.with_name(output.name + LOCK_SUFFIX), subject=output,
                              elsewhere=f"choose another {flag}")
@@ -276,13 +294,15 @@ def guarded_output(output: str | os.PathLike, *, command: str, settings: Mapping
         record = command_provenance(command, settings, inputs)
         if directory:
             with atomic_directory(output, overwrite=overwrite) as tmp:
-                yield tmp
+                with _named_as_output(Path(tmp), output):
+                    yield tmp
                 write_json(tmp / PROVENANCE_FILE, record)
                 swapping = True
         else:
             beside = output_provenance_path(output, directory=False)
             with atomic_file(output, suffix=output.suffix, overwrite=overwrite) as tmp_name:
-                yield Path(tmp_name)
+                with _named_as_output(Path(tmp_name), output):
+                    yield Path(tmp_name)
                 with contextlib.suppress(FileNotFoundError):
                     beside.unlink()  # it describes the file about to be replaced
                 swapping = True

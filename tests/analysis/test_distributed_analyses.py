@@ -52,3 +52,24 @@ def test_gather_rows_in_one_process_puts_rows_in_input_order():
     with pytest.raises(RuntimeError, match="not given exactly once"):
         distributed.gather_rows(np.array([0, 0, 1]), values, 3)
     assert list(distributed.shard_of(5)) == [0, 1, 2, 3, 4]
+
+
+def test_the_commands_under_torchrun_guard_and_report_once(tmp_path):
+    """``torchrun -m geneformer_peft.cli embed|perturb``: rank 0 alone takes the output's lock
+    (another rank's lock attempt refused the run) and prints the summary (every rank did)."""
+    hf_checkpoint(tmp_path / "ckpt")
+    save_cells(make_cells(10, v2=True, seed=3, min_genes=6, max_genes=20, always=(20,)), tmp_path / "cells.dataset")
+    common = ["--model_path", str(tmp_path / "ckpt"), "--input", str(tmp_path / "cells.dataset"), "--device", "cpu",
+              "--no_plots", "--batch_size", "4"]
+    for argv, line in ((["embed", *common, "--output", str(tmp_path / "emb.csv")], "embeddings -> "),
+                       (["perturb", *common, "--output_dir", str(tmp_path / "scan"), "--genes", "ENSGTEST0000020",
+                         "--perturb_type", "delete", "--chunk_cells", "3", "--n_null", "2"], " perturbations of ")):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "geneformer_peft.cli", *argv],
+                              capture_output=True, text=True, timeout=300, env=jf._subprocess_env(), cwd=jf.ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.stdout.count(line) == 1, proc.stdout
+    assert len(pd.read_csv(tmp_path / "emb.csv")) == 10
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("emb", ".emb"))) == [
+        "emb.csv", "emb.csv.provenance.json", "embedding_metrics.json"]
+    assert (tmp_path / "scan" / "gene_stats.csv").is_file() and not (tmp_path / "scan" / ".lock").exists()

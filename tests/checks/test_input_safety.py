@@ -113,3 +113,50 @@ def test_labels_of_different_types_across_splits_are_refused(job_data, tmp_path,
     assert "fold 1" in message and "holds values of different types across the splits" in message
     assert "'int'" in message and "'str'" in message
     assert not (jf.run_dir(tmp_path / "out", "lora", data) / "0").exists()
+
+
+def test_a_config_with_a_huge_hidden_size_is_refused_with_the_estimate(tmp_path, caplog):
+    """A checkpoint's own config.json asking for hidden_size 10**6: refused before allocating."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EXAMPLE_CKPT, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(hidden_size=10**6, intermediate_size=4 * 10**6)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert _finetune(tmp_path, "--model_path", str(ckpt), "--prompt_type", "lora") == 2
+    assert "hidden_size" in _error(caplog) and "GiB" in _error(caplog)
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "not a weight file"])
+@pytest.mark.parametrize("command", ["embed", "perturb"])
+def test_a_truncated_or_foreign_weight_file_is_named_by_embed_and_perturb(command, spoil, tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EXAMPLE_CKPT, ckpt)
+    weights = ckpt / "model.safetensors"
+    if spoil == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.write_bytes(bytes(range(256)) * 64)
+    argv = {"embed": ["embed", "--output", str(tmp_path / "e.csv"), "--no_plots"],
+            "perturb": ["perturb", "--output_dir", str(tmp_path / "p"), "--genes", "all", "--perturb_type", "delete",
+                        "--no_plots", "--max_ncells", "2"]}[command]
+    assert main([*argv, "--model_path", str(ckpt), "--input", str(EXAMPLE_TEST0), "--device", "cpu"]) == 2
+    assert str(weights) in _error(caplog) and "truncated or not a checkpoint" in _error(caplog)
+
+
+def test_labels_coded_as_numbers_with_a_nan_are_named_as_missing(job_data, tmp_path, caplog):
+    """The issue's "labels ['nan'] not in label set [..., 'nan']": float class codes with a NaN."""
+    import job_factories as jf
+
+    data = jf.copy_job_data(job_data, tmp_path)
+    codes = {name: float(i) for i, name in enumerate(job_data.labels)}
+    for split in ("train", "val", "test"):
+        def coded(cols, split=split):
+            cols["cell_type"] = [codes[v] for v in cols["cell_type"]]
+            if split != "val":
+                cols["cell_type"][0] = float("nan")
+
+        jf.rewrite_split(data, 0, split, coded)
+    assert jf.run_finetune(data.finetune_argv(tmp_path / "out", "--prompt_type", "lora", "--folds", "0")) == 2
+    message = _error(caplog)
+    assert "missing labels" in message and "train split" in message and "not in the model's label set" not in message
+    assert not (jf.run_dir(tmp_path / "out", "lora", data) / "0").exists()

@@ -120,3 +120,24 @@ def test_script_runs_through_the_cli(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert module.main(["--model_path", str(missing), "--output_path", str(tmp_path)]) == 2
     assert any(str(missing) in r.getMessage() for r in caplog.records)
+
+
+def test_a_command_line_imports_the_command_it_names_alone(tmp_path):
+    """Start-up cost: ``geneformer-peft tokenize ...`` builds tokenize's parser only, without
+    importing the other command modules (it parses the same); ``--help`` still lists them all."""
+    import job_factories as jf
+
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith('geneformer_peft.commands.')"
+            " and not m.split('.')[-1].startswith('_'))))\n"
+            "from geneformer_peft import cli\n"
+            "sys.exit(cli.main(['--log_level', 'ERROR', 'tokenize', '--input', sys.argv[1], '--output', sys.argv[2]]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none.h5ad"), str(tmp_path / "out.dataset")],
+                          capture_output=True, text=True, env=jf._subprocess_env(), cwd=jf.ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['geneformer_peft.commands.tokenize']"
+    helped = subprocess.run([sys.executable, "-m", "geneformer_peft.cli", "--help"], capture_output=True, text=True,
+                            env=jf._subprocess_env(), cwd=jf.ROOT, timeout=120)
+    from geneformer_peft.cli import COMMANDS
+
+    assert all(name in helped.stdout for name in COMMANDS)

@@ -5,6 +5,7 @@ a private tmpfs mount through ``unshare`` for a full disk and a read-only file s
 where the machine does not allow it)."""
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -246,8 +247,39 @@ def test_sigterm_is_one_line_exit_143_and_the_handler_is_restored(monkeypatch, c
     with caplog.at_level(logging.ERROR):
         status = cli.main(["split", "--input", "a", "--dataset_name", "x", "--output_dir", str(tmp_path)])
     assert status == 143
-    assert _errors(caplog) == ["terminated (SIGTERM); rerun the same command to resume where it stopped"]
+    assert _errors(caplog) == ["terminated (SIGTERM); nothing was written (this command writes its output whole or "
+                               "not at all); rerun the same command to start again"]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("command, resumes", [(name, name in cli.RESUMABLE) for name in cli.COMMANDS])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_interruption_line_says_resume_only_for_commands_that_resume(command, resumes, signum, monkeypatch,
+                                                                          caplog):
+    """Ctrl-C or SIGTERM in any command: "resume" where a rerun continues (finished folds,
+    trials or chunks kept), "start again" where the output is written whole or not at all."""
+    import importlib
+
+    if signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("the test runner has its own SIGTERM handler, which the command line leaves alone")
+    module = importlib.import_module(cli.COMMANDS[command])
+
+    def stopped(args):
+        os.kill(os.getpid(), signum)
+        time.sleep(10)  # the handler raises at once
+        raise AssertionError("the signal did not stop the command")
+
+    monkeypatch.setattr(module, "run", stopped)
+    parser = cli.build_parser()
+    args = argparse.Namespace(log_level="INFO", _run=module.run)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        status = cli._execute(args)
+    assert status == (130 if signum == signal.SIGINT else 143)
+    [line] = _errors(caplog)
+    assert ("rerun the same command to resume" in line) == resumes, line
+    assert ("nothing was written" in line and "start again" in line) == (not resumes), line
+    assert parser  # every command is registered
 
 
 def test_an_ignored_sigterm_stays_ignored(monkeypatch, tmp_path):

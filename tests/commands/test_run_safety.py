@@ -210,3 +210,79 @@ def test_command_output_is_guarded(command, inputs, job_data, tmp_path, monkeypa
     assert str(other) in _error(caplog) and "another job" in _error(caplog)
     assert _snapshot(other) == {"theirs" if is_dir else "": b"theirs"}
     assert sorted(p.name for p in other.parent.iterdir()) == [name]
+
+
+# ----------------------------------------------------------------------------- failed writes per command
+
+
+def _finetune(i, job_data, out):
+    return ["finetune", *job_data.finetune_argv(out, "--prompt_type", "lora", "--folds", "0", "--epoch", "1",
+                                                "--baselines", "none")]
+
+
+#: issue 22's commands whose failed writes ended in a traceback: argv of an output under a folder
+FAULT_COMMANDS = {"finetune": (_finetune, "run"), "tokenize": (_tokenize, "cells.dataset"),
+                  "embed": (_embed, "e.csv"), "predict": (_predict, "p.csv")}
+
+
+def _cli_under(argv: list[str], *, mount: Path | None = None, options: str = "", fsize: int | None = None):
+    """``geneformer-peft ARGV`` in a subprocess, under a private tmpfs mounted at ``mount`` with
+    ``options`` and/or a ``ulimit -f`` of ``fsize`` bytes."""
+    import shlex
+
+    command = [sys.executable, "-m", "geneformer_peft.cli", *argv]
+    if mount is not None:
+        command = ["unshare", "-rm", "sh", "-c",
+                   f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(mount))} && exec {shlex.join(command)}"]
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
+
+    return subprocess.run(command, cwd=jf.ROOT, env=jf._subprocess_env(), capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit if fsize is not None else None)
+
+
+def _one_line(proc, reason: str, where: Path) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert reason in last and str(where) in last and ".tmp-" not in last, last
+
+
+def _tmpfs_works() -> bool:
+    import shutil
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as probe:
+        try:
+            return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+                                  capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
+@pytest.mark.parametrize("command", list(FAULT_COMMANDS))
+@pytest.mark.parametrize("fault", ["read-only", "full disk"])
+def test_a_read_only_or_full_output_folder_is_one_line_exit_2(fault, command, inputs, job_data, tmp_path):
+    """The output under a private tmpfs, mounted read-only or holding one page (the lock fills it)."""
+    if not _tmpfs_works():
+        pytest.skip("no private mount namespace (unshare -rm) to mount a tmpfs in")
+    build, name = FAULT_COMMANDS[command]
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    options, reason = {"read-only": ("size=1m,ro", "read-only file system: "),
+                       "full disk": ("size=4k", "no space left on device while writing ")}[fault]
+    _one_line(_cli_under(build(inputs, job_data, mount / name), mount=mount, options=options), reason, mount)
+
+
+@pytest.mark.parametrize("command", list(FAULT_COMMANDS))
+def test_ulimit_f_is_one_line_exit_2(command, inputs, job_data, tmp_path):
+    build, name = FAULT_COMMANDS[command]
+    out = tmp_path / "out" / name
+    _one_line(_cli_under(build(inputs, job_data, out), fsize=1024), "file too large (ulimit -f?) while writing ",
+              tmp_path / "out")
+    assert not out.exists() or command == "finetune" and not list(out.rglob("fold_done.json"))

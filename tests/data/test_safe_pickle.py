@@ -67,3 +67,27 @@ def test_geneformer_dictionaries_load():
     assert tokens == reference
     medians = load_gene_median_dictionary(SHARED / "geneformer_v1_gene_median_dictionary.pkl")
     assert len(medians) == 25424 and all(value > 0 for value in medians.values())
+
+
+@pytest.mark.parametrize("flag", ["--token_dictionary", "--gene_median_dictionary"])
+def test_tokenize_with_a_planted_dictionary_runs_nothing_and_exits_2(flag, tmp_path, caplog):
+    """The command line as the issue tried it: a crafted dictionary ran code and tokenize exited 0."""
+    from data_factories import make_adata, make_vocab
+
+    from geneformer_peft.cli import main
+
+    adata = make_adata(8, 6, seed=1)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    tokens, medians = make_vocab(list(adata.var_names), seed=1)
+    marker = tmp_path / "ran"
+    planted = {"--token_dictionary": {**tokens, "<extra>": _Planted(marker)},
+               "--gene_median_dictionary": {**medians, "ENSGX": _Planted(marker)}}[flag]
+    paths = {"--token_dictionary": tmp_path / "tokens.pkl", "--gene_median_dictionary": tmp_path / "medians.pkl"}
+    paths["--token_dictionary"].write_bytes(pickle.dumps(tokens))
+    paths["--gene_median_dictionary"].write_bytes(pickle.dumps(medians))
+    paths[flag].write_bytes(pickle.dumps(planted))
+    status = main(["tokenize", "--input", str(tmp_path / "cells.h5ad"), "--output", str(tmp_path / "out.dataset"),
+                   "--token_dictionary", str(paths["--token_dictionary"]), "--gene_median_dictionary",
+                   str(paths["--gene_median_dictionary"]), "--no_progress"])
+    assert status == 2 and not marker.exists() and not (tmp_path / "out.dataset").exists()
+    assert str(paths[flag]) in caplog.text

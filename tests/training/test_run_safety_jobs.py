@@ -64,6 +64,27 @@ def test_interrupted_finetune_overwrite_keeps_the_finished_fold(job_data, tmp_pa
     assert jf.read_json(run / "0" / "provenance.json")["settings"]["training"]["seed"] == 4
 
 
+def test_finetune_overwrite_on_a_full_disk_keeps_the_finished_fold(job_data, tmp_path, monkeypatch, caplog):
+    """The third way the issue lost a fold: the disk fills while the new fold is written."""
+    import errno
+
+    argv = job_data.finetune_argv(tmp_path, "--prompt_type", "lora", "--folds", "0", "--epoch", "1",
+                                  "--baselines", "none")
+    assert jf.run_finetune(argv) == 0
+    run = jf.run_dir(tmp_path, "lora", job_data)
+    fold, summary = _files(run / "0"), {n: (run / n).read_bytes() for n in ("summary.json", "summary.csv")}
+
+    def fit(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "0.tmp-x" / "model.safetensors"))
+
+    monkeypatch.setattr(trainer_module.FoldTrainer, "fit", fit)
+    caplog.clear()
+    assert jf.run_finetune([*argv, "--overwrite"]) == 2
+    assert "no space left on device while writing " in _error(caplog)
+    assert _files(run / "0") == fold and {n: (run / n).read_bytes() for n in summary} == summary
+    assert not [p.name for p in run.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
 # ----------------------------------------------------------------------------- classify-genes
 
 
