@@ -99,6 +99,19 @@ def _fixed_length_problems(dataset, where: str, config) -> list[str]:
     return []
 
 
+def _mixed_label_types(column: str, values: dict[str, Any]) -> str | None:
+    """The problem of a label column whose (non-missing) values are of several types across the
+    splits, e.g. strings in train and integers in test; ``None`` when they are of one type."""
+    from geneformer_peft.evaluation.tasks import is_missing
+
+    kinds = {split: sorted({type(v).__name__ for v in vals if not is_missing(v)}) for split, vals in values.items()}
+    if len({kind for names in kinds.values() for kind in names}) <= 1:
+        return None
+    return (f"label column {column!r} holds values of different types across the splits "
+            f"({', '.join(f'{split}: {names}' for split, names in kinds.items())}); expected one type (e.g. all "
+            "strings): tokenize and split the cells again from one labelled file")
+
+
 def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict | None,
                 token_dictionary: dict | None, environment: dict) -> FoldCheck:
     check = FoldCheck(fold)
@@ -129,11 +142,8 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
         if None in found[split]:
             check.problems.append(f"{where}: label column {column!r} holds missing values (None); expected a "
                                   "label per cell")
-    kinds = {split: sorted({type(v).__name__ for v in values}) for split, values in found.items()}
-    if len({kind for names in kinds.values() for kind in names}) > 1:
-        check.problems.append(f"label column {column!r} holds values of different types across the splits "
-                              f"({', '.join(f'{split}: {names}' for split, names in kinds.items())}); expected one "
-                              "type (e.g. all strings): tokenize and split the cells again from one labelled file")
+    if mixed := _mixed_label_types(column, found):
+        check.problems.append(mixed)
     if check.problems:
         return check
     for split in ("val", "test"):
@@ -208,12 +218,8 @@ def _check_multitask_fold(opts, check: FoldCheck, paths, datasets, *, hashes, ch
     if check.problems:
         return check
     for column in columns:
-        kinds = {split: sorted({type(v).__name__ for v in ds.unique(column) if not is_missing(v)})
-                 for split, ds in datasets.items()}
-        if len({kind for names in kinds.values() for kind in names}) > 1:
-            check.problems.append(f"label column {column!r} holds values of different types across the splits "
-                                  f"({', '.join(f'{split}: {names}' for split, names in kinds.items())}); expected "
-                                  "one type (e.g. all strings)")
+        if mixed := _mixed_label_types(column, {split: ds.unique(column) for split, ds in datasets.items()}):
+            check.problems.append(mixed)
         train = {str(v) for v in datasets["train"].unique(column) if not is_missing(v)}
         for split in ("val", "test"):
             absent = sorted({str(v) for v in datasets[split].unique(column) if not is_missing(v)} - train)

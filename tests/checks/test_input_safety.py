@@ -115,6 +115,18 @@ def test_labels_of_different_types_across_splits_are_refused(job_data, tmp_path,
     assert not (jf.run_dir(tmp_path / "out", "lora", data) / "0").exists()
 
 
+def test_a_missing_label_is_named_as_missing_not_as_another_type(job_data, tmp_path, caplog):
+    """One None among the string labels of a single-task run: refused as a missing label, without
+    a second problem calling None a value of another type."""
+    import job_factories as jf
+
+    data = jf.copy_job_data(job_data, tmp_path)
+    jf.rewrite_split(data, 0, "train", lambda cols: cols["cell_type"].__setitem__(3, None))
+    assert jf.run_finetune(data.finetune_argv(tmp_path / "out", "--prompt_type", "lora", "--folds", "0")) == 2
+    message = _error(caplog)
+    assert "holds missing values (None)" in message and "different types" not in message
+
+
 def test_a_config_with_a_huge_hidden_size_is_refused_with_the_estimate(tmp_path, caplog):
     """A checkpoint's own config.json asking for hidden_size 10**6: refused before allocating."""
     ckpt = tmp_path / "ckpt"
