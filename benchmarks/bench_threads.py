@@ -41,7 +41,7 @@ def build_trainer():
     from geneformer_peft.data.cells import EncodedCells
     from geneformer_peft.data.folds import label_mapping, load_fold
     from geneformer_peft.data.samplers import class_weights
-    from geneformer_peft.models.loading import load_classifier
+    from geneformer_peft.models.loading import load_classifier, resolve_config
     from geneformer_peft.training.arguments import TrainingArguments
     from geneformer_peft.training.cross_validation import RunOptions
     from geneformer_peft.training.preflight import fold_config
@@ -59,7 +59,7 @@ def build_trainer():
     train, val, test = load_fold(opts.data_path, opts.dataset_name, 0)
     label2id, _ = label_mapping(train, val, test, opts.label_column)
     label2id = {str(k): v for k, v in label2id.items()}
-    config = fold_config(opts, label2id)
+    config = fold_config(resolve_config(opts.model_path), opts, label2id)
     model = load_classifier(opts.model_path, config)
     mark_trainable(model)
     cells = {name: EncodedCells.from_dataset(ds, label_column=opts.label_column,

@@ -165,6 +165,8 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
                            use_prompt=opts.use_prompt, overrides=opts.config_overrides)  # --pooling: check_pooling
     prompt_type = probe.prompt_type if probe.peft_methods else ""
     check_pooling(opts, probe)
+    # the run's config, resolved once here; each fold's adds its labels (preflight.fold_config)
+    base_config = probe.copy(classifier_pooling=opts.pooling) if opts.pooling is not None else probe
     if args.quantize is not None:  # refused (or the missing extra named) before any fold starts
         check_quantizable(probe, args.quantize, source=str(opts.config_path or opts.model_path))
         try:
@@ -192,7 +194,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
         if vocabulary_source(opts) is None:
             logger.warning("no gene vocabulary: %s has no tokenizer.json and --token_dictionary was not given, "
                            "so the fold folders will not say which gene each token id is", opts.model_path)
-        checks = check_folds(opts, folds, hash_cache=run_dir / ".cache" / "file_hashes.json",
+        checks = check_folds(opts, folds, base_config=base_config, hash_cache=run_dir / ".cache" / "file_hashes.json",
                              environment={"versions": settings["versions"], "device": str(device)})
         refuse_changed_settings(opts, run_dir, checks)
         report_compatibility(run_dir, checks)
@@ -212,7 +214,7 @@ def run_cross_validation(opts: RunOptions) -> dict[str, Any]:
                                       "remove it or pass --overwrite")
             else:
                 record_resume_provenance(run_dir, fold, provenance[fold])
-                metrics = train_fold(opts, fold, fold_dir, device)
+                metrics = train_fold(opts, fold, fold_dir, device, base_config)
             fold_metrics.append(metrics)
             fold_ids.append(fold)
             fold_baselines.append(baseline_job.read_fold_baseline(fold_dir) if opts.baselines != "none" else None)
@@ -365,8 +367,9 @@ def recorded_settings(run_dir: Path, fold_ids: list[int], settings: dict, checks
     return out
 
 
-def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device) -> dict[str, Any]:
-    """Train, select, test and write one fold; return its metrics."""
+def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device, base_config) -> dict[str, Any]:
+    """Train, select, test and write one fold (``base_config``: the run's resolved checkpoint
+    config, without labels); return its metrics."""
     args = opts.training
     set_seed(args.seed + fold)
     train_ds, val_ds, test_ds = load_fold(opts.data_path, opts.dataset_name, fold)
@@ -375,10 +378,10 @@ def train_fold(opts: RunOptions, fold: int, fold_dir: Path, device: torch.device
         label2id, _ = label_mapping(train_ds, val_ds, test_ds, opts.label_column)
         label2id = {str(k): v for k, v in label2id.items()}
         # finetune_max_length is recorded in the fold's config.json, so that prediction keeps the same genes per cell
-        config = fold_config(opts, label2id)
+        config = fold_config(base_config, opts, label2id)
     else:  # multi-task: one block of the classifier's rows per task (training/multitask.py)
         tasks = TaskSet.from_datasets({"train": train_ds, "val": val_ds, "test": test_ds}, opts.label_column)
-        config = fold_config(opts, tasks.label2id, tasks=tasks)
+        config = fold_config(base_config, opts, tasks.label2id, tasks=tasks)
     if opts.random_init:  # ablation: the same architecture without the pretrained weights
         from geneformer_peft.models.families import family_of_config
         model = family_of_config(config).classifier_class(config)  # the checkpoint's model family

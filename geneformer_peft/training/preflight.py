@@ -29,7 +29,6 @@ from geneformer_peft.checks.data import token_id_problems
 from geneformer_peft.data.dataset_io import load_saved_dataset
 from geneformer_peft.data.folds import SPLITS, fold_paths
 from geneformer_peft.errors import DataError
-from geneformer_peft.models.loading import resolve_config
 from geneformer_peft.training import provenance as prov
 
 logger = logging.getLogger(__name__)
@@ -70,16 +69,16 @@ def config_overrides(opts) -> dict:
     return overrides
 
 
-def fold_config(opts, label2id: dict[str, int], tasks=None):
-    """The fold's model config: the resolved checkpoint config with the fold's labels and
-    the ``finetune_max_length`` that prediction reuses; a multi-task run's ``tasks``
-    (a :class:`~geneformer_peft.training.multitask.TaskSet`) recorded under ``tasks``."""
-    overrides = config_overrides(opts)
+def fold_config(base, opts, label2id: dict[str, int], tasks=None):
+    """The fold's model config: ``base`` (the run's checkpoint config, resolved once by the job
+    with the method keys and overrides applied) with the fold's labels and the
+    ``finetune_max_length`` that prediction reuses; a multi-task run's ``tasks`` (a
+    :class:`~geneformer_peft.training.multitask.TaskSet`) recorded under ``tasks``."""
+    changes: dict[str, Any] = {"id2label": {int(i): str(name) for name, i in label2id.items()},
+                               "label2id": {str(name): int(i) for name, i in label2id.items()}}
     if tasks is not None:
-        overrides["tasks"] = tasks.config_value()
-    config = resolve_config(opts.model_path, config_path=opts.config_path, prompt_type=opts.prompt_type,
-                            use_prompt=opts.use_prompt, label2id=label2id, overrides=overrides)
-    return config.copy(finetune_max_length=opts.training.max_length or config.max_position_embeddings)
+        changes["tasks"] = tasks.config_value()
+    return base.copy(**changes, finetune_max_length=opts.training.max_length or base.max_position_embeddings)
 
 
 def _fixed_length_problems(dataset, where: str, config) -> list[str]:
@@ -112,7 +111,7 @@ def _mixed_label_types(column: str, values: dict[str, Any]) -> str | None:
             "strings): tokenize and split the cells again from one labelled file")
 
 
-def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict | None,
+def _check_fold(opts, fold: int, *, base_config, hashes: prov.FileHashCache, checkpoint: dict | None,
                 token_dictionary: dict | None, environment: dict) -> FoldCheck:
     check = FoldCheck(fold)
     name = opts.dataset_name
@@ -127,7 +126,8 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
         return check
     column = opts.label_column
     if not isinstance(column, str):
-        return _check_multitask_fold(opts, check, paths, datasets, hashes=hashes, checkpoint=checkpoint,
+        return _check_multitask_fold(opts, check, paths, datasets, base_config=base_config, hashes=hashes,
+                                     checkpoint=checkpoint,
                                      token_dictionary=token_dictionary, environment=environment)
     found: dict[str, set] = {}
     for split, dataset in datasets.items():
@@ -151,7 +151,7 @@ def _check_fold(opts, fold: int, *, hashes: prov.FileHashCache, checkpoint: dict
         if absent:
             check.absent_from_train[split] = absent
     try:
-        config = fold_config(opts, label_ids(set().union(*found.values())))
+        config = fold_config(base_config, opts, label_ids(set().union(*found.values())))
     except (DataError, ValueError, FileNotFoundError) as error:
         check.problems.append(str(error))
         return check
@@ -190,8 +190,8 @@ def _check_tokens_and_record(opts, check: FoldCheck, paths, datasets, config, *,
     return check
 
 
-def _check_multitask_fold(opts, check: FoldCheck, paths, datasets, *, hashes, checkpoint, token_dictionary,
-                          environment) -> FoldCheck:
+def _check_multitask_fold(opts, check: FoldCheck, paths, datasets, *, base_config, hashes, checkpoint,
+                          token_dictionary, environment) -> FoldCheck:
     """The label checks of a multi-task fold: every task's column in every split, one value type
     per column, every cell with at least one task's label (a missing label counts for the other
     tasks only); then the same token checks and provenance as a single-task fold."""
@@ -229,7 +229,7 @@ def _check_multitask_fold(opts, check: FoldCheck, paths, datasets, *, hashes, ch
         return check
     try:
         tasks = TaskSet.from_datasets(datasets, columns)
-        config = fold_config(opts, tasks.label2id, tasks=tasks)
+        config = fold_config(base_config, opts, tasks.label2id, tasks=tasks)
     except (DataError, ValueError, FileNotFoundError) as error:
         check.problems.append(str(error))
         return check
@@ -237,7 +237,7 @@ def _check_multitask_fold(opts, check: FoldCheck, paths, datasets, *, hashes, ch
                                     token_dictionary=token_dictionary, environment=environment)
 
 
-def check_folds(opts, folds: list[int], *, hash_cache: Path | None = None,
+def check_folds(opts, folds: list[int], *, base_config, hash_cache: Path | None = None,
                 environment: dict | None = None) -> list[FoldCheck]:
     """Check every fold of ``folds`` and build its provenance record.
 
@@ -247,6 +247,8 @@ def check_folds(opts, folds: list[int], *, hash_cache: Path | None = None,
         The run's ``RunOptions``.
     folds
         Fold numbers to check.
+    base_config
+        The run's checkpoint config, resolved once by the job (each fold's adds its labels).
     hash_cache
         File of the :class:`~geneformer_peft.training.provenance.FileHashCache`.
     environment
@@ -264,7 +266,8 @@ def check_folds(opts, folds: list[int], *, hash_cache: Path | None = None,
     if vocabulary is not None and vocabulary.is_file():
         token_dictionary = {"path": str(vocabulary.resolve()), "size": vocabulary.stat().st_size,
                             "sha256": hashes.sha256(vocabulary)}
-    checks = [_check_fold(opts, fold, hashes=hashes, checkpoint=checkpoint, token_dictionary=token_dictionary,
+    checks = [_check_fold(opts, fold, base_config=base_config, hashes=hashes, checkpoint=checkpoint,
+                          token_dictionary=token_dictionary,
                           environment=environment or {}) for fold in folds]
     hashes.save()
     bad = [c for c in checks if c.problems]
