@@ -115,10 +115,14 @@ class CellSource:
             logger.info("%s: gene ids from var_names", self.name)
             self.gene_id_field = "var_names"
             return np.asarray(self._adata.var_names)
+        if gene_id_column == "var_names" and gene_id_column not in var.columns:  # the index, named explicitly
+            logger.info("%s: gene ids from var_names", self.name)
+            self.gene_id_field = "var_names"
+            return np.asarray(self._adata.var_names)
         if gene_id_column not in var.columns:
             raise DataError(
                 f"{self.name}: gene id column var[{gene_id_column!r}] does not exist; "
-                f"expected one of {sorted(map(str, var.columns))} (or None to use var_names)"
+                f"expected one of {sorted(map(str, var.columns))}, or 'var_names' (the index)"
             )
         self.gene_id_field = f"var[{gene_id_column!r}]"
         return var[gene_id_column].to_numpy()

@@ -199,13 +199,25 @@ def check_gene_id_kinds(
     Raises
     ------
     DataError
-        When most of the vocabulary's genes are Ensembl ids and more than
-        :data:`MAX_SYMBOL_FRACTION` of the file's ids are not: the message names the file, the
-        field, example ids, the share that looks like symbols and the way forward.
+        When most of the vocabulary's genes are Ensembl ids, more than
+        :data:`MAX_SYMBOL_FRACTION` of the file's ids are not and most of those are not in the
+        vocabulary (and the same the other way round): the message names the file, the field,
+        example ids, the share of the other kind and the way forward.
     """
+    gene_ids = [str(g) for g in gene_ids]
+    tokens = [str(t) for t in token_dictionary]
     kinds = classify_gene_ids(gene_ids)
-    vocabulary = classify_vocabulary(token_dictionary)
-    if vocabulary.n_ensembl > vocabulary.n_symbol and kinds.symbol_fraction > MAX_SYMBOL_FRACTION:
+    vocabulary = classify_vocabulary(tokens)
+    known = set(tokens)
+
+    def mostly_unknown(symbols: bool) -> bool:
+        """Whether most of the file's ids of one kind are absent from the vocabulary (a vocabulary
+        mixing kinds that holds them is fine)."""
+        ids = [strip_version(g) for g in gene_ids if is_ensembl_id(g) != symbols]
+        return sum(g in known for g in ids) < MAX_SYMBOL_FRACTION * len(ids)
+
+    if (vocabulary.n_ensembl > vocabulary.n_symbol and kinds.symbol_fraction > MAX_SYMBOL_FRACTION
+            and mostly_unknown(symbols=True)):
         vocab_example = next(iter(vocabulary.examples.get("human", ()) or
                                   vocabulary.examples.get("mouse", ()) or
                                   vocabulary.examples.get("other_ensembl", ())))
@@ -215,13 +227,14 @@ def check_gene_id_kinds(
             f"token dictionary holds Ensembl ids (e.g. {vocab_example!r}); {GENE_NAME_MAP_HINT}, or pick a column "
             "of Ensembl ids with --gene_id_column"
         )
-    if vocabulary.n_symbol > vocabulary.n_ensembl and kinds.n_total and kinds.symbol_fraction < 1 - MAX_SYMBOL_FRACTION:
+    if (vocabulary.n_symbol > vocabulary.n_ensembl and kinds.n_total and kinds.symbol_fraction < 1 - MAX_SYMBOL_FRACTION
+            and mostly_unknown(symbols=False)):
         ensembl_examples = [g for kind in ("human", "mouse", "other_ensembl") for g in kinds.examples.get(kind, ())]
         raise DataError(
             f"{source_name}: {100 * (1 - kinds.symbol_fraction):.1f}% of the {kinds.n_total} gene ids in "
             f"{gene_id_field} are Ensembl ids (e.g. {ensembl_examples[:N_EXAMPLES]}), while the token dictionary "
             f"holds gene symbols (e.g. {list(vocabulary.examples.get('symbol', ()))[:3]}); pick a column of gene "
-            "symbols with --gene_id_column, or (--encoding cellfm) pass --gene_name_id_dictionary PATH, a map of "
+            "symbols with --gene_id_column (var_names: the index), or (--encoding cellfm) pass --gene_name_id_dictionary PATH, a map of "
             "symbol -> Ensembl id that is then read backwards"
         )
     return kinds

@@ -608,6 +608,7 @@ def _tokenize_in_workers(job: _TokenizeJob, *, nproc: int, writer: Any, totals: 
     import itertools
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -629,7 +630,12 @@ def _tokenize_in_workers(job: _TokenizeJob, *, nproc: int, writer: Any, totals: 
                         disable=not show_progress)
         with progress:
             for index, segment in enumerate(segments):
-                totals.add(futures.popleft().result())
+                try:
+                    totals.add(futures.popleft().result())
+                except BrokenProcessPool as error:  # a worker killed from outside (the OOM killer, a signal)
+                    raise DataError(f"{job.cells.name}: a tokenization worker process died while reading chunks "
+                                    f"({error}); nothing was written. Rerun with a lower --nproc or --chunk_size "
+                                    "if the machine ran out of memory") from None
                 for following, next_segment in itertools.islice(unassigned, 1):
                     futures.append(executor.submit(_tokenize_segment, following, next_segment))
                 shard = job.shard_path(index)

@@ -179,3 +179,20 @@ def test_symbols_against_a_vocabulary_of_ensembl_ids_map_forwards():
     renamed = [name_map.get(s, s) for s in symbols]  # SYM7 is in no map: it stays a symbol, unmatched
     assert [list(r) for r in dataset["input_ids"]] == oracle(adata.X.toarray(), renamed, vocabulary, 50)[0]
     assert (stats.gene_name_mapping["n_genes_mapped"], stats.gene_name_mapping["n_genes_unmapped"]) == (7, 1)
+
+
+def test_a_vocabulary_mixing_symbols_and_ensembl_ids_takes_the_ids_it_holds():
+    """A vocabulary of mostly symbols that also holds the file's Ensembl ids is not refused (the
+    file's ids are found in it), and var_names can be named as the gene id column."""
+    adata = make_adata(10, 15, seed=2)
+    ensembl = [f"ENSG{i:011d}" for i in range(10)]
+    adata.var_names = ensembl + [f"SYM{i}" for i in range(5)]
+    vocabulary = {"<pad>": 0, **{f"SYM{i}": i + 1 for i in range(30)},
+                  **{g: 31 + i for i, g in enumerate(ensembl)}}
+    dataset = tokenize_cellfm(adata, token_dictionary=vocabulary, max_genes=50, show_progress=False)
+    assert [list(r) for r in dataset["input_ids"]] == oracle(adata.X.toarray(), list(adata.var_names), vocabulary,
+                                                             50)[0]
+    adata.var["ensembl_id"] = ensembl + [f"ENSG{i:011d}" for i in range(10, 15)]
+    by_index = tokenize_cellfm(adata, token_dictionary=vocabulary, gene_id_column="var_names", max_genes=50,
+                               show_progress=False)
+    assert by_index["input_ids"] == dataset["input_ids"]

@@ -143,3 +143,25 @@ def test_spawned_workers_write_what_one_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(cell_source.CellSource, "read_rows", parent_read_rows)
     two, _ = _tokenize(str(path), tokens, medians, chunk_size=6, label_column="cell_type", nproc=2)
     assert two.to_dict() == one.to_dict()
+
+
+def _killed_worker(index, starts):
+    import os
+
+    os._exit(9)  # as the OOM killer ends a process: no exception, no cleanup
+
+
+def test_a_killed_worker_is_one_clear_error_exit_2(tmp_path, caplog, monkeypatch):
+    import geneformer_peft.data.rank_value as rank_value
+
+    adata = make_adata(30, 25, seed=6)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    tokens, medians = make_vocab(list(adata.var_names), seed=6)
+    (tmp_path / "tokens.pkl").write_bytes(pickle.dumps(tokens))
+    (tmp_path / "medians.pkl").write_bytes(pickle.dumps(medians))
+    monkeypatch.setattr(rank_value, "_tokenize_segment", _killed_worker)
+    assert main(["tokenize", "--input", str(tmp_path / "cells.h5ad"), "--token_dictionary", str(tmp_path / "tokens.pkl"),
+                 "--gene_median_dictionary", str(tmp_path / "medians.pkl"), "--chunk_size", "8", "--nproc", "2",
+                 "--output", str(tmp_path / "out.dataset"), "--no_progress"]) == 2
+    assert "a tokenization worker process died" in caplog.text and "--nproc" in caplog.text
+    assert "Traceback" not in caplog.text and not (tmp_path / "out.dataset").exists()
