@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vocab.add_argument("--token_dictionary", type=Path, help="Token dictionary: a .json {token: id} (token_dictionary.json), Geneformer's .pkl, a tokenizer.json, or a directory holding one.")
     vocab.add_argument("--gene_median_dictionary", type=file_path("a gene median dictionary file (.json or .pkl)"), help="Gene median dictionary: a .json {ensembl_id: median} (gene_median_dictionary.json) or Geneformer's .pkl.")
     vocab.add_argument("--build_vocab", type=OUTPUT_FOLDER, metavar="DIR", help="Build both dictionaries from this file's counts and write them to DIR (token_dictionary.json, gene_median_dictionary.json, their .pkl forms, tokenizer.json).")
-    parser.add_argument("--gene_id_column", default=None, help="var column holding Ensembl ids (default: var['ensembl_id'] if present, else var_names).")
+    parser.add_argument("--gene_id_column", default=None, help="var column holding the gene ids (default: var['ensembl_id'] if present, else var_names; 'var_names' names the index).")
     parser.add_argument("--gene_name_id_dictionary", type=file_path("a symbol -> Ensembl id map (.pkl, .csv or .tsv)"), metavar="PATH",
                         help="Map gene symbols to Ensembl ids before matching the vocabulary: Geneformer's "
                              "gene_name_id_dict.pkl or a two-column CSV/TSV (symbol, Ensembl id). Ensembl ids in "
