@@ -169,3 +169,20 @@ def rewrite_split(data: JobData, fold: int, split: str, change) -> Path:
     columns = change(columns) or columns
     save_dataset_atomically(datasets.Dataset.from_dict(columns), path)
     return path
+
+
+def private_tmpfs_works() -> bool:
+    """Whether this machine lets a process mount a tmpfs in a private mount namespace (``unshare
+    -rm``): the full-disk and read-only fault tests need it and skip otherwise."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as probe:
+        try:
+            return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
+                                  capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False

@@ -179,17 +179,9 @@ def test_save_torch_writes_a_loadable_file(tmp_path):
 
 
 def _unshare_works() -> bool:
-    """Whether this machine lets a process mount a tmpfs in a private mount namespace."""
-    import tempfile
+    import job_factories
 
-    if shutil.which("unshare") is None:
-        return False
-    with tempfile.TemporaryDirectory() as probe:
-        try:
-            return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
-                                  capture_output=True, timeout=30).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
+    return job_factories.private_tmpfs_works()
 
 
 needs_mount_namespace = pytest.mark.skipif(not _unshare_works(),

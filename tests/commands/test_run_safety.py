@@ -252,17 +252,9 @@ def _one_line(proc, reason: str, where: Path) -> None:
 
 
 def _tmpfs_works() -> bool:
-    import shutil
-    import tempfile
+    import job_factories
 
-    if shutil.which("unshare") is None:
-        return False
-    with tempfile.TemporaryDirectory() as probe:
-        try:
-            return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"],
-                                  capture_output=True, timeout=30).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
+    return job_factories.private_tmpfs_works()
 
 
 @pytest.mark.parametrize("command", list(FAULT_COMMANDS))
