@@ -157,16 +157,7 @@ class CellFMConfig(ConfigBase):
         check_config(self, methods if self.if_use_prompt else (), src)
         if not _is_int(self.freeze_layers) or not 0 <= self.freeze_layers <= self.num_hidden_layers:
             raise _bad("freeze_layers", self.freeze_layers, f"an integer in [0, {self.num_hidden_layers}]", src)
-        preset = self.freeze_preset
-        if preset is not None:
-            if preset not in FREEZE_PRESETS:
-                raise _bad("freeze_preset", preset, f"null or one of {list(FREEZE_PRESETS)}", src)
-            if self.freeze_layers:
-                raise _bad("freeze_preset", preset, f"null when freeze_layers is set ({self.freeze_layers}); "
-                           "choose one way of freezing", src)
-            if methods and self.if_use_prompt:
-                raise _bad("freeze_preset", preset, f"null when prompt_type lists PEFT methods "
-                           f"({self.prompt_type!r}); the preset is a full fine-tuning recipe", src)
+        self._check_freeze_preset(FREEZE_PRESETS, methods)
         length = self.finetune_max_length
         if length is not None and (not _is_int(length) or not 2 <= length <= self.max_position_embeddings):
             raise _bad("finetune_max_length", length, f"null or an integer in [2, {self.max_position_embeddings}] "

@@ -200,19 +200,8 @@ class PerformerConfig(ConfigBase):
         if length is not None and length != self.max_seq_len:
             raise _bad("finetune_max_length", length, f"null or max_seq_len ({self.max_seq_len}): a scBERT cell "
                        "holds every panel position, it is not truncated", src)
-        preset = self.freeze_preset
-        if preset is not None:
-            if preset not in FREEZE_PRESETS:
-                raise _bad("freeze_preset", preset, f"null or one of {list(FREEZE_PRESETS)}", src)
-            if self.depth < 2:
-                raise _bad("freeze_preset", preset, f"a model of depth >= 2 (it trains layer depth-2; "
-                           f"depth is {self.depth})", src)
-            if self.freeze_layers:
-                raise _bad("freeze_preset", preset, f"null when freeze_layers is set ({self.freeze_layers}); "
-                           "choose one way of freezing", src)
-            if methods and self.if_use_prompt:
-                raise _bad("freeze_preset", preset, f"null when prompt_type lists PEFT methods "
-                           f"({self.prompt_type!r}); the preset is a full fine-tuning recipe", src)
+        self._check_freeze_preset(FREEZE_PRESETS, methods, requires=(
+            (self.depth >= 2, f"a model of depth >= 2 (it trains layer depth-2; depth is {self.depth})"),))
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:

@@ -77,6 +77,28 @@ class ConfigBase:
         for key, value in extra.items():
             setattr(self, key, value)
 
+    # ------------------------------------------------------------------ freezing
+    def _check_freeze_preset(self, presets: tuple[str, ...], methods, *, requires: tuple[tuple[bool, str], ...] = ()
+                             ) -> None:
+        """``freeze_preset`` is null or one of ``presets``, then each ``(holds, expected)`` of
+        ``requires`` holds, and the preset is the only way of freezing and a full fine-tuning
+        recipe (no ``freeze_layers``, no PEFT method)."""
+        preset = getattr(self, "freeze_preset", None)
+        if preset is None:
+            return
+        src = self._source
+        if preset not in presets:
+            raise config_error("freeze_preset", preset, f"null or one of {list(presets)}", src)
+        for holds, expected in requires:
+            if not holds:
+                raise config_error("freeze_preset", preset, expected, src)
+        if self.freeze_layers:
+            raise config_error("freeze_preset", preset, f"null when freeze_layers is set ({self.freeze_layers}); "
+                               "choose one way of freezing", src)
+        if methods and self.if_use_prompt:
+            raise config_error("freeze_preset", preset, f"null when prompt_type lists PEFT methods "
+                               f"({self.prompt_type!r}); the preset is a full fine-tuning recipe", src)
+
     # ------------------------------------------------------------------ labels
     def _set_labels(self, id2label, label2id, num_labels) -> None:
         if id2label is not None:
