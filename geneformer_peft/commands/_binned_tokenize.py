@@ -47,7 +47,7 @@ def refuse_binned_options(args: argparse.Namespace, *, encoding: str = "rank_val
 
 def run(args: argparse.Namespace) -> int:
     """Tokenize ``args.input`` with the binned encoding into ``args.output``."""
-    from geneformer_peft.commands.tokenize import TOKENIZE_INPUTS, parse_obs_filters
+    from geneformer_peft.commands.tokenize import TOKENIZE_INPUTS, cell_options
     from geneformer_peft.data.binned import read_gene2vec, read_gene_panel, tokenize_binned, write_panel_files
 
     from geneformer_peft.commands._cellfm_tokenize import refuse_cellfm_options
@@ -72,16 +72,10 @@ def run(args: argparse.Namespace) -> int:
         dataset, stats = tokenize_binned(
             args.input,
             gene_panel=panel,
-            gene_id_column=args.gene_id_column,
-            label_column=args.label_column,
-            keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
             bin_num=args.bin_num,
             min_genes=args.min_genes,
-            chunk_size=args.chunk_size,
-            filter_column=args.filter_column or None,
-            obs_filter=parse_obs_filters(args.obs_filter),
-            show_progress=not args.no_progress,
             return_stats=True,
+            **cell_options(args),
         )
         stats.gene2vec = None if gene2vec is None else "gene2vec.npy"
         dataset.info.description = stats.to_json()

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Tokenize ``args.input`` with the CellFM encoding into ``args.output``."""
     from geneformer_peft.commands._binned_tokenize import refuse_binned_options
     from geneformer_peft.commands._common import guarded
-    from geneformer_peft.commands.tokenize import DEFAULT_MODEL_INPUT_SIZE, TOKENIZE_INPUTS, parse_obs_filters
+    from geneformer_peft.commands.tokenize import DEFAULT_MODEL_INPUT_SIZE, TOKENIZE_INPUTS, cell_options
     from geneformer_peft.data.cellfm import MAX_GENES, tokenize_cellfm
     from geneformer_peft.data.vocab import build_vocabulary, write_dictionaries
 
@@ -46,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{', '.join(given)} apply to the rank value encoding; --encoding cellfm reads "
                         "--token_dictionary (or --build_vocab) and --max_genes")
     with guarded(args, "tokenize", inputs=TOKENIZE_INPUTS) as tmp:
-        obs_filter = parse_obs_filters(args.obs_filter)
-        filter_column = args.filter_column or None
+        cells = cell_options(args)
         if args.build_vocab is not None:
             if args.token_dictionary is not None:
                 raise DataError("--build_vocab cannot be combined with --token_dictionary")
             token_dictionary, median_dictionary = build_vocabulary(
-                args.input, gene_id_column=args.gene_id_column, chunk_size=args.chunk_size, filter_column=filter_column,
-                obs_filter=obs_filter, show_progress=not args.no_progress)
+                args.input, gene_id_column=args.gene_id_column, chunk_size=args.chunk_size,
+                filter_column=cells["filter_column"], obs_filter=cells["obs_filter"],
+                show_progress=cells["show_progress"])
             write_dictionaries(args.build_vocab, token_dictionary, median_dictionary, overwrite=args.overwrite)
         elif args.token_dictionary is None:
             raise DataError("--encoding cellfm needs --token_dictionary (the model's tokenizer.json, or its folder) or "
@@ -63,16 +63,10 @@ def run(args: argparse.Namespace) -> int:
         dataset, stats = tokenize_cellfm(
             args.input,
             token_dictionary=token_dictionary,
-            gene_id_column=args.gene_id_column,
-            label_column=args.label_column,
-            keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
             max_genes=MAX_GENES if args.max_genes is None else args.max_genes,
-            chunk_size=args.chunk_size,
-            filter_column=filter_column,
-            obs_filter=obs_filter,
-            show_progress=not args.no_progress,
             return_stats=True,
             gene_name_id_dictionary=args.gene_name_id_dictionary,
+            **cells,
         )
         dataset.save_to_disk(str(tmp))
     logger.info("saved %d CellFM cells (at most %d genes each) to %s", stats.n_cells_kept, stats.max_genes,

@@ -102,6 +102,15 @@ def parse_obs_filters(items: list[str]) -> dict[str, list[str]]:
     return filters
 
 
+def cell_options(args: argparse.Namespace) -> dict:
+    """How every encoding reads the cells of ``--input``: the gene id and label columns, the kept
+    columns, the chunk size, the cell filters and the progress bar, as the tokenizers' keywords."""
+    return dict(gene_id_column=args.gene_id_column, label_column=args.label_column,
+                keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
+                chunk_size=args.chunk_size, filter_column=args.filter_column or None,
+                obs_filter=parse_obs_filters(args.obs_filter), show_progress=not args.no_progress)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``tokenize``."""
     if args.encoding == "binned":
@@ -122,31 +131,23 @@ def run(args: argparse.Namespace) -> int:
     from geneformer_peft.data.vocab import tokenizer_dictionaries
 
     with guarded(args, "tokenize", inputs=TOKENIZE_INPUTS) as tmp:
-        obs_filter = parse_obs_filters(args.obs_filter)
-        filter_column = args.filter_column or None
+        cells = cell_options(args)
         token_dictionary, median_dictionary = tokenizer_dictionaries(
             args.input, token_dictionary=args.token_dictionary, gene_median_dictionary=args.gene_median_dictionary,
             build_vocab=args.build_vocab, overwrite=args.overwrite, gene_id_column=args.gene_id_column,
             gene_name_id_dictionary=args.gene_name_id_dictionary, model_version=args.model_version,
-            chunk_size=args.chunk_size, filter_column=filter_column, obs_filter=obs_filter,
-            show_progress=not args.no_progress)
-        keep_columns = [c.strip() for c in args.keep_columns.split(",") if c.strip()]
+            chunk_size=args.chunk_size, filter_column=cells["filter_column"], obs_filter=cells["obs_filter"],
+            show_progress=cells["show_progress"])
         dataset, stats = tokenize_anndata(
             args.input,
             token_dictionary=token_dictionary,
             gene_median_dictionary=median_dictionary,
-            gene_id_column=args.gene_id_column,
-            label_column=args.label_column,
-            keep_columns=keep_columns,
             model_input_size=args.model_input_size,
             model_version=args.model_version,
-            chunk_size=args.chunk_size,
-            filter_column=filter_column,
-            obs_filter=obs_filter,
-            show_progress=not args.no_progress,
             return_stats=True,
             gene_name_id_dictionary=args.gene_name_id_dictionary,
             nproc=args.nproc,
+            **cells,
         )
         dataset.save_to_disk(str(tmp))
     logger.info("saved %d cells to %s", stats.n_cells_kept, args.output)
