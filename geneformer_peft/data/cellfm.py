@@ -195,12 +195,7 @@ def tokenize_cellfm(
 
     from geneformer_peft.data.cell_source import iter_cell_chunks, open_cell_source, select_cells
     from geneformer_peft.data.chunk_writer import ChunkWriter, list_column, output_columns
-    from geneformer_peft.data.gene_ids import (
-        check_gene_id_kinds,
-        load_gene_name_map,
-        log_gene_name_mapping,
-        map_to_vocabulary,
-    )
+    from geneformer_peft.data.gene_ids import load_gene_name_map, log_gene_name_mapping, vocabulary_gene_ids
     from geneformer_peft.data.rank_value import build_gene_map
     from geneformer_peft.data.vocab import load_token_dictionary
 
@@ -208,19 +203,14 @@ def tokenize_cellfm(
         raise DataError(f"max_genes {max_genes!r} is not valid; expected an integer >= 1 (CellFM: 2048)")
     if not isinstance(token_dictionary, Mapping):
         token_dictionary = load_token_dictionary(token_dictionary)
+    name_map = map_source = target = None
+    if gene_name_id_dictionary is not None:
+        name_map, map_source, target = load_gene_name_map(gene_name_id_dictionary, token_dictionary)
     with open_cell_source(path_or_adata, gene_id_column=gene_id_column) as cells:
         out_columns = output_columns(cells, label_column, keep_columns, ("input_ids", "values", "length"))
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
-        mapping = column_counts = None
-        if gene_name_id_dictionary is None:
-            check_gene_id_kinds(cells.gene_ids, token_dictionary, source_name=cells.name,
-                                gene_id_field=cells.gene_id_field)
-            vocab_gene_ids = cells.gene_ids
-        else:
-            name_map, map_source, target = load_gene_name_map(gene_name_id_dictionary, token_dictionary)
-            mapping = map_to_vocabulary(cells.gene_ids, name_map, target, token_dictionary)
-            vocab_gene_ids = mapping.vocabulary_ids
-            column_counts = np.zeros(cells.n_genes, dtype=np.float64)
+        vocab_gene_ids, mapping = vocabulary_gene_ids(cells, token_dictionary, name_map, target)
+        column_counts = None if mapping is None else np.zeros(cells.n_genes, dtype=np.float64)
         gene_map = build_gene_map(vocab_gene_ids, token_dictionary, None, source_name=cells.name)
         output = ChunkWriter(cells, out_columns, [("input_ids", pa.list_(pa.int64())),
                                                   ("values", pa.list_(pa.float32())), ("length", pa.int64())],

@@ -42,6 +42,7 @@ __all__ = [
     "map_gene_ids_to_symbols",
     "map_gene_names",
     "map_to_vocabulary",
+    "vocabulary_gene_ids",
     "read_gene_name_map",
     "strip_version",
     "validate_gene_name_map",
@@ -580,6 +581,33 @@ def map_to_vocabulary(gene_ids: Iterable[str], gene_name_map: Mapping[str, str],
     if target == "ensembl":
         return map_gene_names(gene_ids, gene_name_map)
     return map_gene_ids_to_symbols(gene_ids, gene_name_map, token_dictionary)
+
+
+def vocabulary_gene_ids(cells, token_dictionary: Mapping[str, int], gene_name_map: Mapping[str, str] | None,
+                        target: str = "ensembl") -> tuple[np.ndarray, GeneNameMapping | None]:
+    """A file's gene ids as the vocabulary names them, for a tokenizer: without a map, the file's
+    own ids after :func:`check_gene_id_kinds`; with one, translated by :func:`map_to_vocabulary`.
+
+    Parameters
+    ----------
+    cells
+        The open :class:`~geneformer_peft.data.cell_source.CellSource`.
+    token_dictionary
+        The vocabulary.
+    gene_name_map, target
+        The map of :func:`load_gene_name_map` and the vocabulary's kind, or ``None``.
+
+    Returns
+    -------
+    (numpy.ndarray, GeneNameMapping or None)
+        One id per column of the file, and the mapping (its figures) when a map was applied.
+    """
+    if gene_name_map is None:
+        check_gene_id_kinds(cells.gene_ids, token_dictionary, source_name=cells.name,
+                            gene_id_field=cells.gene_id_field)
+        return cells.gene_ids, None
+    mapping = map_to_vocabulary(cells.gene_ids, gene_name_map, target, token_dictionary)
+    return mapping.vocabulary_ids, mapping
 
 
 def log_gene_name_mapping(source: str, figures: Mapping) -> None:

@@ -317,12 +317,7 @@ def tokenize_anndata(
         select_cells,
     )
     from geneformer_peft.data.chunk_writer import ChunkWriter, list_column, output_columns
-    from geneformer_peft.data.gene_ids import (
-        check_gene_id_kinds,
-        classify_vocabulary,
-        load_gene_name_map,
-        map_gene_names,
-    )
+    from geneformer_peft.data.gene_ids import classify_vocabulary, load_gene_name_map, vocabulary_gene_ids
     from geneformer_peft.data.vocab import (
         CLS_TOKEN,
         EOS_TOKEN,
@@ -365,15 +360,8 @@ def tokenize_anndata(
     with open_cell_source(path_or_adata, gene_id_column=gene_id_column) as cells:
         out_columns = output_columns(cells, label_column, keep_columns, ("input_ids", "length"))
         keep = select_cells(cells.obs, source_name=cells.name, filter_column=filter_column, obs_filter=obs_filter)
-        mapping = column_counts = None
-        vocab_gene_ids = cells.gene_ids
-        if name_map is None:
-            check_gene_id_kinds(cells.gene_ids, token_dictionary, source_name=cells.name,
-                                gene_id_field=cells.gene_id_field)
-        else:
-            mapping = map_gene_names(cells.gene_ids, name_map)
-            vocab_gene_ids = mapping.ensembl_ids
-            column_counts = np.zeros(cells.n_genes, dtype=np.float64)
+        vocab_gene_ids, mapping = vocabulary_gene_ids(cells, token_dictionary, name_map)  # symbols -> Ensembl only
+        column_counts = None if mapping is None else np.zeros(cells.n_genes, dtype=np.float64)
         gene_map = build_gene_map(vocab_gene_ids, token_dictionary, gene_median_dictionary, source_name=cells.name)
         output = ChunkWriter(cells, out_columns, [("input_ids", pa.list_(pa.int64())), ("length", pa.int64())],
                              cache_dir=cache_dir, temp_prefix="geneformer_peft_tokenize_", stem="tokenized")
